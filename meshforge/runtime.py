@@ -1,0 +1,81 @@
+"""Process-wide runtime helpers: device choice, seeding, progress bars, optional backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from meshforge.errors import MeshforgeError
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA on a machine without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MeshforgeError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MeshforgeError(f"unknown device {device!r} (expected cpu, cuda or auto)")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def has_module(name: str) -> bool:
+    """True when ``name`` is importable, without importing it (flash-attn is slow and optional)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("MESHFORGE_NO_PROGRESS", "") == "" and (sys.stderr.isatty() or bool(os.environ.get("MESHFORGE_PROGRESS")))
+
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress_enabled(),
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """A rich progress bar over ``items`` (silent when stderr is not a terminal)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with make_progress() as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)

@@ -1,0 +1,108 @@
+"""The stage plugin protocol and its registry.
+
+A stage is one step of a meshforge run (``tokenize``, ``train-iflame``, ...). Packages declare
+stages under the ``meshforge.stages`` entry-point group; each entry point names a :class:`Stage`.
+The CLI turns a stage's config dataclass into command-line options, and the recipe runner
+(:mod:`meshforge.runs`) chains stages from YAML. Stages are thin: they call the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from meshforge.errors import MeshforgeError, NotImplementedStage
+
+ENTRY_POINT_GROUP = "meshforge.stages"
+
+
+@dataclass
+class RunContext:
+    """What every stage gets besides its own config: global options shared by all stages."""
+
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    seed: int = 0
+    verbose: int = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A CLI/recipe stage: a config dataclass and a function that runs it.
+
+    ``positional`` fields become positional CLI arguments, ``inputs`` are path fields whose
+    content is hashed into the manifest (a change re-runs the stage), ``outputs`` are path fields
+    the stage writes. ``run`` returns a JSON-able summary that goes into the manifest.
+    """
+
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any, RunContext], dict[str, Any] | None]
+    positional: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    field_help: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(self.config)}
+        for group in (self.positional, self.inputs, self.outputs):
+            for name in group:
+                if name not in names:
+                    raise ValueError(f"stage {self.name}: {name!r} is not a field of {self.config.__name__}")
+
+    def output_paths(self, cfg: Any) -> list[Path]:
+        return [Path(getattr(cfg, name)) for name in self.outputs if getattr(cfg, name) is not None]
+
+    def input_paths(self, cfg: Any) -> list[Path]:
+        return [Path(getattr(cfg, name)) for name in self.inputs if getattr(cfg, name) is not None]
+
+
+def not_implemented(name: str, help: str, issue: str) -> Stage:
+    """A declared stage whose implementation is tracked by ``issue``: it always fails clearly."""
+
+    @dataclass
+    class PendingConfig:
+        pass
+
+    def run(cfg: Any, ctx: RunContext) -> None:
+        raise NotImplementedStage(f"stage '{name}' is not implemented yet (tracked in {issue})")
+
+    return Stage(name=name, help=f"[not implemented yet] {help}", config=PendingConfig, run=run)
+
+
+@dataclass
+class LoadedStages:
+    stages: dict[str, Stage]
+    failures: dict[str, str]  # entry-point name -> error, for plugins that failed to import
+
+
+def discover_stages() -> LoadedStages:
+    """Load every stage declared under the entry-point group; a broken plugin never hides the rest."""
+    stages: dict[str, Stage] = {}
+    failures: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            stage = ep.load()
+            if not isinstance(stage, Stage):
+                raise TypeError(f"{ep.value} is a {type(stage).__name__}, not a meshforge Stage")
+        except Exception as exc:  # any import-time failure of a third-party plugin
+            failures[ep.name] = f"{type(exc).__name__}: {exc}"
+            continue
+        if stage.name != ep.name:
+            failures[ep.name] = f"entry point name differs from stage name {stage.name!r}"
+            continue
+        stages.setdefault(stage.name, stage)
+    return LoadedStages(stages=dict(sorted(stages.items())), failures=failures)
+
+
+def get_stage(name: str) -> Stage:
+    loaded = discover_stages()
+    if name in loaded.stages:
+        return loaded.stages[name]
+    if name in loaded.failures:
+        raise MeshforgeError(f"stage '{name}' failed to load: {loaded.failures[name]}")
+    raise MeshforgeError(f"unknown stage '{name}' (known: {', '.join(loaded.stages)})")
