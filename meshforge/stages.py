@@ -106,3 +106,20 @@ def get_stage(name: str) -> Stage:
     if name in loaded.failures:
         raise MeshforgeError(f"stage '{name}' failed to load: {loaded.failures[name]}")
     raise MeshforgeError(f"unknown stage '{name}' (known: {', '.join(loaded.stages)})")
+
+
+def save_stage_record(stage: Stage, cfg: Any, ctx: RunContext) -> None:
+    """Save the resolved config beside every output: ``DIR/meshforge-stage.yaml`` or ``FILE.stage.yaml``."""
+    import yaml
+
+    from meshforge.config import to_dict
+    from meshforge.io import atomic_write_text
+
+    record = yaml.safe_dump(
+        {"stage": stage.name, "config": to_dict(cfg), "device": ctx.device, "seed": ctx.seed}, sort_keys=False
+    )
+    for path in stage.output_paths(cfg):
+        if path.is_dir():
+            atomic_write_text(path / "meshforge-stage.yaml", record)
+        elif path.exists():
+            atomic_write_text(path.with_name(path.name + ".stage.yaml"), record)

@@ -1,0 +1,219 @@
+"""The ``meshforge`` command line.
+
+Stages come from the ``meshforge.stages`` entry points: each stage's config dataclass becomes its
+options (``max_faces`` -> ``--max-faces``), a ``--config FILE.yaml`` of the same options and
+``--set key.sub=value`` for nested fields. Global options: ``--device``, ``--seed``, ``-v``.
+Errors print as one line; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import typer
+from rich.table import Table
+
+from meshforge.config import field_types, from_dict, load_yaml, parse_override, set_path
+from meshforge.errors import MeshforgeError
+from meshforge.runtime import console
+from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record
+
+def global_options(
+    ctx: typer.Context,
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when available)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random choice of the run."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More output; tracebacks on errors."),
+) -> None:
+    ctx.obj = RunContext(device=device, seed=seed, verbose=verbose)
+
+
+def _cli_type(tp: Any) -> Any:
+    """The type Typer parses; the config loader does the real validation afterwards."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return _cli_type(inner[0]) if len(inner) == 1 else str
+    if origin is Literal or origin in (list, tuple):
+        return str
+    if tp in (int, float, bool, str, Path):
+        return tp
+    return str
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple):
+        return "comma-separated list"
+    return ""
+
+
+def _parameters(stage: Stage) -> list[inspect.Parameter]:
+    params = []
+    types_ = field_types(stage.config)
+    for f in dataclasses.fields(stage.config):
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue  # nested sections: --config or --set section.key=value
+        help_text = " ".join(x for x in (stage.field_help.get(f.name, ""), _describe(tp)) if x)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if f.name in stage.positional:
+            param_default = typer.Argument(None, help=help_text, show_default=False)
+        else:
+            names = [f"--{f.name.replace('_', '-')}", *f.metadata.get("cli", ())]
+            if _cli_type(tp) is bool:
+                names = [f"{names[0]}/--no-{f.name.replace('_', '-')}"]
+            param_default = typer.Option(
+                None, *names, help=help_text,
+                show_default="required" if required else (str(default) if default is not None else False),
+            )
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=param_default,
+                              annotation=Optional[_cli_type(tp)])
+        )
+    params += [
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML file of this stage's options.")),
+        inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                          default=typer.Option(None, "--set", help="KEY=VALUE override, nested keys with dots.")),
+        inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--device", help="cpu, cuda or auto (overrides the global option).")),
+        inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
+                          default=typer.Option(None, "--seed", help="Overrides the global --seed.")),
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                          default=typer.Option(0, "--verbose", "-v", count=True, help="More output; tracebacks.")),
+    ]
+    return params
+
+
+def build_config(stage: Stage, given: dict[str, Any], config_file: Path | None, overrides: list[str]) -> Any:
+    """Defaults < --config file < options given on the command line < --set overrides."""
+    data = load_yaml(config_file) if config_file else {}
+    for name, value in given.items():
+        if value is not None:
+            data[name] = value
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_path(data, keys, value)
+    return from_dict(stage.config, data)
+
+
+def _make_command(stage: Stage):
+    def command(ctx: typer.Context, **kwargs: Any) -> None:
+        parent: RunContext = ctx.obj or RunContext()
+        device, seed, verbose = kwargs.pop("device"), kwargs.pop("seed"), kwargs.pop("verbose")
+        run_ctx = RunContext(
+            device=device or parent.device,
+            seed=parent.seed if seed is None else seed,
+            verbose=max(verbose, parent.verbose),
+        )
+        config_file, overrides = kwargs.pop("config_file"), kwargs.pop("overrides") or []
+        cfg = build_config(stage, kwargs, config_file, overrides)
+        summary = stage.run(cfg, run_ctx)
+        save_stage_record(stage, cfg, run_ctx)
+        if summary and run_ctx.verbose:
+            console.print(summary)
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([ctx_param, *_parameters(stage)])  # type: ignore[attr-defined]
+    command.__doc__ = stage.help
+    command.__name__ = stage.name.replace("-", "_")
+    return command
+
+
+def run_command(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    out: Path = typer.Option(..., "--out", help="Run directory (outputs, manifests, resolved config)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="STEP_ID.OPTION=VALUE override."),
+    force: bool = typer.Option(False, "--force", help="Redo steps even when config and inputs are unchanged."),
+) -> None:
+    from meshforge.runs import load_recipe, run_recipe
+
+    parent: RunContext = ctx.obj or RunContext()
+    loaded = load_recipe(recipe, overrides or [])
+    device = parent.device if parent.device != "auto" else None
+    rows = run_recipe(loaded, out, force=force, device=device)
+    table = Table(title=f"run {out}")
+    for column in ("step", "status", "seconds"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["id"], row["status"], f"{row['wall_time_s'] or 0:.1f}")
+    console.print(table)
+
+
+def stages_command() -> None:
+    loaded = discover_stages()
+    table = Table()
+    table.add_column("stage")
+    table.add_column("description")
+    for name, stage in loaded.stages.items():
+        table.add_row(name, stage.help.splitlines()[0])
+    console.print(table)
+    for name, error in loaded.failures.items():
+        console.print(f"[red]failed[/red] {name}: {error}")
+
+
+_VERBOSE = [False]
+
+
+def build_app() -> typer.Typer:
+    """A fresh app with the built-in commands and every stage found through entry points."""
+    app = typer.Typer(
+        name="meshforge",
+        help="Fast, reproducible 3D mesh generation: iFlame and Direct3D-S2, train and sample.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    app.callback()(global_options)
+    app.command("run", help="Run a recipe: a YAML chain of stages, validated first, resumable, recorded.")(
+        run_command
+    )
+    app.command("stages", help="List the installed stages and any plugin that failed to load.")(stages_command)
+    loaded = discover_stages()
+    for name, error in loaded.failures.items():
+        console.print(f"[yellow]warning:[/yellow] plugin stage '{name}' failed to load ({error}); other stages work")
+    for stage in loaded.stages.values():
+        app.command(stage.name, help=stage.help, short_help=stage.help.splitlines()[0])(_make_command(stage))
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _VERBOSE[0] = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in argv)
+    try:
+        build_app()(args=argv, prog_name="meshforge", standalone_mode=False)
+    except MeshforgeError as exc:
+        if _VERBOSE[0]:
+            console.print_exception()
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click usage errors and bugs alike end as one line
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if _VERBOSE[0]:
+            console.print_exception()
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run with -v for the traceback)", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,73 @@
+import sys
+
+import pytest
+
+from meshforge_plugins.cli import main
+from tests.plugin_fixture import install_fake_plugin
+
+STAGES = ("tokenize", "sdf-voxelize", "train-vae", "train-dit", "train-iflame", "sample", "eval", "synth")
+
+
+@pytest.fixture
+def fake_plugin(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    install_fake_plugin(root)
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    sys.modules.pop("mf_echo", None)
+
+
+def test_help_lists_builtin_and_third_party_stages(fake_plugin, capsys):
+    assert main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    for name in (*STAGES, "echo", "run"):
+        assert f" {name} " in out, name
+    assert "Copy a text file, shouting." in out
+    # The broken plugin is reported once, by name, and does not hide the others.
+    assert "plugin stage 'broken' failed to load" in err
+
+
+def test_stage_options_come_from_the_config(fake_plugin, tmp_path, capsys):
+    assert main(["echo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--times", "--mode", "--fail", "--config", "--set", "--device", "--seed"):
+        assert option in out
+    assert "one of upper, lower" in out and "How often to repeat" in out
+
+
+def test_stage_runs_with_yaml_cli_and_set_precedence(fake_plugin, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("ab")
+    cfg = tmp_path / "echo.yaml"
+    cfg.write_text("times: 5\nmode: lower\n")
+    out = tmp_path / "out.txt"
+    assert main(["--seed", "7", "echo", str(src), "--out", str(out), "--config", str(cfg), "--times", "2"]) == 0
+    assert out.read_text() == "abab"  # CLI --times beats the file, the file's mode applies
+    assert "stage: echo" in (tmp_path / "out.txt.stage.yaml").read_text()
+    assert main(["echo", str(src), "--out", str(out), "--set", "times=3", "--mode", "upper"]) == 0
+    assert out.read_text() == "ABABAB"
+    import mf_echo
+
+    assert mf_echo.CALLS[0][1].seed == 7
+
+
+def test_errors_are_one_line(fake_plugin, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("x")
+    assert main(["echo", str(src), "--out", str(tmp_path / "o"), "--mode", "shout"]) == 1
+    err = capsys.readouterr().err
+    assert "error: mode: 'shout' is not one of 'upper', 'lower'" in err
+    assert "Traceback" not in err
+    assert main(["echo", str(src), "--out", str(tmp_path / "o"), "--fail"]) == 1
+    assert "error: asked to fail" in capsys.readouterr().err
+    assert main(["echo", str(src), "--out", str(tmp_path / "o"), "--fail", "-v"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_unknown_device_is_a_clear_error():
+    from meshforge.errors import MeshforgeError
+    from meshforge.runtime import resolve_device
+
+    with pytest.raises(MeshforgeError, match="unknown device 'tpu'"):
+        resolve_device("tpu")

@@ -1,0 +1,34 @@
+import pytest
+
+from meshforge.io import atomic_path, atomic_write_text, hash_path
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "first")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_folder_replacement(tmp_path):
+    target = tmp_path / "dataset"
+    for content in ("v1", "v2"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "data.txt").write_text(content)
+    assert (target / "data.txt").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_hash_path_is_content_based(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "x.bin").write_bytes(b"123")
+    assert hash_path(a) == hash_path(b)
+    (b / "x.bin").write_bytes(b"124")
+    assert hash_path(a) != hash_path(b)

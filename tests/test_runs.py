@@ -1,0 +1,108 @@
+import json
+import sys
+
+import pytest
+
+from meshforge.errors import ConfigError, MeshforgeError
+from meshforge.runs import load_recipe, run_recipe
+from tests.plugin_fixture import install_fake_plugin
+
+RECIPE = """\
+seed: 3
+steps:
+  - stage: echo
+    id: first
+    input: {src}
+    out: first.txt
+    times: 2
+  - stage: echo
+    id: second
+    input: ${{first.out}}
+    out: second.txt
+    mode: lower
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    install_fake_plugin(root)
+    monkeypatch.syspath_prepend(str(root))
+    src = tmp_path / "src.txt"
+    src.write_text("Hi")
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(src=src))
+    yield path
+    sys.modules.pop("mf_echo", None)
+
+
+def test_run_chains_steps_and_records_manifests(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    rows = run_recipe(load_recipe(recipe), run_dir)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert (run_dir / "first.txt").read_text() == "HIHI"
+    assert (run_dir / "second.txt").read_text() == "hihi"
+    manifest = json.loads((run_dir / "manifests" / "second.json").read_text())
+    assert manifest["status"] == "done" and manifest["seed"] == 3
+    assert str(run_dir / "first.txt") in manifest["inputs"]
+    assert manifest["versions"]["torch"] and len(manifest["config_hash"]) == 16
+    assert manifest["summary"]["chars"] == 4
+    assert "steps" in (run_dir / "resolved.yaml").read_text()
+
+
+def test_rerun_skips_unchanged_and_redoes_changed(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    run_recipe(load_recipe(recipe), run_dir)
+    rows = run_recipe(load_recipe(recipe), run_dir)
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    rows = run_recipe(load_recipe(recipe, ["second.mode=upper"]), run_dir)
+    assert [r["status"] for r in rows] == ["skipped", "done"]
+    assert (run_dir / "second.txt").read_text() == "HIHI"
+    (tmp_path / "src.txt").write_text("Yo")  # a changed input re-runs its step and what follows
+    rows = run_recipe(load_recipe(recipe, ["second.mode=upper"]), run_dir)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    rows = run_recipe(load_recipe(recipe, ["second.mode=upper"]), run_dir, force=True)
+    assert [r["status"] for r in rows] == ["done", "done"]
+
+
+def test_failed_step_keeps_earlier_outputs_and_resumes(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(MeshforgeError, match="step 'second' failed: asked to fail"):
+        run_recipe(load_recipe(recipe, ["second.fail=true"]), run_dir)
+    assert (run_dir / "first.txt").read_text() == "HIHI"
+    assert json.loads((run_dir / "manifests" / "second.json").read_text())["status"] == "failed"
+    rows = run_recipe(load_recipe(recipe), run_dir)
+    assert [r["status"] for r in rows] == ["skipped", "done"]
+    # A retried step with a `resume` option resumes instead of starting over.
+    assert json.loads((run_dir / "manifests" / "second.json").read_text())["summary"]["resume"] is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("second.tims=2", r"--set second.tims=2: second.tims: unknown option"),
+        ("second.times=lots", r"--set second.times=lots: second.times: expected an integer"),
+        ("third.times=1", r"--set third.times=1: expected STEP_ID.OPTION=VALUE"),
+    ],
+)
+def test_recipe_validation_names_line_and_key(recipe, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run_recipe(load_recipe(recipe, [override]), tmp_path / "run")
+    assert not (tmp_path / "run" / "first.txt").exists()  # nothing ran
+
+
+def test_recipe_validation_catches_stage_and_input_errors(recipe, tmp_path):
+    text = recipe.read_text()
+    recipe.write_text(text.replace("times: 2", "times: two"))
+    with pytest.raises(ConfigError, match=r"r.yaml:7: first.times: expected an integer, got 'two'"):
+        run_recipe(load_recipe(recipe), tmp_path / "run")
+    recipe.write_text(text.replace("stage: echo\n    id: second", "stage: ehco\n    id: second"))
+    with pytest.raises(ConfigError, match=r"r.yaml:8: unknown stage 'ehco'"):
+        load_recipe(recipe)
+    recipe.write_text(text.replace("src.txt", "missing.txt"))
+    with pytest.raises(ConfigError, match=r"r.yaml:\d+: first.input: input .*missing.txt does not exist"):
+        run_recipe(load_recipe(recipe), tmp_path / "run")
+    recipe.write_text(text.replace("${first.out}", "${zeroth.out}"))
+    with pytest.raises(ConfigError, match=r"refers to no earlier step"):
+        run_recipe(load_recipe(recipe), tmp_path / "run")
