@@ -38,7 +38,7 @@ from meshforge.config import ConfigError, config_hash, from_dict, parse_override
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json, atomic_write_text, hash_path
 from meshforge.runtime import console
-from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record
+from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\}")
 RECIPE_KEYS = {"seed", "device", "steps", "name", "description"}
@@ -148,7 +148,7 @@ def _resolve_references(value: Any, done: dict[str, Step], where: str) -> Any:
     return value
 
 
-def resolve(recipe: Recipe, run_dir: Path) -> None:
+def resolve(recipe: Recipe, run_dir: Path, device: str | None = None) -> None:
     """Type every step's config, resolve references and paths, and check every input exists."""
     done: dict[str, Step] = {}
     produced: list[Path] = []
@@ -162,8 +162,9 @@ def resolve(recipe: Recipe, run_dir: Path) -> None:
                 options[name] = str(run_dir / str(options[name]))
             elif name not in options:
                 options[name] = str(run_dir / step.id)
+        ctx = RunContext(device=device or recipe.device, seed=recipe.seed)
         try:
-            step.config = from_dict(step.stage.config, options)
+            step.config = from_dict(step.stage.config, with_context_defaults(step.stage, options, ctx))
         except ConfigError as exc:
             key = str(exc).split(":", 1)[0].split(".")[0].split("[")[0]
             if key in step.overridden:
@@ -222,8 +223,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, force: bool = False, device: str |
     import json
 
     run_dir = Path(run_dir).resolve()
-    resolve(recipe, run_dir)
     ctx_device = device or recipe.device
+    resolve(recipe, run_dir, ctx_device)
     resolved = {
         "recipe": str(recipe.path),
         "seed": recipe.seed,
@@ -238,7 +239,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, force: bool = False, device: str |
         cfg = step.config
         mpath = _manifest_path(run_dir, step)
         previous = json.loads(mpath.read_text()) if mpath.exists() else {}
-        cfg_hash = config_hash(cfg)
+        # The seed and device shape every output, so they are part of what must be unchanged.
+        cfg_hash = config_hash({"config": to_dict(cfg), "seed": recipe.seed, "device": ctx_device})
         inputs = _input_hashes(step.stage, cfg)
         if not force and _up_to_date(previous, cfg_hash, inputs, step.stage, cfg):
             console.print(f"[dim]skip[/dim] {step.id} (config and inputs unchanged)")

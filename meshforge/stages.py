@@ -61,6 +61,19 @@ class Stage:
         return [Path(getattr(cfg, name)) for name in self.inputs if getattr(cfg, name) is not None]
 
 
+CONTEXT_FIELDS = ("device", "seed")
+
+
+def with_context_defaults(stage: Stage, options: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Config fields named like a global option (``device``, ``seed``) default to the run's value."""
+    names = {f.name for f in dataclasses.fields(stage.config)}
+    merged = dict(options)
+    for name in CONTEXT_FIELDS:
+        if name in names and merged.get(name) is None:
+            merged[name] = getattr(ctx, name)
+    return merged
+
+
 def not_implemented(name: str, help: str, issue: str) -> Stage:
     """A declared stage whose implementation is tracked by ``issue``: it always fails clearly."""
 

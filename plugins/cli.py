@@ -21,7 +21,7 @@ from rich.table import Table
 from meshforge.config import field_types, from_dict, load_yaml, parse_override, set_path
 from meshforge.errors import MeshforgeError
 from meshforge.runtime import console
-from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record
+from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
 
 def global_options(
     ctx: typer.Context,
@@ -55,6 +55,7 @@ def _describe(tp: Any) -> str:
 
 def _parameters(stage: Stage) -> list[inspect.Parameter]:
     params = []
+    own = {f.name for f in dataclasses.fields(stage.config)}
     types_ = field_types(stage.config)
     for f in dataclasses.fields(stage.config):
         tp = types_[f.name]
@@ -82,18 +83,25 @@ def _parameters(stage: Stage) -> list[inspect.Parameter]:
                           default=typer.Option(None, "--config", help="YAML file of this stage's options.")),
         inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
                           default=typer.Option(None, "--set", help="KEY=VALUE override, nested keys with dots.")),
-        inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--device", help="cpu, cuda or auto (overrides the global option).")),
-        inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
-                          default=typer.Option(None, "--seed", help="Overrides the global --seed.")),
         inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=int,
                           default=typer.Option(0, "--verbose", "-v", count=True, help="More output; tracebacks.")),
     ]
+    # A stage whose config has its own `device`/`seed` field uses that as the option.
+    if "device" not in own:
+        params.append(inspect.Parameter(
+            "device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(None, "--device", help="cpu, cuda or auto (overrides the global option).")))
+    if "seed" not in own:
+        params.append(inspect.Parameter(
+            "seed", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
+            default=typer.Option(None, "--seed", help="Overrides the global --seed.")))
     return params
 
 
-def build_config(stage: Stage, given: dict[str, Any], config_file: Path | None, overrides: list[str]) -> Any:
-    """Defaults < --config file < options given on the command line < --set overrides."""
+def build_config(
+    stage: Stage, given: dict[str, Any], config_file: Path | None, overrides: list[str], ctx: RunContext
+) -> Any:
+    """Defaults < global --device/--seed < --config file < options on the command line < --set."""
     data = load_yaml(config_file) if config_file else {}
     for name, value in given.items():
         if value is not None:
@@ -101,20 +109,24 @@ def build_config(stage: Stage, given: dict[str, Any], config_file: Path | None, 
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)
-    return from_dict(stage.config, data)
+    return from_dict(stage.config, with_context_defaults(stage, data, ctx))
 
 
 def _make_command(stage: Stage):
     def command(ctx: typer.Context, **kwargs: Any) -> None:
         parent: RunContext = ctx.obj or RunContext()
-        device, seed, verbose = kwargs.pop("device"), kwargs.pop("seed"), kwargs.pop("verbose")
+        device, seed = kwargs.get("device"), kwargs.get("seed")
+        if not any(f.name == "device" for f in dataclasses.fields(stage.config)):
+            kwargs.pop("device")
+        if not any(f.name == "seed" for f in dataclasses.fields(stage.config)):
+            kwargs.pop("seed")
         run_ctx = RunContext(
             device=device or parent.device,
             seed=parent.seed if seed is None else seed,
-            verbose=max(verbose, parent.verbose),
+            verbose=max(kwargs.pop("verbose"), parent.verbose),
         )
         config_file, overrides = kwargs.pop("config_file"), kwargs.pop("overrides") or []
-        cfg = build_config(stage, kwargs, config_file, overrides)
+        cfg = build_config(stage, kwargs, config_file, overrides, run_ctx)
         summary = stage.run(cfg, run_ctx)
         save_stage_record(stage, cfg, run_ctx)
         if summary and run_ctx.verbose:

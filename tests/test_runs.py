@@ -62,6 +62,9 @@ def test_rerun_skips_unchanged_and_redoes_changed(recipe, tmp_path):
     (tmp_path / "src.txt").write_text("Yo")  # a changed input re-runs its step and what follows
     rows = run_recipe(load_recipe(recipe, ["second.mode=upper"]), run_dir)
     assert [r["status"] for r in rows] == ["done", "done"]
+    recipe.write_text(recipe.read_text().replace("seed: 3", "seed: 4"))  # the seed is part of the config
+    rows = run_recipe(load_recipe(recipe, ["second.mode=upper"]), run_dir)
+    assert [r["status"] for r in rows] == ["done", "done"]
     rows = run_recipe(load_recipe(recipe, ["second.mode=upper"]), run_dir, force=True)
     assert [r["status"] for r in rows] == ["done", "done"]
 

@@ -1,0 +1,60 @@
+"""Trainer configuration: one dataclass shared by every training stage (iFlame, SS-VAE, SS-DiT).
+
+``TrainOptions`` holds everything a training stage exposes as command-line options; ``TrainConfig``
+adds the seed, which the CLI supplies through its global ``--seed`` (a stage config that inherits
+``TrainOptions`` therefore gets ``--steps``, ``--batch-size``, ``--lr`` ... without a clash).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    steps: int = 1000
+    batch_size: int = 16  # global: split evenly over the processes, so 1 and N GPUs see the same batch
+    lr: float = 1e-3  # peak; Muon's update is rescaled to match AdamW's RMS, so one lr serves both
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    optimizer: Literal["muon", "adamw"] = "muon"
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    muon_momentum: float = 0.95
+    checkpoint_every: int = 500  # also at the end, and on Ctrl-C
+    keep_checkpoints: int = 3  # the newest N step folders are kept
+    log_every: int = 10
+    eval_every: int = 500  # 0: evaluate only at the end
+    compile: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gpus: int = 1  # processes on this node; more than 1 launches them through torch.distributed.run
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "gpus"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainOptions):
+    seed: int = 0
+
+    @classmethod
+    def from_options(cls, options: TrainOptions, seed: int) -> TrainConfig:
+        """The trainer's config from a stage config that extends :class:`TrainOptions`."""
+        names = [f.name for f in dataclasses.fields(TrainOptions)]
+        return cls(**{name: getattr(options, name) for name in names}, seed=seed)

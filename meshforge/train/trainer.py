@@ -1,0 +1,335 @@
+"""The one trainer of meshforge: every model trains through :func:`train` with a :class:`TrainTask`.
+
+A task knows its model and data; the trainer owns everything else: precision, optimisers and the
+schedule, gradient clipping, data parallelism, checkpoints and resuming, logs and curves.
+
+Determinism is what makes ``--resume`` and ``--gpus N`` trustworthy: a task's batches are a pure
+function of ``(seed, step)`` (see :func:`meshforge.train.distributed.global_batch_indices`), and a
+checkpoint holds the weights, the optimiser state and every RNG, so a resumed run continues the
+loss curve of an uninterrupted one and N processes follow the curve of one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from meshforge.config import save_config, to_dict
+from meshforge.errors import MeshforgeError
+from meshforge.runtime import console, make_progress, progress_enabled, seed_everything
+from meshforge.train import distributed
+from meshforge.train.checkpoint import (
+    CHECKPOINTS,
+    capture_rng,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+    step_name,
+)
+from meshforge.train.config import TrainConfig
+from meshforge.train.distributed import DistEnv
+from meshforge.train.logs import MetricsLog, plot_curves
+from meshforge.train.optim import build_optimizers, set_lr
+
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+TOKENS_KEY = "tokens"  # a metric summed over ranks and reported as tokens/s
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What a model brings to the trainer.
+
+    ``name`` is also the checkpoint kind that :func:`meshforge.train.checkpoint.load_model` looks up.
+    ``batches`` yields this rank's part of each step's global batch, forever, starting at
+    ``start_step``, as a pure function of ``(seed, step)``; tensors in it (also inside tuples, lists
+    and dicts) are moved to the device by the trainer. ``loss`` returns this rank's loss and
+    metrics such that their mean over ranks is the global-batch value (use
+    :func:`meshforge.train.distributed.global_mean`); a metric named ``tokens`` is instead summed
+    over ranks and logged as ``tokens_per_s``. Optionally a task has ``evaluate(model) -> dict``
+    (run on rank 0 without gradients, logged with a ``val_`` prefix) and a ``config`` dataclass
+    (saved in ``config.yaml`` and the checkpoint metadata).
+    """
+
+    name: str
+
+    def build_model(self) -> nn.Module: ...
+
+    def model_config(self) -> Any: ...
+
+    def batches(self, rank: int, world_size: int, seed: int, start_step: int) -> Iterator[Any]: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (``auto``) or when asked; None means plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+class _Window:
+    """Averages of the per-step values between two log rows, and the throughput over them."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.tokens = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            if key == TOKENS_KEY:
+                self.tokens += value
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def row(self, batch_size: int, lr: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        row = {key: total / self.steps for key, total in self.sums.items()}
+        row.update(lr=lr, samples_per_s=batch_size * self.steps / elapsed)
+        if self.tokens:
+            row["tokens_per_s"] = self.tokens / elapsed
+        return row
+
+
+class _Run:
+    """The state of one training run on one process (split from :func:`train` for readability)."""
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, out_dir: Path, env: DistEnv, device: torch.device):
+        self.task, self.cfg, self.out_dir, self.env, self.device = task, cfg, out_dir, env, device
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.model = task.build_model().to(device)
+        self.optimizers = build_optimizers(self.model, cfg)
+        self.step = 0
+        self.last_saved: Path | None = None
+        self.last_row: dict[str, float] = {}
+        self.val: dict[str, float] = {}
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def restore(self, step_dir: Path) -> None:
+        state = load_state(step_dir)
+        if state["data"]["seed"] != self.cfg.seed:
+            raise MeshforgeError(
+                f"{step_dir} was trained with seed {state['data']['seed']}; resume with --seed {state['data']['seed']}"
+            )
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise MeshforgeError(f"{step_dir} was trained with a different optimizer setup than --optimizer {self.cfg.optimizer}")
+        load_weights(self.model, step_dir)
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        rng = state["rng"]
+        if self.env.rank < len(rng):
+            restore_rng(rng[self.env.rank])
+        else:  # more processes than the run was saved with: a fresh, distinct stream per new rank
+            seed_everything(self.cfg.seed * 1_000_003 + self.env.rank * 7919 + state["step"])
+        self.step = state["step"]
+        self.last_saved = step_dir
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        rng = distributed.gather_objects(capture_rng(), self.env)  # collective: every rank calls save()
+        if not self.env.is_main:
+            return
+        task_cfg = getattr(self.task, "config", None)
+        meta = {
+            "kind": self.task.name,
+            "model_config": to_dict(self.task.model_config()),
+            "task": self.task.name,
+            "task_config": to_dict(task_cfg) if task_cfg is not None else None,
+            "train_config": to_dict(self.cfg),
+            "metrics": {**self.last_row, **{f"val_{k}": v for k, v in self.val.items()}},
+        }
+        state = {
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "rng": rng,
+            # Batches are a pure function of (seed, step): the step is the data position.
+            "data": {"seed": self.cfg.seed, "next_step": self.step, "world_size": self.env.world_size},
+        }
+        self.last_saved = save_checkpoint(
+            self.out_dir, step=self.step, model=self.model, meta=meta, state=state, keep=self.cfg.keep_checkpoints
+        )
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        evaluate = getattr(self.task, "evaluate", None)
+        if evaluate is None:
+            return {}
+        if self.env.is_main:
+            self.model.eval()
+            amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+            with torch.no_grad(), amp:
+                self.val = {k: float(v) for k, v in evaluate(self.model).items()}
+            self.model.train()
+        distributed.barrier(self.env)
+        return self.val
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, log: MetricsLog | None) -> None:
+        cfg, env = self.cfg, self.env
+        model: nn.Module = self.model
+        if env.active:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            model = torch.compile(model)
+        model.train()
+        batches = self.task.batches(env.rank, env.world_size, cfg.seed, self.step)
+        amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        window = _Window()
+        with make_progress() if env.is_main else nullcontext() as progress:
+            bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
+            while self.step < cfg.steps:
+                lr = set_lr(self.optimizers, self.step, cfg)
+                batch = to_device(next(batches), self.device)
+                with amp:
+                    loss, metrics = self.task.loss(model, batch)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm})
+                if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                    self._stop_non_finite(values, log)
+                for opt in self.optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                self.step += 1
+                window.add(values)
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.last_row = window.row(cfg.batch_size, lr)
+                    if log is not None:
+                        log.log(self.step, self.last_row)
+                        if not progress_enabled():
+                            shown = ", ".join(f"{k} {v:.4g}" for k, v in self.last_row.items())
+                            console.print(f"step {self.step}/{cfg.steps}: {shown}", highlight=False)
+                    window = _Window()
+                if self.task_evaluates and (
+                    (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps
+                ):
+                    val = self.evaluate()
+                    if log is not None:
+                        log.log(self.step, {f"val_{k}": v for k, v in val.items()})
+                    window.start = time.perf_counter()  # throughput counts training only
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+                    if log is not None:
+                        log.flush()
+                    window.start = time.perf_counter()
+                if bar is not None:
+                    progress.update(bar, completed=self.step, description=f"train loss {values['loss']:.4f}")
+
+    @property
+    def task_evaluates(self) -> bool:
+        return callable(getattr(self.task, "evaluate", None))
+
+    def _reduce(self, values: dict[str, Any]) -> dict[str, float]:
+        """Means over ranks (sums for ``tokens``) as Python floats: the one host sync of a step."""
+        stacked = torch.stack([torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in values.values()])
+        means = distributed.mean_over_ranks(stacked, self.env).tolist()
+        out = dict(zip(values, means))
+        if TOKENS_KEY in out:
+            out[TOKENS_KEY] *= self.env.world_size
+        return out
+
+    def _stop_non_finite(self, values: dict[str, float], log: MetricsLog | None) -> None:
+        if log is not None:
+            log.flush()
+        what, value = ("loss", values["loss"]) if not math.isfinite(values["loss"]) else ("gradient norm", values["grad_norm"])
+        kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+        raise MeshforgeError(
+            f"non-finite {what} ({value}) at step {self.step + 1}: "
+            f"training stopped before updating the weights; {kept} (try a lower --lr or check the data, then --resume)"
+        )
+
+
+def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto", resume: bool = False) -> dict[str, Any]:
+    """Train ``task`` for ``cfg.steps`` steps into ``out_dir``; returns a JSON-able summary.
+
+    Writes ``config.yaml``, ``metrics.csv`` (+ ``tensorboard/`` when installed), ``curves.png`` and
+    ``checkpoints/``. With ``resume`` the run continues from ``checkpoints/latest`` when there is
+    one; without it, checkpoints of an earlier run in ``out_dir`` are removed first. Under torchrun
+    (``--gpus N``) every process calls this; rank 0 alone writes files.
+    """
+    out_dir = Path(out_dir)
+    env, dev = distributed.setup(device)
+    try:
+        distributed.rank_slice(cfg.batch_size, env.rank, env.world_size)  # the batch must split evenly
+        if dev.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        run = _Run(task, cfg, out_dir, env, dev)
+        previous = latest_checkpoint(out_dir)
+        if resume and previous is not None:
+            run.restore(previous)
+        else:
+            if previous is not None:
+                distributed.barrier(env)  # every rank has looked before rank 0 deletes
+                if env.is_main:
+                    console.print(f"[yellow]starting afresh in {out_dir}: removing its earlier checkpoints "
+                                  "(pass --resume to continue them)[/yellow]")
+                    shutil.rmtree(out_dir / CHECKPOINTS)
+            seed_everything(cfg.seed + env.rank)  # ranks draw different random numbers (dropout, noise)
+
+        log = None
+        if env.is_main:
+            task_cfg = getattr(task, "config", None)
+            save_config(
+                {"task": task.name, "train": cfg, "model": task.model_config(), "task_config": task_cfg},
+                out_dir / "config.yaml",
+            )
+            log = MetricsLog(out_dir / METRICS_CSV, keep_until_step=run.step)
+        start_step, start = run.step, time.perf_counter()
+        try:
+            run.run(log)
+        except KeyboardInterrupt:
+            # One process can checkpoint on its own; under DDP saving is a collective and the
+            # other ranks may already be gone, so there the last periodic checkpoint stands.
+            if not env.active and run.step > start_step and (run.last_saved is None or run.last_saved.name != step_name(run.step)):
+                run.save()
+                console.print(f"interrupted: saved {run.last_saved}; continue with --resume")
+            raise
+        finally:
+            if log is not None:
+                log.close()
+        summary: dict[str, Any] = {
+            "steps": cfg.steps,
+            "resumed_from": start_step if start_step else None,
+            "world_size": env.world_size,
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            **run.last_row,
+            **{f"val_{k}": v for k, v in run.val.items()},
+        }
+        if env.is_main:
+            if log is not None and log.rows:
+                plot_curves(out_dir / METRICS_CSV, out_dir / CURVES_PNG)
+            summary["checkpoint"] = str(run.last_saved) if run.last_saved else None
+        return summary
+    finally:
+        distributed.teardown(env)

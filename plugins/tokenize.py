@@ -1,0 +1,33 @@
+"""`meshforge tokenize`: a folder of meshes -> a memory-mappable face-token dataset."""
+
+from __future__ import annotations
+
+from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
+from meshforge.stages import RunContext, Stage
+
+
+def run(cfg: TokenizeConfig, ctx: RunContext) -> dict:
+    return tokenize_folder(cfg)
+
+
+stage = Stage(
+    name="tokenize",
+    help="Canonicalise and tokenise every mesh under a folder into a train/val token dataset.",
+    config=TokenizeConfig,
+    run=run,
+    positional=("input",),
+    inputs=("input",),
+    outputs=("out",),
+    field_help={
+        "input": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf, MeshGPT pkl/npz.",
+        "out": "Dataset folder to write.",
+        "bits": "Quantisation bits per coordinate (vocabulary 2**bits + 3).",
+        "max_faces": "Skip meshes with more faces after canonicalisation.",
+        "val_fraction": "Fraction of meshes (by content hash) in the val split.",
+        "workers": "Worker processes (0 = all cores).",
+        "dedupe": "Keep identical canonical meshes once.",
+        "augment_scale_min": "Training augmentation: smallest per-axis scale.",
+        "augment_scale_max": "Training augmentation: largest per-axis scale.",
+        "augment_shift": "Training augmentation: largest per-axis shift (normalised units).",
+    },
+)

@@ -1,0 +1,14 @@
+"""One worker of the 2-process data-parallel test: ``python -m tests.train.ddp_worker OUT OPTIMIZER``."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from meshforge.train.trainer import train
+from tests.train.toy import ToyTask, toy_config
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out, optimizer = Path(sys.argv[1]), sys.argv[2]
+    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer), out, device="cpu")

@@ -1,0 +1,83 @@
+import json
+import math
+
+import pytest
+import torch
+
+from meshforge.errors import MeshforgeError
+from meshforge.train.checkpoint import latest_checkpoint, load_model
+from meshforge.train.logs import read_csv
+from meshforge.train.trainer import train
+from tests.train.toy import ToyTask, toy_config
+
+torch.set_num_threads(1)
+
+
+def losses(out) -> dict[int, float]:
+    return {int(r["step"]): r["loss"] for r in read_csv(out / "metrics.csv") if "loss" in r}
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_continues_the_same_loss_curve(tmp_path, optimizer):
+    full = tmp_path / "full"
+    train(ToyTask(batch_size=8), toy_config(optimizer=optimizer), full, device="cpu")
+
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while fetching the batch of step 21
+        train(ToyTask(batch_size=8, interrupt_at=20), toy_config(optimizer=optimizer), split, device="cpu")
+    assert latest_checkpoint(split).name == "step_0000020"
+    assert max(losses(split)) == 20
+    summary = train(ToyTask(batch_size=8), toy_config(optimizer=optimizer), split, device="cpu", resume=True)
+    assert summary["resumed_from"] == 20
+
+    a, b = losses(full), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6
+    assert a[40] < 0.6 * a[1]  # and it learns
+    val_full = [r["val_loss"] for r in read_csv(full / "metrics.csv") if "val_loss" in r]
+    val_split = [r["val_loss"] for r in read_csv(split / "metrics.csv") if "val_loss" in r]
+    assert len(val_full) == 2 and val_full == pytest.approx(val_split, abs=1e-6)
+
+
+def test_interrupt_between_checkpoints_saves_the_last_completed_step(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(ToyTask(batch_size=8, interrupt_at=13), toy_config(), tmp_path, device="cpu")
+    assert latest_checkpoint(tmp_path).name == "step_0000013"
+
+
+def test_outputs_logs_checkpoints_and_curves(tmp_path):
+    summary = train(ToyTask(batch_size=8), toy_config(steps=30, log_every=5), tmp_path, device="cpu")
+    rows = read_csv(tmp_path / "metrics.csv")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    for key in ("lr", "grad_norm", "acc", "samples_per_s", "tokens_per_s"):
+        assert all(key in r for r in train_rows), key
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 30]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "config.yaml").is_file()
+    # keep_checkpoints=2: steps 20 and 30 remain, latest names 30
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000020", "step_0000030"]
+    assert summary["checkpoint"].endswith("step_0000030")
+    meta = json.loads((tmp_path / "checkpoints" / "step_0000030" / "meta.json").read_text())
+    assert meta["kind"] == "toy" and meta["step"] == 30 and meta["model_config"] == {"vocab": 13, "width": 16}
+
+    kind, model, meta = load_model(tmp_path, "cpu")
+    assert kind == "toy" and not model.training
+    task = ToyTask(batch_size=8)
+    assert task.evaluate(model)["loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(MeshforgeError, match=r"non-finite loss \(nan\) at step 16.*step_0000010"):
+        train(ToyTask(batch_size=8, nan_at=15), toy_config(), tmp_path, device="cpu")
+    assert latest_checkpoint(tmp_path).name == "step_0000010"
+    _, model, _ = load_model(tmp_path, "cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert max(losses(tmp_path)) == 15 and all(math.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_fresh_run_replaces_earlier_checkpoints(tmp_path):
+    train(ToyTask(batch_size=8), toy_config(steps=30), tmp_path, device="cpu")
+    train(ToyTask(batch_size=8), toy_config(steps=10), tmp_path, device="cpu")  # no --resume
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000010"]
+    assert max(losses(tmp_path)) == 10
