@@ -176,7 +176,7 @@ def _lookup(kind: str) -> ModelEntry:
     failed: list[str] = []
     if kind not in _REGISTRY:
         # Tasks register their models on import; import them all once before giving up.
-        import meshforge.train.tasks as tasks
+        from meshforge.train import tasks
 
         for info in pkgutil.iter_modules(tasks.__path__):
             try:

@@ -58,3 +58,25 @@ class TrainConfig(TrainOptions):
         """The trainer's config from a stage config that extends :class:`TrainOptions`."""
         names = [f.name for f in dataclasses.fields(TrainOptions)]
         return cls(**{name: getattr(options, name) for name in names}, seed=seed)
+
+
+# CLI help for the options every training stage shares (stages add their own fields).
+TRAIN_FIELD_HELP = {
+    "steps": "Optimizer steps in total (a resumed run continues up to this many).",
+    "batch_size": "Global batch size, split evenly over the --gpus processes.",
+    "lr": "Peak learning rate (Muon and AdamW alike).",
+    "weight_decay": "Decoupled weight decay of matrices (not of norms, biases, scalars).",
+    "warmup_steps": "Linear warm-up steps before the cosine decay.",
+    "min_lr_ratio": "The cosine ends at lr times this.",
+    "grad_clip": "Clip the global gradient norm to this (0: no clipping).",
+    "optimizer": "muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all.",
+    "adam_betas": "AdamW betas, e.g. 0.9,0.95.",
+    "muon_momentum": "Muon's Nesterov momentum.",
+    "checkpoint_every": "Checkpoint every N steps (and at the end, and on Ctrl-C).",
+    "keep_checkpoints": "Keep the newest N checkpoints.",
+    "log_every": "Write a metrics.csv row every N steps (averages over them).",
+    "eval_every": "Evaluate on the val split every N steps (0: only at the end).",
+    "compile": "torch.compile the model.",
+    "precision": "auto: bf16 autocast on CUDA, fp32 on CPU.",
+    "gpus": "Processes on this node (GPUs, or CPU processes with --device cpu), launched by torchrun.",
+}

@@ -63,7 +63,7 @@ def setup(device: str) -> tuple[DistEnv, torch.device]:
     """Join the process group when running under torchrun; the device this process trains on."""
     if not in_worker() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistEnv(), resolve_device(device)
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     dev = resolve_device(device)
     if dev.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():

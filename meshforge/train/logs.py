@@ -91,7 +91,8 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    if panels[0][1] and min(r[c] for c in panels[0][1] for r in rows if c in r) > 0:
+    losses = [r[c] for c in panels[0][1] for r in rows if c in r]
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # long runs span decades
         axes[0][0].set_yscale("log")
     fig.tight_layout()
     with atomic_path(png_path) as tmp:

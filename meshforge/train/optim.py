@@ -45,10 +45,10 @@ class NewtonSchulzMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float, weight_decay: float, momentum: float) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - the Optimizer signature
+    def step(self, closure=None):
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -59,7 +59,6 @@ class NewtonSchulzMuon(torch.optim.Optimizer):
                 update = zeropower_newton_schulz(p.grad.lerp(buf, mu))
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
-        return None
 
 
 def _uses_adamw(module_name: str, module: nn.Module) -> bool:

@@ -4,20 +4,23 @@ A task knows its model and data; the trainer owns everything else: precision, op
 schedule, gradient clipping, data parallelism, checkpoints and resuming, logs and curves.
 
 Determinism is what makes ``--resume`` and ``--gpus N`` trustworthy: a task's batches are a pure
-function of ``(seed, step)`` (see :func:`meshforge.train.distributed.global_batch_indices`), and a
+function of ``(seed, step)`` (see :func:`meshforge.train.distributed.global_batch`), and a
 checkpoint holds the weights, the optimiser state and every RNG, so a resumed run continues the
 loss curve of an uninterrupted one and N processes follow the curve of one.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import queue
 import shutil
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import closing, nullcontext
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from meshforge.config import save_config, to_dict
 from meshforge.errors import MeshforgeError
-from meshforge.runtime import console, make_progress, progress_enabled, seed_everything
+from meshforge.io import atomic_write_json
+from meshforge.runtime import console, make_progress, progress_enabled, resolve_device, seed_everything
+from meshforge.stages import RunContext
 from meshforge.train import distributed
 from meshforge.train.checkpoint import (
     CHECKPOINTS,
@@ -37,24 +42,26 @@ from meshforge.train.checkpoint import (
     save_checkpoint,
     step_name,
 )
-from meshforge.train.config import TrainConfig
+from meshforge.train.config import TrainConfig, TrainOptions
 from meshforge.train.distributed import DistEnv
 from meshforge.train.logs import MetricsLog, plot_curves
 from meshforge.train.optim import build_optimizers, set_lr
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
+SUMMARY_JSON = "summary.json"
 TOKENS_KEY = "tokens"  # a metric summed over ranks and reported as tokens/s
 
 
-@runtime_checkable
 class TrainTask(Protocol):
     """What a model brings to the trainer.
 
     ``name`` is also the checkpoint kind that :func:`meshforge.train.checkpoint.load_model` looks up.
+    The task is built with the same global batch size as :attr:`TrainConfig.batch_size`.
     ``batches`` yields this rank's part of each step's global batch, forever, starting at
     ``start_step``, as a pure function of ``(seed, step)``; tensors in it (also inside tuples, lists
-    and dicts) are moved to the device by the trainer. ``loss`` returns this rank's loss and
+    and dicts) are moved to the device by the trainer; it is consumed on a background thread, so it
+    must not draw from global RNGs. ``loss`` returns this rank's loss and
     metrics such that their mean over ranks is the global-batch value (use
     :func:`meshforge.train.distributed.global_mean`); a metric named ``tokens`` is instead summed
     over ranks and logged as ``tokens_per_s``. Optionally a task has ``evaluate(model) -> dict``
@@ -88,6 +95,46 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None
+
+
+class _Prefetcher:
+    """Builds the next batches on a background thread while the current step runs.
+
+    Batches are a pure function of the step, so prefetching changes neither their order nor their
+    content. An exception of the source (a KeyboardInterrupt included) is re-raised in the training
+    thread at the position where it happened.
+    """
+
+    def __init__(self, source: Iterator[Any], depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True, name="meshforge-batches")
+        self._thread.start()
+
+    def _fill(self, source: Iterator[Any]) -> None:
+        while not self._stop.is_set():
+            try:
+                item: tuple[Any, BaseException | None] = (next(source), None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                item = (None, exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None:
+                return
+
+    def __next__(self) -> Any:
+        item, exc = self._queue.get()
+        if exc is not None:
+            raise exc
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 class _Window:
@@ -178,15 +225,17 @@ class _Run:
 
     # -- evaluation -----------------------------------------------------------------------------
 
+    @property
+    def task_evaluates(self) -> bool:
+        return callable(getattr(self.task, "evaluate", None))
+
     def evaluate(self) -> dict[str, float]:
-        evaluate = getattr(self.task, "evaluate", None)
-        if evaluate is None:
-            return {}
+        """The task's validation metrics, computed on rank 0 while the other ranks wait."""
         if self.env.is_main:
             self.model.eval()
             amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
             with torch.no_grad(), amp:
-                self.val = {k: float(v) for k, v in evaluate(self.model).items()}
+                self.val = {k: float(v) for k, v in self.task.evaluate(self.model).items()}  # type: ignore[attr-defined]
             self.model.train()
         distributed.barrier(self.env)
         return self.val
@@ -201,11 +250,11 @@ class _Run:
         if cfg.compile:
             model = torch.compile(model)
         model.train()
-        batches = self.task.batches(env.rank, env.world_size, cfg.seed, self.step)
+        batches = _Prefetcher(self.task.batches(env.rank, env.world_size, cfg.seed, self.step))
         amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
-        with make_progress() if env.is_main else nullcontext() as progress:
+        with closing(batches), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
             while self.step < cfg.steps:
                 lr = set_lr(self.optimizers, self.step, cfg)
@@ -214,6 +263,8 @@ class _Run:
                     loss, metrics = self.task.loss(model, batch)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                # One host sync per step: the check must come before the update, so that a
+                # non-finite loss or gradient never reaches the weights (or a checkpoint).
                 values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm})
                 if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                     self._stop_non_finite(values, log)
@@ -246,12 +297,8 @@ class _Run:
                 if bar is not None:
                     progress.update(bar, completed=self.step, description=f"train loss {values['loss']:.4f}")
 
-    @property
-    def task_evaluates(self) -> bool:
-        return callable(getattr(self.task, "evaluate", None))
-
     def _reduce(self, values: dict[str, Any]) -> dict[str, float]:
-        """Means over ranks (sums for ``tokens``) as Python floats: the one host sync of a step."""
+        """Means over ranks (sums for ``tokens``) as Python floats."""
         stacked = torch.stack([torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in values.values()])
         means = distributed.mean_over_ranks(stacked, self.env).tolist()
         out = dict(zip(values, means))
@@ -273,8 +320,8 @@ class _Run:
 def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto", resume: bool = False) -> dict[str, Any]:
     """Train ``task`` for ``cfg.steps`` steps into ``out_dir``; returns a JSON-able summary.
 
-    Writes ``config.yaml``, ``metrics.csv`` (+ ``tensorboard/`` when installed), ``curves.png`` and
-    ``checkpoints/``. With ``resume`` the run continues from ``checkpoints/latest`` when there is
+    Writes ``config.yaml``, ``metrics.csv`` (+ ``tensorboard/`` when installed), ``curves.png``,
+    ``summary.json`` and ``checkpoints/``. With ``resume`` the run continues from ``checkpoints/latest`` when there is
     one; without it, checkpoints of an earlier run in ``out_dir`` are removed first. Under torchrun
     (``--gpus N``) every process calls this; rank 0 alone writes files.
     """
@@ -330,6 +377,30 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
             if log is not None and log.rows:
                 plot_curves(out_dir / METRICS_CSV, out_dir / CURVES_PNG)
             summary["checkpoint"] = str(run.last_saved) if run.last_saved else None
+            atomic_write_json(out_dir / SUMMARY_JSON, summary)
         return summary
     finally:
         distributed.teardown(env)
+
+
+def run_training_stage(
+    stage: str, cfg: TrainOptions, ctx: RunContext, make_task: Callable[[], TrainTask], cli_module: str
+) -> dict[str, Any]:
+    """What a training stage (``train-iflame``, ``train-vae``, ...) runs: ``cfg`` extends
+    :class:`TrainOptions` with ``out`` and ``resume`` fields.
+
+    With ``--gpus N`` (N > 1) outside torchrun, the resolved config is saved as ``OUT/launch.yaml``
+    and N workers run ``python -m CLI_MODULE STAGE --config OUT/launch.yaml``; each of them (and a
+    plain single-process run) builds the task and trains. Returns rank 0's summary.
+    """
+    out_dir = Path(cfg.out)  # type: ignore[attr-defined]
+    if cfg.gpus > 1 and not distributed.in_worker():
+        if resolve_device(ctx.device).type == "cuda" and torch.cuda.device_count() < cfg.gpus:
+            raise MeshforgeError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} GPUs are visible")
+        launch_file = out_dir / "launch.yaml"
+        save_config(cfg, launch_file)
+        args = [stage, "--config", str(launch_file), "--device", ctx.device, "--seed", str(ctx.seed)]
+        distributed.launch(cfg.gpus, cli_module, args)
+        return json.loads((out_dir / SUMMARY_JSON).read_text())
+    train_cfg = TrainConfig.from_options(cfg, seed=ctx.seed)
+    return train(make_task(), train_cfg, out_dir, device=ctx.device, resume=cfg.resume)  # type: ignore[attr-defined]

@@ -29,13 +29,14 @@ def test_rank_slices_partition_the_global_batch():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monkeypatch, optimizer):
     torch.set_num_threads(1)
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     monkeypatch.setenv("PYTHONPATH", str(root))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    launch(2, "tests.train.ddp_worker", [str(tmp_path / "ddp"), "adamw"])
-    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer="adamw"), tmp_path / "one", device="cpu")
+    launch(2, "tests.train.ddp_worker", [str(tmp_path / "ddp"), optimizer])
+    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer), tmp_path / "one", device="cpu")
 
     def curve(name):
         return [(r["step"], r["loss"], r["acc"]) for r in read_csv(tmp_path / name / "metrics.csv") if "loss" in r]
@@ -44,5 +45,4 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monke
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == list(range(1, 13))
     assert np.allclose([l for _, l, _ in one], [l for _, l, _ in two], rtol=0, atol=1e-5)
     assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=1e-6)
-    # Tokens/s counts all ranks' tokens: the same global batch, so within timing noise of one process.
     assert (tmp_path / "ddp" / "checkpoints" / "latest").read_text().strip() == "step_0000012"

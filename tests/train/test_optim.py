@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -17,7 +18,10 @@ from tests.train.toy import ToyConfig, ToyModel
 def test_parameters_split_into_muon_matrices_and_adamw_rest():
     model = ToyModel(ToyConfig())
     muon, decay, no_decay = split_parameters(model)
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+
+    def ids(params):
+        return {id(p) for p in params}
+
     assert ids(muon) == ids([model.fc1.weight, model.fc2.weight])
     assert ids(decay) == ids([model.embed.weight])  # the tied head is the embedding, listed once
     assert ids(no_decay) == ids([model.fc1.bias, model.fc2.bias, model.norm.weight, model.norm.bias])
@@ -61,6 +65,6 @@ def test_schedule_warms_up_then_follows_a_cosine_to_the_floor():
     f = [lr_factor(s, cfg) for s in range(cfg.steps)]
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert f[10] == pytest.approx(1.0)
-    assert all(x >= y for x, y in zip(f[10:], f[11:]))
+    assert all(x >= y for x, y in itertools.pairwise(f[10:]))
     assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(cfg.steps, cfg) == pytest.approx(0.1)

@@ -46,8 +46,8 @@ register_model("toy", ToyConfig, ToyModel)
 
 def toy_config(**overrides) -> TrainConfig:
     """A short CPU run that logs every step (for step-by-step comparisons)."""
-    base = dict(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, log_every=1, checkpoint_every=10,
-                eval_every=20, keep_checkpoints=2, precision="fp32")
+    base = {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "log_every": 1,
+            "checkpoint_every": 10, "eval_every": 20, "keep_checkpoints": 2, "precision": "fp32"}
     return TrainConfig(**{**base, **overrides})
 
 

@@ -1,0 +1,220 @@
+"""Sparse SDF family on one GPU: voxelisation speed, SS-VAE training step, reconstruction quality.
+
+    python benchmarks/sparse_vae.py            # GPU figures (H100: a few minutes)
+    python benchmarks/sparse_vae.py --smoke    # the same code path, tiny, on the CPU (a minute)
+
+1. ``sdf-voxelize`` throughput (meshes/s, voxels per mesh) of synth meshes at each ``--vox-res``.
+2. SS-VAE training step at ``--step-res`` (512^3-scale inputs): median step time and peak memory,
+   bf16 autocast on CUDA, through the training task's own batches and loss.
+3. A short training run (the one trainer) at ``--train-res``, then ``eval --metric recon`` on
+   the val split: Chamfer, F-score@0.01, normal consistency against the input meshes.
+
+Prints a table and writes ``benchmarks/results/sparse_vae.json`` (``--smoke``: ``sparse_vae_smoke.json``)
+naming the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from meshforge.config import from_dict, to_dict
+from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.synth import generate
+from meshforge.io import atomic_write_json
+from meshforge.metrics.recon import evaluate_reconstruction
+from meshforge.runtime import console, resolve_device, seed_everything
+from meshforge.train.config import TrainConfig
+from meshforge.train.optim import build_optimizers
+from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
+from meshforge.train.trainer import autocast_dtype, to_device, train
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Sizes:
+    meshes: int
+    max_faces: int
+    families: list[str] | None  # None: all of them
+    vox_res: tuple[int, ...]
+    step_res: int
+    step_model: dict
+    step_batch: int
+    step_iters: int
+    train_res: int
+    train_model: dict
+    train_steps: int
+    train_batch: int
+    points: int
+
+
+FULL = Sizes(
+    meshes=16, max_faces=800, families=None, vox_res=(256, 512, 1024),
+    step_res=512, step_model={"channels": [32, 64, 128, 256], "res_blocks": 1, "attn_blocks": 2, "window": 8, "heads": 4},
+    step_batch=2, step_iters=10,
+    train_res=256, train_model={"channels": [32, 64, 128], "res_blocks": 1, "attn_blocks": 2, "window": 8, "heads": 4},
+    train_steps=400, train_batch=4, points=100_000,
+)  # fmt: skip
+SMOKE = Sizes(
+    meshes=6, max_faces=60, families=["table", "stool", "cabinet"], vox_res=(16, 32),
+    step_res=32, step_model={"channels": [8, 16], "res_blocks": 1, "attn_blocks": 1, "window": 4, "heads": 2},
+    step_batch=2, step_iters=2,
+    train_res=32, train_model={"channels": [8, 16], "res_blocks": 1, "attn_blocks": 1, "window": 4, "heads": 2},
+    train_steps=4, train_batch=2, points=2_000,
+)  # fmt: skip
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def voxelisation(synth: Path, root: Path, resolutions: tuple[int, ...], device: torch.device) -> list[dict]:
+    rows = []
+    for r in resolutions:
+        sync(device)
+        start = time.perf_counter()
+        summary = voxelize_folder(SdfConfig(input=synth, out=root / f"sdf{r}", resolution=r, val_fraction=0.25,
+                                            workers=0, device=str(device)))
+        seconds = time.perf_counter() - start
+        rows.append({"resolution": r, "meshes": summary["meshes"], "seconds": round(seconds, 3),
+                     "meshes_per_s": round(summary["meshes"] / seconds, 3),
+                     "voxels_per_mesh": round(summary["voxels"] / summary["meshes"])})
+    return rows
+
+
+def train_step(data: Path, sizes: Sizes, device: torch.device, work: Path) -> dict:
+    """Median time and peak memory of a full step (batch, forward, backward, optimizer) at ``step_res``."""
+    cfg = from_dict(VaeTaskConfig, {"data": data, "out": work, "batch_size": sizes.step_batch,
+                                    "model": sizes.step_model, "optimizer": "adamw"})
+    task = VAETask(cfg)
+    seed_everything(0)
+    model = task.build_model().to(device).train()
+    optimizers = build_optimizers(model, TrainConfig.from_options(cfg, seed=0))
+    amp = autocast_dtype("auto", device)
+    batches = task.batches(0, 1, seed=0, start_step=0)
+    times, voxels = [], []
+    warmup = 2
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + sizes.step_iters):
+        batch = to_device(next(batches), device)
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, amp, enabled=amp is not None):
+            loss, _ = task.loss(model, batch)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            voxels.append(len(batch["sdf"]))
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "resolution": sizes.step_res,
+        "batch_size": sizes.step_batch,
+        "model": to_dict(task.model_config()),
+        "parameters": params,
+        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "step_ms_median": round(1000 * statistics.median(times), 1),
+        "step_ms_min": round(1000 * min(times), 1),
+        "input_voxels_per_step": round(statistics.mean(voxels)),
+        "voxels_per_s": round(sum(voxels) / sum(times)),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+
+
+def short_training(data: Path, sizes: Sizes, device: torch.device, work: Path) -> dict:
+    cfg = from_dict(VaeTaskConfig, {
+        "data": data, "out": work / "run", "batch_size": sizes.train_batch, "model": sizes.train_model,
+        "steps": sizes.train_steps, "warmup_steps": max(1, sizes.train_steps // 20), "lr": 1e-3,
+        "log_every": max(1, sizes.train_steps // 10), "eval_every": 0, "checkpoint_every": sizes.train_steps,
+    })  # fmt: skip
+    summary = train(VAETask(cfg), TrainConfig.from_options(cfg, seed=0), cfg.out, device=str(device))
+    recon = evaluate_reconstruction(cfg.out, data, split="val", device=device, out=work / "recon", points=sizes.points)
+    keep = ("chamfer", "fscore", "normal_consistency", "input_sdf_chamfer", "input_sdf_fscore",
+            "input_sdf_normal_consistency", "fscore_tau", "points", "meshes", "failed")
+    return {
+        "resolution": sizes.train_res, "steps": sizes.train_steps, "batch_size": sizes.train_batch,
+        "model": sizes.train_model, "wall_time_s": summary["wall_time_s"], "final_loss": summary.get("loss"),
+        "train_meshes": len(SparseSDFDataset(data, "train")),
+        **{k: recon[k] for k in keep},
+    }  # fmt: skip
+
+
+def metrics_text(recon: dict, prefix: str) -> str:
+    values = [recon[f"{prefix}{name}"] for name in ("chamfer", "fscore", "normal_consistency")]
+    if None in values:
+        return "no surface"
+    return f"CD {values[0]:.2e}  F {values[1]:.3f}  NC {values[2]:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the code path")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--meshes", type=int, help="synth meshes (default: 16, smoke 6)")
+    parser.add_argument("--vox-res", type=int, nargs="+", help="voxelisation resolutions to time")
+    parser.add_argument("--train-steps", type=int, help="steps of the short training run")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    overrides = {"meshes": args.meshes, "vox_res": tuple(args.vox_res or ()) or None, "train_steps": args.train_steps}
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
+    device = resolve_device("cpu" if args.smoke else args.device)
+    out = args.out or RESULTS / ("sparse_vae_smoke.json" if args.smoke else "sparse_vae.json")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        generate(work / "synth", sizes.meshes, seed=0, max_faces=sizes.max_faces, families=sizes.families)
+        resolutions = tuple(sorted(set(sizes.vox_res) | {sizes.step_res, sizes.train_res}))
+        vox = voxelisation(work / "synth", work, resolutions, device)
+        step = train_step(work / f"sdf{sizes.step_res}", sizes, device, work / "step")
+        recon = short_training(work / f"sdf{sizes.train_res}", sizes, device, work)
+
+    result = {
+        "benchmark": "sparse_vae",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "voxelize": [row for row in vox if row["resolution"] in sizes.vox_res],
+        "train_step": step,
+        "reconstruction": recon,
+    }
+    atomic_write_json(out, result)
+
+    table = Table(title=f"sparse SDF VAE on {result['device']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for row in result["voxelize"]:
+        table.add_row(f"voxelise R={row['resolution']}", f"{row['meshes_per_s']} meshes/s ({row['voxels_per_mesh']:,} voxels/mesh)")
+    table.add_row(f"train step R={step['resolution']} batch {step['batch_size']}",
+                  f"{step['step_ms_median']} ms ({step['input_voxels_per_step']:,} voxels)")
+    table.add_row("peak memory", f"{step['peak_memory_gib']} GiB" if step["peak_memory_gib"] is not None else "n/a (CPU)")
+    table.add_row(f"recon after {recon['steps']} steps at R={recon['resolution']} ({recon['failed']} failed)",
+                  metrics_text(recon, ""))
+    table.add_row(f"input SDF floor (F@{recon['fscore_tau']})", metrics_text(recon, "input_sdf_"))
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Spatial Sparse Attention vs dense attention (SDPA FlashAttention-2 and cuDNN), forward and backward.
+
+    python benchmarks/ssa_vs_dense.py [--out benchmarks/results] [--quick] [--breakdown] [--sweep]
+
+Token sets, one sequence each, 16 heads of dim 64, bf16, the same q/k/v for every method:
+
+- ``synth-*``: real sparse latents. Synth meshes (:mod:`meshforge.data.synth`) voxelised by the SDF
+  voxeliser (:mod:`meshforge.data.sdf`) at the latent resolution of a 1024^3 grid under the SS-VAE's
+  8x downsampling (R = 128, a 1-voxel band), and the table at other resolutions for the small and the
+  largest sizes;
+- ``random-*``: uniformly random voxels at 25% occupancy of a cube (blocks fuller than surfaces').
+
+SSA runs with the released defaults (m_cmp 4, m_slc 8, top-k 8, m_win 8) and G = H (the dense
+methods' heads) on a prebuilt layout (coordinates only, shared by every layer of a model);
+its forward includes pooling, top-k and the selection plan. Backward is timed alone (autograd
+over a kept graph). Times are medians of ``triton.testing.do_bench``. Writes
+``ssa_vs_dense.json`` (device, per-size times and speedups) and ``ssa_vs_dense.png`` (table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+from pathlib import Path
+
+import torch
+import triton
+from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, range_attn, spatial_sparse_attention
+from meshforge.kernels.ssa.plans import selection_plan
+from meshforge.kernels.ssa.range_attn import RangeAttention
+from meshforge.kernels.ssa.select import topk_blocks
+from meshforge.kernels.ssa.ssa import BLOCK_N, _plans
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
+
+from meshforge.data.canonical import normalize_vertices
+from meshforge.data.sdf import voxelize
+from meshforge.data.synth import synth_mesh
+from meshforge.io import atomic_write_json
+from meshforge.render import render_table_png
+
+RESULTS = Path(__file__).parent / "results"
+HEADS, HEAD_DIM, DTYPE = 16, 64, torch.bfloat16
+LATENT_RES = 1024 // 8  # the SS-VAE's 8x downsampling of a 1024^3 grid
+FAMILIES = ("chair", "cabinet", "shelf", "table")
+TARGET = {"fwd_vs_fa2": 3.9, "bwd_vs_fa2": 9.6}  # the paper's figures at >= 100k tokens (floor)
+AIM = {"fwd_vs_fa2": 12.2, "bwd_vs_fa2": 19.7}  # the authors' later release
+
+
+def surface_tokens(family: str, resolution: int, device: torch.device) -> torch.Tensor:
+    vertices, faces = synth_mesh(family, seed=0, index=0)
+    sdf = voxelize(normalize_vertices(vertices) * 0.9, faces, resolution, band=1.0, device=device)
+    return sdf.coords.long()
+
+
+def random_tokens(n: int, occupancy: float, seed: int, device: torch.device) -> torch.Tensor:
+    side = math.ceil((n / occupancy) ** (1 / 3))
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(side**3, generator=g)[:n].sort().values
+    return torch.stack([flat // side**2, flat // side % side, flat % side], 1).to(device)
+
+
+def token_sets(quick: bool, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    sets = [(f"synth-{f}-R{LATENT_RES}", surface_tokens(f, LATENT_RES, device)) for f in FAMILIES]
+    table_res = (48, 64) if quick else (48, 64, 160)
+    sets += [(f"synth-table-R{r}", surface_tokens("table", r, device)) for r in table_res]
+    sizes = (16_384, 65_536) if quick else (16_384, 32_768, 65_536, 131_072, 196_608)
+    sets += [(f"random-{n // 1024}k", random_tokens(n, 0.25, n, device)) for n in sizes]
+    return sorted(sets, key=lambda s: len(s[1]))
+
+
+def time_ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def fwd_bwd_ms(forward, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    out = forward()
+    grad = torch.randn_like(out)
+    fwd = time_ms(forward)
+    bwd = time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+    return fwd, bwd
+
+
+def inputs_for(n: int, seed: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(n, HEADS, HEAD_DIM, generator=g, device=device, dtype=DTYPE) for _ in range(3))
+    gates = torch.rand(n, HEADS, 3, generator=g, device=device, dtype=DTYPE)
+    return [t.requires_grad_() for t in (q, k, v, gates)]
+
+
+def bench_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend
+) -> tuple[float, float]:
+    def forward():
+        with sdpa_kernel(backend):
+            return scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+
+    return fwd_bwd_ms(forward, [q, k, v])
+
+
+def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> dict[str, float]:
+    """Milliseconds of each stage of the SSA forward and of each branch's backward."""
+    n = len(coords)
+    cu = torch.tensor([0, n], device=device)
+    q, k, v, _ = inputs_for(n, 1, device)
+    times = {"layout": time_ms(lambda: build_layout(coords, cu, cfg))}
+    layout = build_layout(coords, cu, cfg)
+    cmp_plan, win_plan = _plans(layout, BLOCK_N)
+    times["pool"] = time_ms(lambda: compress_kv(k, v, layout))
+    k_cmp, v_cmp = compress_kv(k, v, layout)
+    qs, ks, vs = (t[layout.perm].detach().requires_grad_() for t in (q, k, v))
+    times["permute_qkv"] = time_ms(lambda: [t[layout.perm] for t in (q, k, v)])
+    score = torch.zeros(len(layout.tile_start), HEADS, cmp_plan.score_width, device=device)
+
+    def cmp_fwd():
+        score.zero_()
+        return RangeAttention.apply(qs, k_cmp, v_cmp, cmp_plan, cfg.query_tile, HEAD_DIM**-0.5, score)
+
+    times["cmp_fwd+score"] = time_ms(cmp_fwd)
+    cmp_fwd()
+    times["topk+plan"] = time_ms(lambda: selection_plan(layout, topk_blocks(score, layout), BLOCK_N))
+    selection = topk_blocks(score, layout)
+    gates = torch.rand(n, HEADS, 3, device=device, dtype=DTYPE)
+    times["mix"] = time_ms(lambda: qs * gates[..., 0:1] + qs * gates[..., 1:2] + qs * gates[..., 2:3])
+    # Each branch alone, forward and backward, at each key-tile size.
+    for block_n in (32, 64, 128):
+        cmp_plan, win_plan = _plans(layout, block_n)
+        plans = {
+            "cmp": (qs, k_cmp, v_cmp, cmp_plan),
+            "slc": (qs, ks, vs, selection_plan(layout, selection, block_n)),
+            "win": (qs, ks, vs, win_plan),
+        }
+        for name, (bq, bk, bv, plan) in plans.items():
+            fwd_ms, bwd_ms = branch_ms([t.detach().requires_grad_() for t in (bq, bk, bv)], plan, cfg)
+            times[f"{name}_fwd_bn{block_n}"], times[f"{name}_bwd_bn{block_n}"] = fwd_ms, bwd_ms
+    return times
+
+
+def branch_ms(leaves: list[torch.Tensor], plan, cfg: SSAConfig) -> tuple[float, float]:
+    return fwd_bwd_ms(
+        lambda: RangeAttention.apply(*leaves, plan, cfg.query_tile, HEAD_DIM**-0.5, None), leaves
+    )
+
+
+def sweep(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> list[dict]:
+    """Time the whole SSA forward/backward under alternative launch options of each kernel."""
+    n = len(coords)
+    cu = torch.tensor([0, n], device=device)
+    layout = build_layout(coords, cu, cfg)
+    q, k, v, gates = inputs_for(n, 2, device)
+    rows = []
+    candidates = {
+        "fwd": [
+            {"BLOCK_N": bn, "num_warps": w, "num_stages": s}
+            for bn in (None, 128)
+            for w in (4, 8)
+            for s in (2, 3)
+        ],
+        "dq": [
+            {"BLOCK_N": bn, "num_warps": w, "num_stages": s}
+            for bn in (None, 128)
+            for w in (4, 8)
+            for s in (2, 3)
+        ],
+        "dkdv": [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
+    }
+    for kernel, options in candidates.items():
+        default = range_attn.LAUNCH[kernel][64]
+        for option in options:
+            range_attn.LAUNCH[kernel][64] = option
+            try:
+                fwd, bwd = fwd_bwd_ms(
+                    lambda: spatial_sparse_attention(q, k, v, gates, None, cu, cfg, layout=layout),
+                    [q, k, v, gates],
+                )
+            except (triton.runtime.errors.OutOfResources, triton.CompilationError) as exc:
+                fwd = bwd = float("nan")
+                print(f"  {kernel} {option}: {type(exc).__name__}")
+            rows.append(
+                {"kernel": kernel, **{k_: str(v_) for k_, v_ in option.items()}, "fwd_ms": fwd, "bwd_ms": bwd}
+            )
+            print(rows[-1])
+        range_attn.LAUNCH[kernel][64] = default
+    return rows
+
+
+def bench_set(name: str, coords: torch.Tensor, cfg: SSAConfig, skip_dense_above: int) -> dict:
+    n = len(coords)
+    cu = torch.tensor([0, n], device=coords.device)
+    layout = build_layout(coords, cu, cfg)
+    q, k, v, gates = inputs_for(n, 0, coords.device)
+    ssa_fwd, ssa_bwd = fwd_bwd_ms(
+        lambda: spatial_sparse_attention(q, k, v, gates, coords, cu, cfg, layout=layout), [q, k, v, gates]
+    )
+    row = {"set": name, "tokens": n, "ssa_fwd_ms": ssa_fwd, "ssa_bwd_ms": ssa_bwd,
+           "cmp_blocks": len(layout.cmp_offsets) - 1, "slc_blocks": len(layout.slc_offsets) - 1}  # fmt: skip
+    if n <= skip_dense_above:
+        for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            fwd, bwd = bench_dense(q, k, v, backend)
+            row.update({f"{label}_fwd_ms": fwd, f"{label}_bwd_ms": bwd,
+                        f"fwd_speedup_vs_{label}": fwd / ssa_fwd, f"bwd_speedup_vs_{label}": bwd / ssa_bwd})  # fmt: skip
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke test)")
+    parser.add_argument("--breakdown", action="store_true", help="per-stage times on the table at R 128")
+    parser.add_argument("--sweep", action="store_true", help="only a launch-option sweep (own JSON file)")
+    parser.add_argument(
+        "--skip-dense-above", type=int, default=10**9, help="skip dense baselines above N tokens"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    device = torch.device("cuda")
+    cfg = SSAConfig()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        coords = surface_tokens("table", LATENT_RES, device)
+        atomic_write_json(args.out / "ssa_vs_dense_sweep.json", {"device": torch.cuda.get_device_name(),
+                          "tokens": len(coords), "rows": sweep(coords, cfg, device)})  # fmt: skip
+        return
+    sets = token_sets(args.quick, device)
+    result: dict = {
+        "benchmark": "ssa_vs_dense",
+        "device": torch.cuda.get_device_name(),
+        "software": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "setup": {"heads": HEADS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bf16", "batch": 1,
+                  "ssa": {"block_cmp": cfg.block_cmp, "block_slc": cfg.block_slc, "topk": cfg.topk,
+                          "window": cfg.window, "query_tile": cfg.query_tile},
+                  "timing": "median of triton.testing.do_bench; backward alone; SSA on a prebuilt layout"},
+        "target_at_100k": TARGET,
+        "aim_at_100k": AIM,
+        "sizes": [],
+    }  # fmt: skip
+    for name, coords in sets:
+        result["sizes"].append(bench_set(name, coords, cfg, args.skip_dense_above))
+        print(
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in result["sizes"][-1].items()},
+            flush=True,
+        )
+        torch.cuda.empty_cache()
+
+    big = [r for r in result["sizes"] if r["tokens"] >= 100_000 and "fwd_speedup_vs_fa2" in r]
+    if big:
+        result["at_100k_plus"] = {
+            "min_fwd_speedup_vs_fa2": min(r["fwd_speedup_vs_fa2"] for r in big),
+            "min_bwd_speedup_vs_fa2": min(r["bwd_speedup_vs_fa2"] for r in big),
+        }
+    if args.breakdown:
+        coords = dict(sets)[f"synth-table-R{LATENT_RES}"]
+        result["breakdown_ms"] = {"tokens": len(coords), **breakdown(coords, cfg, device)}
+        print(result["breakdown_ms"])
+    atomic_write_json(args.out / "ssa_vs_dense.json", result)
+    columns = ("set", "tokens", "ssa_fwd_ms", "ssa_bwd_ms", "fa2_fwd_ms", "fa2_bwd_ms", "cudnn_fwd_ms",
+               "cudnn_bwd_ms", "fwd_speedup_vs_fa2", "bwd_speedup_vs_fa2", "fwd_speedup_vs_cudnn", "bwd_speedup_vs_cudnn")  # fmt: skip
+    table = [{c: r.get(c) for c in columns} for r in result["sizes"]]
+    render_table_png(
+        table,
+        args.out / "ssa_vs_dense.png",
+        title=f"SSA vs dense attention, {result['device']}, bf16, H16 D64",
+    )
+    for r in table:
+        print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Sparse latent datasets: a sparse SDF dataset encoded by a trained SS-VAE, what the SS-DiT trains on.
+
+Layout of a dataset folder written by :func:`encode_dataset`::
+
+    manifest.json   {"format": "meshforge-latents/1", "vae_checkpoint", "vae_step", "source",
+                     "resolution" (latent grid G = R / f), "data_resolution" (R), "factor" (f),
+                     "latent_channels", "mean" / "std" (per channel, over the train split's latents),
+                     "classes" (sorted labels), "views", "image_size", "counts"}
+    train/, val/    the splits of the source dataset, each with
+      coords.npy    int16 [T, 3] latent voxel indices in [0, G), all shapes end to end, each in key order
+      feats.npy     float32 [T, C] the posterior mean of each voxel's latent (not normalised)
+      index.npy     int64 [N, 2] (row offset, row count) of each shape
+      names.json    [N] the source dataset's mesh names
+      labels.json   [N] class label of each shape, or null
+      images.npy    uint8 [N, V, S, S, 4] RGBA renders of each mesh (only when views > 0)
+
+Every array is memory-mappable. Labels come from the source meshes as ``meshforge tokenize``
+reads them: ``labels.json`` of the meshes' input folder, else their top-level folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from meshforge.data.sdf import SPLITS, SparseSDFDataset
+from meshforge.data.tokenize import _label_for, _labels
+from meshforge.errors import InputError, MeshforgeError
+from meshforge.io import atomic_path, atomic_write_json
+from meshforge.runtime import console, track
+
+FORMAT = "meshforge-latents/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LatentItem:
+    coords: np.ndarray  # int16 [N, 3]
+    feats: np.ndarray  # float32 [N, C]
+    label: int  # index into the dataset's classes, -1 when unlabelled
+    name: str
+
+
+def is_latent_dataset(root: Path) -> bool:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+class LatentDataset:
+    """One split of a latent dataset; arrays are memory-mapped."""
+
+    def __init__(self, root: Path, split: Literal["train", "val"] = "train") -> None:
+        self.root = Path(root)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not is_latent_dataset(self.root):
+            raise InputError(self.root, "not a latent dataset (create one with `meshforge train-dit --data SDF_DATASET --vae VAE`)")
+        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        folder = self.root / split
+        self.coords = np.load(folder / "coords.npy", mmap_mode="r")
+        self.feats = np.load(folder / "feats.npy", mmap_mode="r")
+        self.index = np.load(folder / "index.npy")
+        self.names: list[str] = json.loads((folder / "names.json").read_text())
+        self.labels: list[str | None] = json.loads((folder / "labels.json").read_text())
+        self.images = np.load(folder / "images.npy", mmap_mode="r") if self.views else None
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.manifest["latent_channels"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> LatentItem:
+        start, count = (int(v) for v in self.index[i])
+        label = self.labels[i]
+        return LatentItem(
+            coords=np.asarray(self.coords[start : start + count]),
+            feats=np.asarray(self.feats[start : start + count], dtype=np.float32),
+            label=self.classes.index(label) if label is not None else -1,
+            name=self.names[i],
+        )
+
+    def image(self, i: int, view: int) -> np.ndarray:
+        """uint8 RGBA [S, S, 4] render ``view`` of shape ``i``."""
+        if self.images is None:
+            raise MeshforgeError(f"{self.root} holds no renders (encode it with views > 0 for image conditioning)")
+        return np.asarray(self.images[i, view])
+
+
+def mesh_labels(sdf: SparseSDFDataset) -> dict[str, str | None]:
+    """Class label of every mesh of a sparse SDF dataset, by name (see the module docstring)."""
+    root = Path(sdf.manifest["config"]["input"])
+    labels = _labels(root) if root.is_dir() else {}
+    out: dict[str, str | None] = {}
+    for record in sdf.manifest["records"]:
+        try:
+            rel = Path(record["source"].split("#", 1)[0]).relative_to(root)
+        except ValueError:  # a collection member, or a source outside the recorded input folder
+            rel = Path(record["name"])
+        out[record["name"]] = _label_for(rel, labels)
+    return out
+
+
+def _write_split(folder: Path, coords: list[np.ndarray], feats: list[np.ndarray], names: list[str],
+                 labels: list[str | None]) -> None:
+    counts = np.array([len(c) for c in coords], dtype=np.int64)
+    index = np.stack([np.concatenate([[0], np.cumsum(counts)[:-1]]), counts], axis=1) if len(counts) else np.zeros((0, 2), np.int64)
+    channels = feats[0].shape[1] if feats else 0
+    np.save(folder / "coords.npy", np.concatenate(coords).astype(np.int16) if coords else np.zeros((0, 3), np.int16))
+    np.save(folder / "feats.npy", np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, channels), np.float32))
+    np.save(folder / "index.npy", index)
+    (folder / "names.json").write_text(json.dumps(names) + "\n")
+    (folder / "labels.json").write_text(json.dumps(labels) + "\n")
+
+
+@torch.no_grad()
+def encode_dataset(
+    vae_ckpt: Path,
+    sdf_dataset: Path,
+    out: Path,
+    device: torch.device | str = "cpu",
+    *,
+    views: int = 0,
+    image_size: int = 224,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Encode every shape of a sparse SDF dataset with the SS-VAE at ``vae_ckpt`` (posterior mean)
+    into a latent dataset at ``out``, with ``views`` RGBA renders per mesh; returns a summary."""
+    from meshforge.models.conditioning import render_views
+    from meshforge.train.checkpoint import load_model, resolve_checkpoint
+    from meshforge.train.tasks.vae import batch_tensor, collate
+    from meshforge.train.trainer import to_device
+
+    device = torch.device(device)
+    vae_step = resolve_checkpoint(Path(vae_ckpt))
+    kind, vae, meta = load_model(vae_step, device)
+    if kind != "ss-vae":
+        raise InputError(vae_ckpt, f"expected an ss-vae checkpoint, found {kind!r}")
+    splits = {split: SparseSDFDataset(sdf_dataset, split) for split in SPLITS}
+    r = splits["train"].resolution
+    factor = vae.config.factor
+    if r % factor:
+        raise MeshforgeError(f"{sdf_dataset}: resolution {r} is not a multiple of the VAE's downsampling factor {factor}")
+    labels_by_name = mesh_labels(splits["train"])
+    classes = sorted({label for label in labels_by_name.values() if label is not None})
+
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        for split, data in splits.items():
+            folder = tmp / split
+            folder.mkdir()
+            coords, feats = [], []
+            images = None
+            if views:
+                images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8,
+                                                   shape=(len(data), views, image_size, image_size, 4))
+            for start in track(range(0, len(data), batch_size), f"encode {split}"):
+                items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+                for c, f in vae.encode(batch_tensor(to_device(collate(items, data.band), device))).items():
+                    coords.append(c.cpu().numpy())
+                    feats.append(f.float().cpu().numpy())
+                if images is not None:
+                    for i in range(start, start + len(items)):
+                        vertices, faces = data.mesh(i)
+                        images[i] = render_views(vertices, faces, views, image_size, np.random.default_rng([seed, i]))
+            if images is not None:
+                images.flush()
+                del images
+            _write_split(folder, coords, feats, list(data.names), [labels_by_name.get(name) for name in data.names])
+            if split == "train":
+                if not feats:
+                    raise MeshforgeError(f"{sdf_dataset}: the train split is empty")
+                train_feats = np.concatenate(feats)
+                mean, std = train_feats.mean(axis=0), train_feats.std(axis=0)
+        manifest = {
+            "format": FORMAT,
+            "vae_checkpoint": str(vae_step.resolve()),
+            "vae_step": meta.get("step"),
+            "source": str(Path(sdf_dataset).resolve()),
+            "resolution": r // factor,
+            "data_resolution": r,
+            "factor": factor,
+            "latent_channels": vae.config.latent_channels,
+            "mean": [float(v) for v in mean],
+            "std": [float(max(v, 1e-6)) for v in std],
+            "classes": classes,
+            "views": views,
+            "image_size": image_size,
+            "counts": {split: len(data) for split, data in splits.items()},
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    console.print(f"encoded {sum(manifest['counts'].values())} shapes to {manifest['resolution']}^3 latents in {out}",
+                  highlight=False)
+    return manifest

@@ -1,0 +1,328 @@
+"""iFlame: an hourglass transformer over face tokens that interleaves full and linear attention.
+
+The input is a face-token sequence (:mod:`meshforge.data.tokens`), length a multiple of 9.
+Five stages of pre-norm blocks (RMSNorm, attention with RoPE, SwiGLU) run at three resolutions::
+
+    tokens   [L]    token_enc ----------------------------------------------+ skip
+    vertices [L/3]     '-> mean of 3 -> vertex_enc ----------------+ skip    |
+    faces    [L/9]                        '-> mean of 3 -> face    |         |
+    vertices [L/3]                   vertex_dec <- up(face) + w * skip       |
+    tokens   [L]    token_dec <- up(vertex) + w * skip ----------------------'
+                    -> RMSNorm -> head -> logits [L, vocab]
+
+``up`` repeats each coarse position 3 times and shifts the result right by 2, so fine position t
+receives the coarse group that *ended* at or before t (group ``floor((t-2)/3)``): nothing leaks from
+the future, and the model stays strictly causal. ``w`` is a learned scalar per skip.
+
+Attention kind per block (global index i over all stages, in the order above): ``interleaved``
+makes block i full softmax attention iff ``(i + 1) % full_every == 0`` and decayed linear attention
+(:mod:`meshforge.kernels.linear_attention`) otherwise; ``full`` and ``linear`` use one kind
+everywhere, so the full-attention baseline is this same code with one field changed.
+
+Linear attention here is iFlame's: identity feature map, ``q`` scaled by ``d**-0.5``, RoPE on
+``q`` and ``k``, per-head constant decay ``exp(-2^(-8(h+1)/H))``. Its output has no softmax
+denominator, so its magnitude depends on the decay window; a per-head RMSNorm on the output
+(as in RetNet / TransNormer and fla's layers) keeps the residual stream well scaled.
+
+Decoding (:meth:`IFlame.step`) runs one token at a time against an :class:`IFlameCache`: full
+blocks keep static K/V buffers, linear blocks a ``d x d`` state per head, and the vertex / face
+stages advance only when a vertex (3 tokens) / face (9 tokens) completes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
+from meshforge.kernels.linear_attention import decay_slopes, linear_attention, linear_attention_step
+from meshforge.models.attention import cached_attention, causal_attention
+from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
+
+POOL = 3  # tokens per vertex, vertices per face
+SHIFT = POOL - 1  # the causal right-shift after upsampling
+
+AttentionKind = Literal["interleaved", "full", "linear"]
+
+
+@dataclass
+class IFlameConfig:
+    vocab_size: int = Vocab(7).size
+    dim: int = 512
+    n_heads: int = 16
+    # blocks per stage: token, vertex, face (bottleneck), vertex, token
+    blocks: tuple[int, ...] = (4, 4, 8, 4, 4)
+    attention: AttentionKind = "interleaved"
+    full_every: int = 4  # interleaved: every full_every-th block is full attention
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * dim, rounded up to a multiple of 64
+    rope_base: float = 10000.0
+    max_seq_len: int = TOKENS_PER_FACE * 4001  # 4,000 faces + END
+    dropout: float = 0.0
+    # Recompute each block's activations in the backward pass: about a third more compute, but only
+    # each block's input is kept instead of all its intermediates (long sequences at large batch).
+    grad_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) != 5 or min(self.blocks) < 0 or sum(self.blocks) == 0:
+            raise ValueError(f"blocks must be 5 non-negative counts (token, vertex, face, vertex, token), got {self.blocks}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads of even width")
+        if self.attention not in ("interleaved", "full", "linear"):
+            raise ValueError(f"attention must be interleaved, full or linear, got {self.attention!r}")
+        if self.full_every < 1:
+            raise ValueError(f"full_every must be at least 1, got {self.full_every}")
+        if self.max_seq_len < TOKENS_PER_FACE or self.max_seq_len % TOKENS_PER_FACE:
+            raise ValueError(f"max_seq_len must be a positive multiple of 9, got {self.max_seq_len}")
+        if self.vocab_size < 1 or self.mlp_ratio <= 0 or self.rope_base <= 1 or not 0 <= self.dropout < 1:
+            raise ValueError("vocab_size and mlp_ratio must be positive, rope_base > 1, dropout in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def is_full(self, index: int) -> bool:
+        """Whether block ``index`` (global, 0-based) uses full softmax attention."""
+        if self.attention == "interleaved":
+            return (index + 1) % self.full_every == 0
+        return self.attention == "full"
+
+
+# ----------------------------------------------------------------------------- decoding caches
+
+
+@dataclass
+class KVCache:
+    """Static K/V buffers ``[B, H, max_len, D]`` of one full-attention block."""
+
+    k: Tensor
+    v: Tensor
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class StateCache:
+    """The float32 recurrent state ``[B, H, D, D]`` of one linear-attention block."""
+
+    state: Tensor
+    decay: Tensor  # exp(-slopes) [H], float32 whatever the model's dtype
+
+    def nbytes(self) -> int:
+        return self.state.nbytes
+
+
+BlockCache = KVCache | StateCache
+
+
+@dataclass
+class IFlameCache:
+    """Everything :meth:`IFlame.step` needs to continue a batch of sequences.
+
+    ``token_group`` / ``vertex_group`` collect the encoder outputs of the vertex / face under
+    construction (pooled when it completes); ``vertex_up`` / ``face_up`` hold the decoder output of
+    the last completed vertex / face, which is exactly what the shifted upsampling feeds to the
+    finer level (zeros before the first one completes). ``position`` is the next token index.
+    """
+
+    blocks: list[list[BlockCache]]  # per stage, per block
+    token_group: Tensor  # [B, 3, dim]
+    vertex_group: Tensor  # [B, 3, dim]
+    vertex_up: Tensor  # [B, dim]
+    face_up: Tensor  # [B, dim]
+    max_len: int
+    position: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes of the attention caches: K/V buffers of full blocks plus states of linear blocks."""
+        return sum(c.nbytes() for stage in self.blocks for c in stage)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: IFlameConfig, full: bool) -> None:
+        super().__init__()
+        self.full = full
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if not full:
+            self.register_buffer("slopes", decay_slopes(cfg.n_heads), persistent=False)
+            self.out_norm = RMSNorm(cfg.head_dim)
+
+    def _qkv(self, x: Tensor, rope: Rotary, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(-3)  # [B, T, H, D]
+        return rope(q, start), rope(k, start), v
+
+    def forward(self, x: Tensor, rope: Rotary) -> Tensor:
+        q, k, v = self._qkv(x, rope, 0)
+        if self.full:
+            out = causal_attention(q, k, v)
+        else:
+            out = self.out_norm(linear_attention(q, k, v, self.slopes)[0])
+        return self.dropout(self.proj(out.flatten(-2)))
+
+    def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> BlockCache:
+        if self.full:
+            shape = (batch, self.n_heads, max_len, self.head_dim)
+            return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        state = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
+        return StateCache(state, torch.exp(-self.slopes.float()).to(device))
+
+    def step(self, x: Tensor, pos: int, rope: Rotary, cache: BlockCache) -> Tensor:
+        """``x [B, dim]`` at position ``pos`` of this block's level -> ``[B, dim]``."""
+        q, k, v = (t[:, 0] for t in self._qkv(x[:, None], rope, pos))  # [B, H, D]
+        if isinstance(cache, KVCache):
+            cache.k[:, :, pos] = k
+            cache.v[:, :, pos] = v
+            out = cached_attention(q, cache.k, cache.v, pos + 1)
+        else:
+            out = self.out_norm(linear_attention_step(q, k, v, cache.decay, cache.state))
+        return self.proj(out.flatten(-2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: IFlameConfig, full: bool) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn = Attention(cfg, full)
+        self.mlp_norm = RMSNorm(cfg.dim)
+        self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x: Tensor, rope: Rotary) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: Tensor, pos: int, rope: Rotary, cache: BlockCache) -> Tensor:
+        x = x + self.attn.step(self.attn_norm(x), pos, rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def pool(x: Tensor) -> Tensor:
+    """``[B, T, C] -> [B, T/3, C]``: the mean of each group of 3 consecutive positions."""
+    return x.unflatten(1, (-1, POOL)).mean(2)
+
+
+def unpool(x: Tensor) -> Tensor:
+    """``[B, T, C] -> [B, 3T, C]``: repeat each position 3 times, then shift right by 2 (zeros in)."""
+    up = x.repeat_interleave(POOL, dim=1)
+    return torch.cat((up.new_zeros(up.shape[0], SHIFT, up.shape[2]), up[:, :-SHIFT]), dim=1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class IFlame(nn.Module):
+    def __init__(self, config: IFlameConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.rope = Rotary(config.head_dim, config.max_seq_len, config.rope_base)
+        index = itertools.count()
+
+        def stage(n_blocks: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(config, config.is_full(next(index))) for _ in range(n_blocks))
+
+        self.token_enc, self.vertex_enc, self.face, self.vertex_dec, self.token_dec = map(stage, config.blocks)
+        self.vertex_skip = nn.Parameter(torch.ones(()))
+        self.token_skip = nn.Parameter(torch.ones(()))
+        self.norm = RMSNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._init_weights(n_blocks=sum(config.blocks))
+
+    @property
+    def stages(self) -> tuple[nn.ModuleList, ...]:
+        return self.token_enc, self.vertex_enc, self.face, self.vertex_dec, self.token_dec
+
+    def _init_weights(self, n_blocks: int) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        # GPT-2: scale the projections that write into the residual stream by depth.
+        for block in itertools.chain(*self.stages):
+            for out_proj in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(out_proj.weight, std=0.02 / math.sqrt(2 * n_blocks))
+
+    def _run(self, stage: nn.ModuleList, x: Tensor) -> Tensor:
+        recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for block in stage:
+            x = checkpoint(block, x, self.rope, use_reentrant=False) if recompute else block(x, self.rope)
+        return x
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Token ids ``[B, L]`` (L a multiple of 9) -> next-token logits ``[B, L, vocab]``."""
+        length = tokens.shape[1]
+        if length % TOKENS_PER_FACE or length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {length} must be a multiple of 9 and <= max_seq_len {self.config.max_seq_len}")
+        tok = self._run(self.token_enc, self.embed(tokens))
+        vert = self._run(self.vertex_enc, pool(tok))
+        face = self._run(self.face, pool(vert))
+        vert = self._run(self.vertex_dec, unpool(face) + self.vertex_skip * vert)
+        tok = self._run(self.token_dec, unpool(vert) + self.token_skip * tok)
+        return self.head(self.norm(tok))
+
+    # ------------------------------------------------------------------------- decoding
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> IFlameCache:
+        """Empty caches for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+        ``dtype`` is the K/V buffers' (what attention computes in: bfloat16 under bf16 autocast);
+        by default the parameters'. Linear-attention states are always float32. Every buffer is
+        allocated here, once: decoding only writes into them.
+        """
+        if not 0 < max_len <= self.config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, {self.config.max_seq_len}], got {max_len}")
+        param = self.embed.weight
+        device = param.device if device is None else torch.device(device)
+        dtype = param.dtype if dtype is None else dtype
+        level_len = (max_len, -(-max_len // POOL), -(-max_len // POOL**2), -(-max_len // POOL), max_len)
+        blocks = [
+            [block.attn.init_cache(batch_size, n, device, dtype) for block in stage]
+            for stage, n in zip(self.stages, level_len)
+        ]
+
+        def stream(*shape: int) -> Tensor:
+            return torch.zeros(batch_size, *shape, self.config.dim, device=device, dtype=param.dtype)
+
+        return IFlameCache(blocks, stream(POOL), stream(POOL), stream(), stream(), max_len)
+
+    def _step(self, stage: nn.ModuleList, x: Tensor, pos: int, caches: list[BlockCache]) -> Tensor:
+        for block, cache in zip(stage, caches):
+            x = block.step(x, pos, self.rope, cache)
+        return x
+
+    def step(self, tokens: Tensor, cache: IFlameCache) -> Tensor:
+        """Feed token ``tokens [B]`` at position ``cache.position``; returns its logits ``[B, vocab]``.
+
+        The same computation as :meth:`forward` restricted to one new position: the vertex stages
+        run when this token completes a vertex, the face stage when it completes a face.
+        """
+        t = cache.position
+        if t >= cache.max_len:
+            raise ValueError(f"cache is full ({cache.max_len} positions)")
+        enc, vert_enc, face_blocks, vert_dec, dec = cache.blocks
+        tok = self._step(self.token_enc, self.embed(tokens), t, enc)
+        cache.token_group[:, t % POOL] = tok
+        if t % POOL == POOL - 1:
+            j = t // POOL
+            vert = self._step(self.vertex_enc, cache.token_group.mean(1), j, vert_enc)
+            cache.vertex_group[:, j % POOL] = vert
+            if j % POOL == POOL - 1:
+                cache.face_up.copy_(self._step(self.face, cache.vertex_group.mean(1), j // POOL, face_blocks))
+            cache.vertex_up.copy_(self._step(self.vertex_dec, cache.face_up + self.vertex_skip * vert, j, vert_dec))
+        tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, t, dec)
+        cache.position = t + 1
+        return self.head(self.norm(tok))

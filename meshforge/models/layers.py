@@ -1,0 +1,70 @@
+"""Transformer building blocks shared by meshforge's token models: RMSNorm, SwiGLU, rotary embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned gain, computed in float32 (bf16-safe)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def swiglu_hidden(dim: int, ratio: float, multiple_of: int = 64) -> int:
+    """Hidden width of a SwiGLU MLP: ``ratio * dim`` rounded up to a GEMM-friendly multiple."""
+    hidden = int(ratio * dim)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; gate and up share one matmul."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables for positions ``0 .. max_len-1`` (rotate-half convention).
+
+    Inputs are ``[..., T, H, D]`` (the position axis third from the end); the rotation is computed
+    in float32 and returned in the input's dtype. The tables are buffers that are not saved with
+    the weights: they are a pure function of the config.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [max_len, D/2]
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.cos.shape[0]
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """Rotate ``x [B, T, H, D]`` as positions ``start .. start+T-1``."""
+        length = x.shape[-3]
+        cos = self.cos[start : start + length, None, :]
+        sin = self.sin[start : start + length, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

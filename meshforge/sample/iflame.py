@@ -1,0 +1,140 @@
+"""Batched autoregressive sampling of face tokens from an iFlame model (cached decoding).
+
+A batch of sequences advances in lockstep, one token per :meth:`IFlame.step`, so the hourglass
+levels complete their vertices and faces at the same steps for every sequence. Each sequence stops
+at its own END: after that it is fed PAD and its samples are ignored, and the batch ends when all
+have stopped or ``max_faces`` faces are written. The grammar of :func:`meshforge.data.tokens.allowed_next`
+is enforced at every step (coordinates inside a face, END only at a face boundary), then
+temperature, top-k and top-p shape the distribution. A seeded generator makes a run reproducible
+on a given device.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, allowed_next
+from meshforge.errors import MeshforgeError
+from meshforge.models.iflame import IFlame
+
+
+@dataclass
+class SampleConfig:
+    n: int = 16  # sequences to sample
+    batch_size: int = 16
+    max_faces: int = 800
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch_size < 1 or self.max_faces < 1:
+            raise ValueError("n, batch_size and max_faces must be at least 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Set to ``-inf`` every logit outside the top-k and outside the smallest set of mass >= top_p."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the most likely always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _forbidden(vocab: Vocab, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tokens the grammar forbids inside a face and at a face boundary (after >= 1 face)."""
+    inside, boundary = (~torch.from_numpy(allowed_next(t, vocab)).to(device) for t in (1, TOKENS_PER_FACE))
+    return inside, boundary
+
+
+@torch.inference_mode()
+def _sample_batch(
+    model: IFlame, vocab: Vocab, cfg: SampleConfig, batch: int, device: torch.device, generator: torch.Generator
+) -> tuple[Tensor, int]:
+    """``[batch, steps]`` sampled tokens (PAD after END) and the number of steps taken."""
+    max_steps = TOKENS_PER_FACE * cfg.max_faces  # the last coordinate; END after it is implied
+    use_bf16 = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    cache = model.init_cache(batch, max_steps, device, torch.bfloat16 if use_bf16 else None)
+    forbidden_inside, forbidden_boundary = _forbidden(vocab, device)
+    out = torch.full((batch, max_steps), vocab.pad, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    token = torch.full((batch,), vocab.start, dtype=torch.long, device=device)
+    for t in range(max_steps):
+        with autocast:
+            logits = model.step(token, cache).float()
+        at_boundary = t > 0 and t % TOKENS_PER_FACE == 0
+        logits = logits.masked_fill(forbidden_boundary if at_boundary else forbidden_inside, float("-inf"))
+        if cfg.temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        token = token.masked_fill(done, vocab.pad)
+        out[:, t] = token
+        if at_boundary:
+            # END can only appear here, so this is the one place worth a host sync.
+            done |= token == vocab.end
+            if bool(done.all()):
+                break
+    return out[:, : t + 1], t + 1
+
+
+def sample_tokens(
+    model: IFlame, vocab: Vocab, cfg: SampleConfig, device: torch.device | str
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Sample ``cfg.n`` meshes as coordinate-token arrays (``9F`` tokens each, END stripped).
+
+    Returns the sequences and timing stats: ``time_s``, ``tokens`` (coordinates and END actually
+    produced), ``tokens_per_s`` and ``steps`` (model steps over all batches). Decode a sequence with
+    :func:`meshforge.data.tokens.decode_tokens`.
+    """
+    device = torch.device(device)
+    if model.config.vocab_size != vocab.size:
+        raise ValueError(f"model vocabulary {model.config.vocab_size} != token vocabulary {vocab.size}")
+    if TOKENS_PER_FACE * cfg.max_faces > model.config.max_seq_len:
+        raise MeshforgeError(
+            f"max_faces {cfg.max_faces} needs {TOKENS_PER_FACE * cfg.max_faces} positions; the model was built "
+            f"for at most {model.config.max_seq_len} ({model.config.max_seq_len // TOKENS_PER_FACE - 1} faces)"
+        )
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sequences: list[np.ndarray] = []
+    produced = total_steps = 0
+    start = time.perf_counter()
+    for first in range(0, cfg.n, cfg.batch_size):
+        batch = min(cfg.batch_size, cfg.n - first)
+        tokens, steps = _sample_batch(model, vocab, cfg, batch, device, generator)
+        total_steps += steps
+        for row in tokens.cpu().numpy():
+            stop = np.flatnonzero(row >= vocab.levels)  # END, then PAD
+            length = int(stop[0]) if len(stop) else len(row)
+            produced += length + int(length < len(row))
+            sequences.append(row[:length].copy())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    model.train(was_training)
+    stats = {"time_s": elapsed, "tokens": produced, "tokens_per_s": produced / elapsed, "steps": total_steps}
+    return sequences, stats

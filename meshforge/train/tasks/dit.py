@@ -1,0 +1,217 @@
+"""The SS-DiT training task: rectified flow on sparse latents, structure and features together.
+
+Each step draws its global batch with :func:`global_batch` from a latent dataset
+(:mod:`meshforge.data.latents`), with for image conditioning one of each shape's renders, picked by
+``(seed, step, index)``. The loss is
+
+    L_latent + structure_weight * L_structure
+
+each the mean squared error of the predicted velocity ``eps - x_0`` at logit-normal timesteps
+(:mod:`meshforge.models.ss_dit`), over the global batch. The condition of each item is replaced by
+the null condition with probability ``cond_dropout``, which is what classifier-free guidance needs.
+Evaluation reports both losses on the val split at fixed times and noise, so they are comparable
+from one evaluation to the next.
+
+The checkpoint (kind ``ss-dit``) holds the conditioner with the two flows, and its model config
+names the SS-VAE that decodes its latents, the latent statistics and the class names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from meshforge.data.latents import LatentDataset, LatentItem, encode_dataset, is_latent_dataset
+from meshforge.errors import ConfigError, InputError, MeshforgeError
+from meshforge.models.conditioning import CONDITIONERS, read_encoder_checkpoint, vit_config_from_state
+from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, flow_loss_terms, logit_normal_timesteps
+from meshforge.runtime import console, resolve_device
+from meshforge.train.checkpoint import register_model, resolve_checkpoint
+from meshforge.train.config import TrainOptions
+from meshforge.train.distributed import global_batch, global_mean, rank_slice
+from meshforge.train.trainer import to_device
+
+register_model("ss-dit", LatentFlowConfig, LatentFlow)
+
+
+@dataclass(kw_only=True)
+class DiTTaskConfig(TrainOptions):
+    """Options of ``meshforge train-dit``: the trainer's options plus data, model and flow settings.
+
+    ``data`` is a latent dataset, or a sparse SDF dataset that is first encoded with ``vae`` into
+    ``OUT/latents``. The model is the nested ``model`` section (``--set model.dit.depth=12``,
+    ``--set model.cond.kind=class``); its latent space is taken from the data.
+    """
+
+    data: Path
+    out: Path
+    vae: Path | None = None
+    resume: bool = False
+    model: LatentFlowConfig = field(default_factory=LatentFlowConfig)
+    cond_dropout: float = 0.1  # probability of training an item on the null condition (for CFG)
+    t_mean: float = 0.0  # logit-normal timesteps: sigmoid(t_mean + t_std * N(0, 1))
+    t_std: float = 1.0
+    structure_weight: float = 1.0
+    views: int = 4  # renders per mesh when an SDF dataset is encoded for image conditioning
+    eval_meshes: int = 16  # val shapes per evaluation (0: the whole split)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.t_std <= 0 or self.structure_weight < 0:
+            raise ValueError("t_std must be positive and structure_weight non-negative")
+        if self.views < 1 or self.eval_meshes < 0:
+            raise ValueError("views must be at least 1 and eval_meshes non-negative")
+
+
+def prepare_data(cfg: DiTTaskConfig, device: str, seed: int = 0) -> DiTTaskConfig:
+    """``cfg`` reading a latent dataset: a sparse SDF dataset is encoded with ``cfg.vae`` into
+    ``OUT/latents`` first (kept and reused while its source, VAE and renders still match)."""
+    data = Path(cfg.data)
+    if is_latent_dataset(data):
+        return cfg
+    if not (data / "manifest.json").is_file():
+        raise InputError(data, "neither a latent dataset nor a sparse SDF dataset (from `meshforge sdf-voxelize`)")
+    if cfg.vae is None:
+        raise ConfigError(f"{data} is a sparse SDF dataset: pass --vae VAE_CKPT to encode it to latents first")
+    out = Path(cfg.out) / "latents"
+    views = cfg.views if cfg.model.cond.kind == "image" else 0
+    wanted = {"source": str(data.resolve()), "vae_checkpoint": str(resolve_checkpoint(cfg.vae).resolve()), "views": views}
+    if views:
+        wanted["image_size"] = cfg.model.cond.image_size
+    existing = LatentDataset(out).manifest if is_latent_dataset(out) else {}
+    if any(existing.get(k) != v for k, v in wanted.items()):
+        encode_dataset(cfg.vae, data, out, resolve_device(device), views=views,
+                       image_size=cfg.model.cond.image_size, seed=seed)
+    else:
+        console.print(f"reusing the latents in {out}", highlight=False)
+    return dataclasses.replace(cfg, data=out)
+
+
+def collate(items: list[LatentItem], condition: torch.Tensor | None) -> dict[str, Any]:
+    """Latents of a batch: int32 ``(b, x, y, z)`` coords, raw features, and the raw condition."""
+    coords = [np.concatenate([np.full((len(it.coords), 1), b), it.coords], axis=1) for b, it in enumerate(items)]
+    return {
+        "coords": torch.from_numpy(np.concatenate(coords).astype(np.int32)),
+        "feats": torch.from_numpy(np.concatenate([it.feats for it in items])),
+        "batch_size": len(items),
+        "condition": condition,
+    }
+
+
+class DiTTask:
+    name = "ss-dit"
+
+    def __init__(self, cfg: DiTTaskConfig) -> None:
+        self.config = cfg
+        self.train_set = LatentDataset(cfg.data, "train")
+        self.val_set = LatentDataset(cfg.data, "val")
+        if len(self.train_set) == 0:
+            raise MeshforgeError(f"{cfg.data}: the train split is empty")
+        manifest = self.train_set.manifest
+        vae = resolve_checkpoint(cfg.vae) if cfg.vae is not None else Path(manifest["vae_checkpoint"])
+        if cfg.vae is not None and vae.resolve() != Path(manifest["vae_checkpoint"]).resolve():
+            console.print(f"[yellow]{cfg.data} was encoded with {manifest['vae_checkpoint']}; decoding with {vae}[/yellow]")
+        cond = cfg.model.cond
+        if cond.kind not in CONDITIONERS:
+            raise ConfigError(f"model.cond.kind: unknown conditioner {cond.kind!r} (known: {', '.join(sorted(CONDITIONERS))})")
+        self.data_field = CONDITIONERS[cond.kind].data
+        if self.data_field == "label":
+            if not self.train_set.classes:
+                raise ConfigError(f"{cfg.data} has no class labels (labels.json or category folders) for model.cond.kind=class")
+            cond = dataclasses.replace(cond, classes=self.train_set.classes)
+        if self.data_field == "image":
+            if not self.train_set.views:
+                raise ConfigError(f"{cfg.data} holds no renders: encode the SDF dataset again with model.cond.kind=image")
+            if cond.encoder == "dinov2":
+                if cond.encoder_checkpoint is None:
+                    raise ConfigError("model.cond.encoder=dinov2 needs model.cond.encoder_checkpoint (a local DINOv2 state dict)")
+                cond = dataclasses.replace(cond, vit=vit_config_from_state(read_encoder_checkpoint(cond.encoder_checkpoint)))
+        if self.train_set.resolution % cfg.model.structure_patch:
+            raise ConfigError(f"the latent grid {self.train_set.resolution} is not a multiple of model.structure_patch "
+                              f"{cfg.model.structure_patch}")
+        self._model_config = dataclasses.replace(
+            cfg.model, cond=cond, latent_channels=self.train_set.latent_channels, resolution=self.train_set.resolution,
+            latent_mean=list(manifest["mean"]), latent_std=list(manifest["std"]), vae_checkpoint=str(vae.resolve()),
+        )
+
+    def model_config(self) -> LatentFlowConfig:
+        return self._model_config
+
+    def build_model(self) -> nn.Module:
+        model = LatentFlow(self._model_config)
+        cond = self._model_config.cond
+        if self.data_field == "image" and cond.encoder == "dinov2":
+            model.conditioner.load_encoder(cond.encoder_checkpoint)
+        return model
+
+    def condition(self, data: LatentDataset, indices: list[int], items: list[LatentItem],
+                  views: list[int]) -> torch.Tensor | None:
+        """The raw condition of a batch: class ids, or uint8 RGBA renders ``[B, 4, S, S]`` (view ``views[i]``)."""
+        if self.data_field == "label":
+            return torch.tensor([it.label for it in items], dtype=torch.long)
+        if self.data_field == "image":
+            return torch.from_numpy(np.stack([data.image(i, v) for i, v in zip(indices, views)])).permute(0, 3, 1, 2)
+        return None
+
+    def batches(self, rank: int, world_size: int, seed: int, start_step: int) -> Iterator[dict[str, Any]]:
+        part = rank_slice(self.config.batch_size, rank, world_size)
+        views = max(self.train_set.views, 1)
+        for step in itertools.count(start_step):
+            indices, _ = global_batch(len(self.train_set), self.config.batch_size, seed, step)
+            chosen = [int(i) for i in indices[part]]
+            picks = [int(np.random.default_rng([seed, step, i]).integers(views)) for i in chosen]
+            items = [self.train_set[i] for i in chosen]
+            yield collate(items, self.condition(self.train_set, chosen, items, picks))
+
+    @staticmethod
+    def raw_condition(batch: dict[str, Any]) -> torch.Tensor | None:
+        condition = batch["condition"]
+        return condition.float() / 255.0 if condition is not None and condition.dtype == torch.uint8 else condition
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        cfg, b = self.config, batch["batch_size"]
+        device = batch["feats"].device
+        drop = torch.rand(b, device=device) < cfg.cond_dropout
+        t_latent = logit_normal_timesteps(b, cfg.t_mean, cfg.t_std, device)
+        t_structure = logit_normal_timesteps(b, cfg.t_mean, cfg.t_std, device)
+        terms = model(batch["coords"], batch["feats"], b, self.raw_condition(batch), drop, t_latent, t_structure)
+        latent, structure = global_mean(*terms["latent"]), global_mean(*terms["structure"])
+        loss = latent + cfg.structure_weight * structure
+        # ``tokens`` (summed over ranks, logged as tokens_per_s) counts latent voxels.
+        return loss, {"latent": latent.detach(), "structure": structure.detach(), "tokens": float(len(batch["feats"]))}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Both flow losses on the val split, at times spread evenly over (0, 1) and seeded noise."""
+        count = len(self.val_set) if self.config.eval_meshes == 0 else min(self.config.eval_meshes, len(self.val_set))
+        if count == 0:
+            return {}
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(0)
+        sums = {"latent": 0.0, "structure": 0.0}
+        totals = {"latent": 0.0, "structure": 0.0}
+        for start in range(0, count, self.config.batch_size):
+            chosen = list(range(start, min(start + self.config.batch_size, count)))
+            items = [self.val_set[i] for i in chosen]
+            batch = to_device(collate(items, self.condition(self.val_set, chosen, items, [0] * len(chosen))), device)
+            b = batch["batch_size"]
+            cond = model.conditioner(self.raw_condition(batch), torch.zeros(b, dtype=torch.bool, device=device))
+            t = (torch.tensor(chosen, device=device, dtype=torch.float32) + 0.5) / count
+            latents = model.latent_tensor(batch["coords"], model.normalize(batch["feats"]), b)
+            structure = model.structure_tensor(batch["coords"], b)
+            for name, denoiser, x in (("latent", model.dit, latents), ("structure", model.structure, structure)):
+                eps = torch.randn(x.feats.shape, generator=generator, device=device)
+                total, n = flow_loss_terms(denoiser, x, t, cond, eps)
+                sums[name] += float(total)
+                totals[name] += float(n)
+        return {name: sums[name] / totals[name] for name in sums}

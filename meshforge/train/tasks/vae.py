@@ -1,0 +1,166 @@
+"""The SS-VAE training task: sparse SDF reconstruction with the losses of Direct3D-S2 (eq. 1-3).
+
+Each step draws its global batch with :func:`global_batch` and one resolution R from the configured
+set (the same on every rank, a pure function of ``(seed, step)``); every shape is resampled to R
+(multi-resolution training, paper section 3.3) and its SDF expressed in band units. The loss is
+
+    w_in L_in + w_extra L_extra + w_sharp L_sharp + w_kl L_kl + w_prune L_prune
+
+with the terms of :func:`meshforge.models.ss_vae.loss_terms`, each a mean over the global batch.
+Evaluation runs the same teacher-forced pass on the val split at the data's resolution and
+reports the voxel IoU of an unguided reconstruction (pruning by the predicted existence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from meshforge.data.sdf import SparseSDF, SparseSDFDataset, resample
+from meshforge.errors import ConfigError, MeshforgeError
+from meshforge.models.ss_vae import SSVAE, SSVAEConfig, loss_terms
+from meshforge.sparse.tensor import SparseTensor
+from meshforge.train.checkpoint import register_model
+from meshforge.train.config import TrainOptions
+from meshforge.train.distributed import global_batch, global_mean, rank_slice
+from meshforge.train.trainer import to_device
+
+register_model("ss-vae", SSVAEConfig, SSVAE)
+
+LOSS_TERMS = ("in", "extra", "sharp", "kl", "prune")
+
+
+@dataclass(kw_only=True)
+class VaeTaskConfig(TrainOptions):
+    """Options of ``meshforge train-vae``: the trainer's options plus data, model and loss weights.
+
+    The model is the nested ``model`` section (``--set model.channels=[32,64,128]`` or a ``model:``
+    mapping in ``--config``); its ``band`` is taken from the dataset.
+    """
+
+    data: Path
+    out: Path
+    resume: bool = False
+    model: SSVAEConfig = field(default_factory=SSVAEConfig)
+    resolutions: list[int] | None = None  # R drawn per step from these (None: the data's own)
+    weight_in: float = 1.0
+    weight_extra: float = 1.0
+    weight_sharp: float = 1.0  # on top of weight_in: sharp voxels count (weight_in + weight_sharp) times
+    weight_kl: float = 1e-5
+    weight_prune: float = 1.0
+    eval_meshes: int = 8  # val shapes per evaluation (0: the whole split)
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resolutions is not None:
+            bad = [r for r in self.resolutions if r < 1 or r % self.model.factor]
+            if not self.resolutions or bad:
+                raise ValueError(
+                    f"resolutions must be positive multiples of the model's factor {self.model.factor}, got {self.resolutions}"
+                )
+        weights = {k: getattr(self, f"weight_{k}") for k in LOSS_TERMS}
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"loss weights must be non-negative, got {weights}")
+        if self.eval_meshes < 0:
+            raise ValueError(f"eval_meshes must be non-negative, got {self.eval_meshes}")
+
+
+def collate(items: list[SparseSDF], band: float) -> dict[str, Any]:
+    """Shapes on one common grid as a batch: int32 ``(b, x, y, z)`` coords, SDF in band units
+    (``sdf * R / band``, clipped to [-1, 1]), sharp flags."""
+    resolution = items[0].resolution
+    if any(item.resolution != resolution for item in items):
+        raise MeshforgeError("a batch needs one resolution; resample its shapes first")
+    batch = [torch.full((len(item), 1), i, dtype=torch.int32) for i, item in enumerate(items)]
+    sdf = torch.cat([item.sdf.float() for item in items])
+    return {
+        "coords": torch.cat([torch.cat([b, item.coords.int()], 1) for b, item in zip(batch, items)]),
+        "sdf": (sdf * resolution / band).clamp(-1.0, 1.0),
+        "sharp": torch.cat([item.sharp.bool() for item in items]),
+        "resolution": resolution,
+        "batch_size": len(items),
+    }
+
+
+def batch_tensor(batch: dict[str, Any]) -> SparseTensor:
+    """The model's input: the SDF (band units) as a one-channel sparse tensor."""
+    r = batch["resolution"]
+    return SparseTensor(batch["sdf"][:, None], batch["coords"], (r, r, r), batch["batch_size"])
+
+
+class VAETask:
+    name = "ss-vae"
+
+    def __init__(self, cfg: VaeTaskConfig) -> None:
+        self.config = cfg
+        self.train_set = SparseSDFDataset(cfg.data, "train")
+        self.val_set = SparseSDFDataset(cfg.data, "val")
+        if len(self.train_set) == 0:
+            raise MeshforgeError(f"{cfg.data}: the train split is empty")
+        self.band = float(self.train_set.band)
+        data_resolution = int(self.train_set.resolution)
+        self.resolutions = list(cfg.resolutions or [data_resolution])
+        if data_resolution % cfg.model.factor and cfg.resolutions is None:
+            raise ConfigError(
+                f"the data's resolution {data_resolution} is not a multiple of the model's downsampling factor "
+                f"{cfg.model.factor}; set --resolutions or use fewer model levels"
+            )
+        self._model_config = dataclasses.replace(cfg.model, band=self.band)
+
+    def model_config(self) -> SSVAEConfig:
+        return self._model_config
+
+    def build_model(self) -> nn.Module:
+        return SSVAE(self._model_config)
+
+    def resolution_at(self, seed: int, step: int) -> int:
+        """The step's training resolution, the same on every rank."""
+        return self.resolutions[int(np.random.default_rng([seed, step, 1]).integers(len(self.resolutions)))]
+
+    def batches(self, rank: int, world_size: int, seed: int, start_step: int) -> Iterator[dict[str, Any]]:
+        part = rank_slice(self.config.batch_size, rank, world_size)
+        for step in itertools.count(start_step):
+            indices, _ = global_batch(len(self.train_set), self.config.batch_size, seed, step)
+            r = self.resolution_at(seed, step)
+            items = [self.train_set[int(i)] for i in indices[part]]
+            # Trilinear resampling keeps only voxels it can interpolate: the data's own grid stays as is.
+            items = [item if item.resolution == r else resample(item, r) for item in items]
+            yield collate(items, self.band)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = batch_tensor(batch)
+        terms = {name: global_mean(total, count) for name, (total, count) in loss_terms(x, batch["sharp"], model(x)).items()}
+        loss = sum(getattr(self.config, f"weight_{name}") * terms[name] for name in LOSS_TERMS)
+        # ``tokens`` (summed over ranks, logged as tokens_per_s) counts input voxels here.
+        return loss, {**{name: value.detach() for name, value in terms.items()}, "tokens": float(len(x))}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        count = len(self.val_set) if self.config.eval_meshes == 0 else min(self.config.eval_meshes, len(self.val_set))
+        if count == 0:
+            return {}
+        device = next(model.parameters()).device
+        sums: dict[str, float] = {}
+        for i in range(count):
+            batch = to_device(collate([self.val_set[i]], self.band), device)
+            x = batch_tensor(batch)
+            terms = loss_terms(x, batch["sharp"], model(x, sample=False))
+            values = {name: float(total / count_.clamp(min=1)) for name, (total, count_) in terms.items()}
+            values["voxel_iou"] = voxel_iou(model.reconstruct(x), x)
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value / count
+        return sums
+
+
+def voxel_iou(pred: SparseTensor, target: SparseTensor) -> float:
+    """Intersection over union of two voxel sets on the same grid."""
+    both = int(torch.isin(pred.keys, target.keys).sum())
+    return both / max(len(pred) + len(target) - both, 1)

@@ -1,0 +1,37 @@
+"""`meshforge sample`: sample meshes from an iFlame or SS-DiT checkpoint into a folder."""
+
+from __future__ import annotations
+
+from meshforge.runtime import resolve_device
+from meshforge.sample.run import SampleStageConfig, sample_to_dir
+from meshforge.stages import RunContext, Stage
+
+
+def run(cfg: SampleStageConfig, ctx: RunContext) -> dict:
+    return sample_to_dir(cfg, resolve_device(ctx.device), seed=ctx.seed)
+
+
+stage = Stage(
+    name="sample",
+    help="Sample meshes from a checkpoint (iFlame or SS-DiT): mesh files, grid.png and stats.json.",
+    config=SampleStageConfig,
+    run=run,
+    inputs=("checkpoint", "image"),
+    outputs=("out",),
+    field_help={
+        "checkpoint": "Checkpoint: a run folder, its checkpoints folder or a step folder.",
+        "out": "Folder for sample_000.obj ..., grid.png and stats.json.",
+        "n": "Number of meshes to sample.",
+        "batch_size": "Meshes sampled at once.",
+        "formats": "Mesh file formats to write (obj, ply, glb).",
+        "temperature": "iFlame: softmax temperature (0: greedy).",
+        "top_k": "iFlame: sample among the k most likely tokens (default: all).",
+        "top_p": "iFlame: nucleus sampling mass (default: no truncation).",
+        "max_faces": "iFlame: stop a mesh after this many faces.",
+        "steps": "SS-DiT: ODE integration steps.",
+        "cfg_scale": "SS-DiT: classifier-free guidance scale (conditional models).",
+        "sampler": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate).",
+        "image": "SS-DiT: condition on this image.",
+        "class_label": "SS-DiT: condition on this class label.",
+    },
+)

@@ -1,0 +1,41 @@
+"""`meshforge train-dit`: train the SS-DiT (rectified flow on SS-VAE latents; ``--gpus N`` for data parallelism)."""
+
+from __future__ import annotations
+
+from meshforge.stages import RunContext, Stage
+from meshforge.train.config import TRAIN_FIELD_HELP
+from meshforge.train.distributed import in_worker
+from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
+from meshforge.train.trainer import run_training_stage
+
+
+def run(cfg: DiTTaskConfig, ctx: RunContext) -> dict:
+    if not in_worker():  # encode once, before any data-parallel workers start
+        cfg = prepare_data(cfg, ctx.device, ctx.seed)
+    return run_training_stage("train-dit", cfg, ctx, lambda: DiTTask(cfg), cli_module="meshforge_plugins.cli")
+
+
+stage = Stage(
+    name="train-dit",
+    help="Train the SS-DiT (Direct3D-S2's sparse latent rectified-flow transformer) on SS-VAE latents; "
+    "--gpus N for DDP.\n\n--data takes a latent dataset, or a sparse SDF dataset (from `meshforge sdf-voxelize`) "
+    "that is first encoded with --vae into OUT/latents. Model sizes and conditioning go in the nested model "
+    "section: --set model.dit.depth=12, --set model.dit.attention=full, --set model.cond.kind=class|image.",
+    config=DiTTaskConfig,
+    run=run,
+    inputs=("data", "vae"),
+    outputs=("out",),
+    field_help={
+        **TRAIN_FIELD_HELP,
+        "data": "Latent dataset, or a sparse SDF dataset to encode with --vae first.",
+        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json (and latents/).",
+        "vae": "SS-VAE checkpoint that encodes the data and decodes samples (default: the one the latents name).",
+        "resume": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run).",
+        "cond_dropout": "Probability of training an item on the null condition (classifier-free guidance).",
+        "t_mean": "Logit-normal timesteps: mean of the normal before the sigmoid.",
+        "t_std": "Logit-normal timesteps: standard deviation of the normal before the sigmoid.",
+        "structure_weight": "Weight of the structure (occupancy) flow's loss.",
+        "views": "Renders per mesh when encoding for image conditioning.",
+        "eval_meshes": "Val shapes per evaluation (0: all).",
+    },
+)

@@ -1,0 +1,35 @@
+"""`meshforge train-iflame`: train iFlame on a token dataset (``--gpus N`` for data parallelism)."""
+
+from __future__ import annotations
+
+from meshforge.stages import RunContext, Stage
+from meshforge.train.config import TRAIN_FIELD_HELP
+from meshforge.train.tasks.iflame import IFlameTask, TrainIFlameConfig
+from meshforge.train.trainer import run_training_stage
+
+
+def run(cfg: TrainIFlameConfig, ctx: RunContext) -> dict:
+    return run_training_stage("train-iflame", cfg, ctx, lambda: IFlameTask(cfg), cli_module="meshforge_plugins.cli")
+
+
+stage = Stage(
+    name="train-iflame",
+    help="Train iFlame (hourglass transformer over face tokens) on a token dataset; --gpus N for DDP.\n\n"
+    "Model sizes go in the nested model section: --set model.dim=256, or a `model:` mapping in --config. "
+    "Multi-node: torchrun --nnodes 2 --node-rank R --nproc-per-node 4 --rdzv-backend c10d "
+    "--rdzv-endpoint HOST:29500 -m meshforge_plugins.cli train-iflame --data D --out O",
+    config=TrainIFlameConfig,
+    run=run,
+    inputs=("data",),
+    outputs=("out",),
+    field_help={
+        **TRAIN_FIELD_HELP,
+        "data": "Token dataset folder (from `meshforge tokenize`).",
+        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json.",
+        "resume": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run).",
+        "augment": "Random per-axis scale/shift at load time (the dataset's ranges).",
+        "max_faces": "Train on at most this many leading faces of each mesh.",
+        "eval_meshes": "Val meshes per evaluation (0: all).",
+        "eval_batch_size": "Batch size of evaluation.",
+    },
+)

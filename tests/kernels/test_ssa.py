@@ -1,0 +1,253 @@
+"""Spatial Sparse Attention: the block layout, the pooling, and the Triton kernels against the reference.
+
+On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1`` is set
+here, before anything imports the kernel module: the op imports it lazily) at small sizes; GPU
+tests run the compiled kernels at full size in bf16.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from meshforge.kernels.ssa import (
+    SSAConfig,
+    build_layout,
+    compress_kv,
+    spatial_sparse_attention,
+    ssa_reference,
+)
+from meshforge.kernels.ssa import ssa as ssa_module
+from meshforge.kernels.ssa.reference import block_scores_reference, compress_reference, masked_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shell_coords(n_points: int, resolution: int, seed: int) -> torch.Tensor:
+    """Voxels of a thin spherical shell: surface-like sparsity, blocks holding 1 to dozens of tokens."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n_points, 3, generator=g)
+    p = p / p.norm(dim=1, keepdim=True) * (0.3 + 0.15 * torch.rand(n_points, 1, generator=g))
+    return torch.unique(((p + 0.5) * resolution).long().clamp(0, resolution - 1), dim=0)
+
+
+def batch_coords(sizes: list[tuple[int, int]], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated shells (``(points, resolution)`` each; ``(0, r)`` is an empty sequence) and cu_seqlens."""
+    parts = [
+        shell_coords(n, r, seed + i) if n else torch.zeros(0, 3, dtype=torch.long)
+        for i, (n, r) in enumerate(sizes)
+    ]
+    cu = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+    return torch.cat(parts), cu
+
+
+def random_inputs(n: int, heads: int, groups: int, dim: int, seed: int, dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, h, dim, generator=g) for h in (heads, groups, groups))
+    gates = torch.rand(n, heads, 3, generator=g)
+    return [t.to(device, dtype).requires_grad_() for t in (q, k, v, gates)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def small_key_tiles(monkeypatch):
+    """Key chunks of 16 rows, so that small blocks still span several kernel steps."""
+    monkeypatch.setattr(ssa_module, "BLOCK_N", 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and layout
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"block_slc": 6, "block_cmp": 4}, {"shift": 8}, {"query_tile": 48}, {"topk": 0}]
+)
+def test_config_rejects_inconsistent_values(kwargs):
+    with pytest.raises(ValueError):
+        SSAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_layout_groups_each_block_into_one_contiguous_run(shift):
+    coords, cu = batch_coords([(300, 20), (0, 8), (120, 12)], seed=1)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, window=4, shift=shift, query_tile=16)
+    lay = build_layout(coords, cu, cfg)
+    n = len(coords)
+    seq = torch.repeat_interleave(torch.arange(3), cu.diff())
+    assert torch.equal(lay.perm.sort().values, torch.arange(n))
+    assert torch.equal(seq[lay.perm], seq), "block order keeps every sequence in its rows"
+
+    def check_groups(order, offsets, group_of_token, key):
+        """Runs of ``offsets`` in ``order`` are exactly the tokens of equal ``key``, one id per run."""
+        run_of_row = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+        assert torch.equal(group_of_token[order], run_of_row)
+        keys = torch.cat([seq[:, None], key], 1)[order]
+        same_run = run_of_row[1:] == run_of_row[:-1]
+        same_key = (keys[1:] == keys[:-1]).all(1)
+        assert torch.equal(same_run, same_key)
+
+    check_groups(lay.perm, lay.cmp_offsets, lay.cmp_block, coords // 2)
+    check_groups(lay.perm, lay.slc_offsets, lay.slc_block, coords // 4)
+    check_groups(lay.win_perm, lay.win_offsets, lay.window, (coords + shift) // 4)
+    assert lay.shared_order == (shift == 0)
+    assert torch.equal(lay.cmp_slc[lay.cmp_block], lay.slc_block), (
+        "compression blocks nest in selection blocks"
+    )
+    # Tiles: query_tile consecutive rows, never across sequences, covering every row once.
+    assert torch.equal(lay.tile_end - lay.tile_start, torch.clamp(lay.tile_end - lay.tile_start, 1, 16))
+    assert torch.equal(seq[lay.tile_start], seq[lay.tile_end - 1])
+    covered = torch.repeat_interleave(torch.arange(len(lay.tile_start)), lay.tile_end - lay.tile_start)
+    assert torch.equal(covered, lay.tile[lay.perm])
+    blocks_per_seq = [lay.slc_block[cu[b] : cu[b + 1]].unique().numel() for b in range(3)]
+    assert lay.slc_cu.tolist() == [0, *torch.tensor(blocks_per_seq).cumsum(0).tolist()]
+
+
+def test_layout_accepts_batch_column_and_rejects_bad_offsets():
+    coords, cu = batch_coords([(50, 8)], seed=2)
+    cfg = SSAConfig(query_tile=16)
+    with_batch = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1)
+    assert torch.equal(build_layout(with_batch, cu, cfg).perm, build_layout(coords, cu, cfg).perm)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        build_layout(coords, cu + 1, cfg)
+
+
+def test_pooling_matches_block_by_block_mean_with_position_encoding():
+    coords, cu = batch_coords([(200, 16), (80, 10)], seed=3)
+    cfg = SSAConfig(block_cmp=4, block_slc=8)
+    lay = build_layout(coords, cu, cfg)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, len(coords), 2, 8, generator=g)
+    pe = torch.randn(4**3, 2, 8, generator=g)
+    k_cmp, v_cmp = compress_kv(k, v, lay, pe_k=pe)
+    torch.testing.assert_close(k_cmp, compress_reference(k, lay, pe))
+    torch.testing.assert_close(v_cmp, compress_reference(v, lay))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path vs reference (interpreter on CPU)
+
+
+def run_both(coords, cu, cfg, heads, groups, dim, seed, dtype=torch.float32):
+    """Outputs and gradients of the Triton path and of the reference on the Triton path's selection."""
+    lay = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
+    q, k, v, gates = random_inputs(len(coords), heads, groups, dim, seed, dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    out, selection = ssa_module.ssa_triton(q, k, v, gates, lay, *compress_kv(k, v, lay))
+    grads = torch.autograd.grad(out, (q, k, v, gates), grad_out)
+    ref, ref_selection = ssa_reference(q, k, v, gates, lay)
+    ref_on_same, _ = ssa_reference(q, k, v, gates, lay, selection=selection)
+    ref_grads = torch.autograd.grad(ref_on_same, (q, k, v, gates), grad_out)
+    return out, grads, ref_on_same, ref_grads, selection, ref_selection, ref
+
+
+def assert_valid_topk(selection, coords, cu, cfg, seed, tol=1e-5):
+    """Every chosen block scores at least as high as every block left out (reference scores, tol)."""
+    lay = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
+    q, k, v, _ = random_inputs(len(coords), selection.shape[1] * 2, selection.shape[1], 16, seed)
+    k_cmp, v_cmp = compress_reference(k, lay), compress_reference(v, lay)
+    for b in range(lay.batch):
+        a, e, c0, c1 = (int(x) for x in (cu[b], cu[b + 1], lay.cmp_cu[b], lay.cmp_cu[b + 1]))
+        if a == e:
+            continue
+        everything = torch.ones(1, e - a, c1 - c0, dtype=torch.bool, device=DEVICE)
+        _, probs = masked_attention(q[a:e], k_cmp[c0:c1], v_cmp[c0:c1], everything, 16**-0.5)
+        scores = block_scores_reference(probs, lay, b, selection.shape[1])
+        chosen = selection[int(lay.tile_cu[b]) : int(lay.tile_cu[b + 1])] - lay.slc_cu[b]
+        blocks = torch.arange(scores.shape[-1], device=DEVICE)
+        picked = (blocks[:, None] == chosen[:, :, None, :]).any(-1)  # [tiles, G, blocks]
+        worst_in = scores.masked_fill(~picked, float("inf")).amin(-1)
+        best_out = scores.masked_fill(picked, float("-inf")).amax(-1)
+        assert bool((worst_in >= best_out - tol).all())
+
+
+@pytest.mark.slow
+def test_triton_matches_reference_with_gqa_shifted_windows_and_an_empty_sequence(small_key_tiles):
+    coords, cu = batch_coords([(90, 10), (0, 4), (40, 8)], seed=4)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, topk=3, window=4, shift=2, query_tile=16)
+    out, grads, ref, ref_grads, selection, ref_selection, _ = run_both(coords, cu, cfg, 4, 2, 16, seed=5)
+    # The kernels' choice is a top-k of the reference block scores, up to float32 rounding (sums
+    # in another order can swap near-ties), and nearly always the very same one...
+    assert_valid_topk(selection, coords, cu, cfg, seed=5)
+    assert (selection == ref_selection).float().mean() > 0.9
+    # ...and outputs and all four gradients agree with the reference on it.
+    assert rel_err(out, ref) < 1e-5
+    for name, a, b in zip(["q", "k", "v", "gates"], grads, ref_grads):
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_triton_matches_reference_when_windows_are_the_selection_blocks(small_key_tiles):
+    coords, cu = batch_coords([(120, 12)], seed=6)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, topk=2, window=4, shift=0, query_tile=16)
+    out, grads, ref, ref_grads, *_ = run_both(coords, cu, cfg, 2, 1, 32, seed=7)
+    assert rel_err(out, ref) < 1e-5
+    for name, a, b in zip(["q", "k", "v", "gates"], grads, ref_grads):
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_selection_of_every_block_is_dense_attention(small_key_tiles):
+    """With top-k >= the number of blocks, the selection branch sees every token of the sequence."""
+    coords, cu = batch_coords([(60, 8), (30, 6)], seed=8)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, topk=64, window=4, query_tile=16)
+    lay = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
+    assert int(lay.slc_cu.diff().max()) <= cfg.topk
+    q, k, v, _ = random_inputs(len(coords), 2, 1, 16, seed=9)
+    only_selection = torch.tensor([0.0, 1.0, 0.0], device=DEVICE).expand(len(coords), 2, 3)
+    out, _ = ssa_module.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
+    for b in range(2):
+        a, e = int(cu[b]), int(cu[b + 1])
+        everything = torch.ones(1, e - a, e - a, dtype=torch.bool, device=DEVICE)
+        dense, _ = masked_attention(q[a:e], k[a:e], v[a:e], everything, 16**-0.5)
+        assert rel_err(out[a:e], dense) < 1e-5
+
+
+def test_cpu_dispatch_is_the_reference_and_checks_shapes():
+    coords, cu = batch_coords([(80, 10)], seed=10)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, window=4, query_tile=16)
+    q, k, v, gates = random_inputs(len(coords), 4, 2, 16, seed=11, device="cpu")
+    out = spatial_sparse_attention(q, k, v, gates, coords, cu, cfg)
+    torch.testing.assert_close(out, ssa_reference(q, k, v, gates, build_layout(coords, cu, cfg))[0])
+    with pytest.raises(ValueError, match="gates"):
+        spatial_sparse_attention(q, k, v, gates[..., :2], coords, cu, cfg)
+    with pytest.raises(ValueError, match="G \\| H"):
+        spatial_sparse_attention(
+            q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), gates, coords, cu, cfg
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: compiled kernels at full size, bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_bf16_matches_reference_at_full_size(dim):
+    coords, cu = batch_coords([(6000, 64), (3000, 48)], seed=12)
+    cfg = SSAConfig(window=8, shift=4)
+    out, grads, ref, ref_grads, selection, ref_selection, _ = run_both(
+        coords, cu, cfg, 16, 4, dim, 13, torch.bfloat16
+    )
+    # bf16 block scores may order near-ties differently; nearly every choice must agree.
+    assert (selection == ref_selection).float().mean().item() > 0.95
+    assert rel_err(out, ref) < 1e-2
+    for name, a, b in zip(["q", "k", "v", "gates"], grads, ref_grads):
+        assert rel_err(a, b) < 2e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_full_selection_equals_flash_attention():
+    coords, cu = batch_coords([(30000, 80)], seed=14)
+    cfg = SSAConfig(topk=10_000)
+    lay = build_layout(coords.cuda(), cu.cuda(), cfg)
+    q, k, v, _ = random_inputs(len(coords), 16, 16, 64, seed=15, dtype=torch.bfloat16)
+    only_selection = torch.tensor([0.0, 1.0, 0.0], device="cuda").expand(len(coords), 16, 3)
+    out, _ = ssa_module.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
+    dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    assert rel_err(out, dense[0].transpose(0, 1)) < 1e-2

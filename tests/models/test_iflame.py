@@ -1,0 +1,156 @@
+"""iFlame: strict causality, cached decoding == full forward, cache layout, attention dispatch."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from meshforge.models.attention import cached_attention, causal_attention
+from meshforge.models.iflame import IFlame, IFlameConfig, KVCache, StateCache
+
+SMALL = {"dim": 64, "n_heads": 4, "max_seq_len": 90}
+CONFIGS = {
+    "interleaved": IFlameConfig(**SMALL, blocks=(1, 1, 2, 1, 1)),
+    "full": IFlameConfig(**SMALL, blocks=(1, 1, 2, 1, 1), attention="full"),
+    "linear": IFlameConfig(**SMALL, blocks=(1, 1, 2, 1, 1), attention="linear"),
+    # Every stage holds one linear and one full block.
+    "both-per-level": IFlameConfig(**SMALL, blocks=(2, 2, 2, 2, 2), full_every=2),
+}
+LENGTH = 81  # 27 vertices, 9 faces; more than one 64-token chunk at the token level
+
+
+def model(name: str) -> IFlame:
+    torch.manual_seed(0)
+    m = IFlame(CONFIGS[name]).eval()
+    # Random skip weights so that a miswired level cannot hide behind w = 1.
+    with torch.no_grad():
+        m.vertex_skip.fill_(0.7)
+        m.token_skip.fill_(1.3)
+    return m
+
+
+def tokens(batch: int, length: int = LENGTH, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 131, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_interleaving_puts_full_attention_on_every_fourth_block():
+    m = IFlame(IFlameConfig(dim=32, n_heads=2))
+    kinds = [block.attn.full for stage in m.stages for block in stage]
+    assert [len(s) for s in m.stages] == [4, 4, 8, 4, 4]
+    assert [i for i, full in enumerate(kinds) if full] == [3, 7, 11, 15, 19, 23]
+    both = IFlame(CONFIGS["both-per-level"])
+    assert all({b.attn.full for b in stage} == {True, False} for stage in both.stages)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_strictly_causal(name):
+    """Perturbing input token t changes no logit before t (and does change logit t)."""
+    m = model(name)
+    base = tokens(1)
+    # Every position within a face (0..8) and within a vertex, at the sequence start and further in.
+    positions = torch.tensor([0, 1, 2, 3, *range(36, 54), LENGTH - 1])
+    perturbed = base.repeat(len(positions), 1)
+    rows = torch.arange(len(positions))
+    perturbed[rows, positions] = (perturbed[rows, positions] + 1 + positions % 7) % 131
+    with torch.no_grad():
+        ref = m(base)[0]
+        out = m(perturbed)
+    for row, t in enumerate(positions.tolist()):
+        torch.testing.assert_close(out[row, :t], ref[:t], rtol=0, atol=1e-5)
+        assert (out[row, t] - ref[t]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decoding_equals_the_full_forward(name):
+    m = model(name)
+    x = tokens(2)
+    with torch.no_grad():
+        ref = m(x)
+        cache = m.init_cache(2, LENGTH)
+        steps = torch.stack([m.step(x[:, t], cache) for t in range(LENGTH)], dim=1)
+    assert cache.position == LENGTH
+    torch.testing.assert_close(steps, ref, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="full"):
+        m.step(x[:, 0], cache)
+
+
+def test_cache_holds_kv_for_full_blocks_and_a_state_for_linear_ones():
+    m = model("both-per-level")
+    batch, max_len, dim, heads = 3, 81, 64, 4
+    cache = m.init_cache(batch, max_len)
+    level_len = [81, 27, 9, 27, 81]
+    expected = 0
+    for stage, length, caches in zip(m.stages, level_len, cache.blocks):
+        for block, c in zip(stage, caches):
+            if block.attn.full:
+                assert isinstance(c, KVCache) and c.k.shape == (batch, heads, length, dim // heads)
+                expected += 2 * batch * length * dim * 4
+            else:
+                assert isinstance(c, StateCache) and c.state.shape == (batch, heads, dim // heads, dim // heads)
+                expected += batch * heads * (dim // heads) ** 2 * 4
+    assert cache.nbytes() == expected
+    # Only full blocks grow with the sequence. With the reference layout (4/4/8/4/4 blocks, 1 in 4
+    # full) interleaving keeps a quarter of the full baseline's K/V at every level.
+    def kv_bytes(attention: str) -> int:
+        cfg = IFlameConfig(dim=32, n_heads=2, attention=attention, max_seq_len=81)
+        caches = IFlame(cfg).init_cache(1, 81).blocks
+        return sum(c.nbytes() for stage in caches for c in stage if isinstance(c, KVCache))
+
+    assert kv_bytes("interleaved") * 4 == kv_bytes("full") == 8 * (81 + 27 + 9) * 2 * 32 * 4
+
+
+def test_lengths_must_be_whole_faces():
+    m = model("interleaved")
+    with pytest.raises(ValueError, match="multiple of 9"):
+        m(tokens(1, 10))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(tokens(1, 99))
+    with pytest.raises(ValueError):
+        IFlameConfig(dim=60, n_heads=4, blocks=(1, 1, 1, 1, 1))  # odd head width: no RoPE
+    with pytest.raises(ValueError):
+        IFlameConfig(blocks=(1, 1, 1, 1))
+
+
+def test_weights_exclude_derived_buffers():
+    state = model("interleaved").state_dict()
+    assert not any(name.startswith("rope.") or name.endswith("slopes") for name in state)
+
+
+def test_a_few_steps_fit_a_sequence():
+    torch.manual_seed(0)
+    m = IFlame(IFlameConfig(dim=32, n_heads=2, blocks=(1, 1, 1, 1, 1), max_seq_len=36))
+    x = tokens(2, 36)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(m(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = IFlame(IFlameConfig(**SMALL, blocks=(2, 2, 2, 2, 2), full_every=2, grad_checkpoint=recompute))
+        m(tokens(2, 36)).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_causal_attention_matches_softmax_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 8, generator=g) for _ in range(3))
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+    torch.testing.assert_close(causal_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
+    # One query against a cache of the first 7 positions is row 6 of causal attention.
+    k_cache, v_cache = (torch.zeros(2, 3, 16, 8) for _ in range(2))
+    k_cache[:, :, :7], v_cache[:, :, :7] = k[:, :7].transpose(1, 2), v[:, :7].transpose(1, 2)
+    torch.testing.assert_close(cached_attention(q[:, 6], k_cache, v_cache, 7), want[:, 6], rtol=1e-5, atol=1e-6)

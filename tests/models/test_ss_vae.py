@@ -1,0 +1,121 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from meshforge.config import ConfigError, from_dict
+from meshforge.models.ss_vae import SSVAE, SSVAEConfig, VAEOutput, loss_terms
+from meshforge.sparse.tensor import SparseTensor, coarsen
+
+BAND = 2.5
+
+
+def shell(resolution: int, radius: float, centre=(0.0, 0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxels within BAND voxels of a sphere, with their SDF in band units."""
+    g = torch.stack(torch.meshgrid(*[torch.arange(resolution)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    d = ((g + 0.5) / resolution - 0.5 - torch.tensor(centre)).norm(dim=-1) - radius
+    keep = d.abs() < BAND / resolution
+    return g[keep], (d[keep] * resolution / BAND)[:, None]
+
+
+def batch(*shapes, resolution=16) -> SparseTensor:
+    coords, sdf = zip(*shapes)
+    return SparseTensor.from_items(list(coords), list(sdf), (resolution,) * 3)
+
+
+def tiny(**kw) -> SSVAE:
+    torch.manual_seed(0)
+    return SSVAE(SSVAEConfig(**{"channels": [8, 16], "latent_channels": 4, "heads": 2, "window": 4, "band": BAND, **kw}))
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="heads"):
+        from_dict(SSVAEConfig, {"channels": [8, 18], "heads": 4})
+    with pytest.raises(ConfigError, match="two positive"):
+        from_dict(SSVAEConfig, {"channels": [8]})
+    assert SSVAEConfig(channels=[8, 16, 32, 64]).factor == 8
+
+
+def test_latent_lives_on_the_coarse_octree_level():
+    model = tiny(channels=[4, 8, 8])
+    x = batch(shell(16, 0.3), shell(16, 0.2, (0.1, 0, 0)))
+    z = model.encode(x)
+    assert z.spatial_shape == (4, 4, 4) and z.channels == 4
+    expected, _ = coarsen(coarsen(x.coords, x.spatial_shape)[0], (8, 8, 8))
+    assert torch.equal(z.coords, expected)
+
+
+def test_teacher_forced_pass_keeps_every_true_voxel():
+    model = tiny(channels=[4, 8, 8])
+    x = batch(shell(16, 0.3), shell(16, 0.25))
+    out = model(x)
+    # Every input voxel is decoded; the rest are extras the decoder predicted.
+    assert torch.isin(x.keys, out.sdf.keys).all()
+    level1, _ = coarsen(x.coords, x.spatial_shape)
+    # The existence targets mark exactly the true voxels of levels 1 and 0.
+    assert int(out.exist_target.sum()) == len(level1) + len(x)
+    assert out.exist_logits.shape == out.exist_target.shape
+    assert out.mu.shape == (len(model.encode(x)), 4)
+
+
+def test_items_of_a_batch_do_not_interact():
+    model = tiny().eval()
+    a, b = shell(16, 0.3), shell(16, 0.2, (0.1, -0.1, 0))
+    together = model(batch(a, b), sample=False).sdf
+    alone = model(batch(a), sample=False).sdf
+    first = together.coords[:, 0] == 0
+    assert torch.equal(together.coords[first], alone.coords)
+    torch.testing.assert_close(together.feats[first], alone.feats, rtol=1e-4, atol=1e-5)
+
+
+def test_backends_give_the_same_model():
+    x = batch(shell(16, 0.3))
+    spconv_model, torch_model = tiny().double(), tiny(conv_backend="torch").double()
+    torch_model.load_state_dict(spconv_model.state_dict())
+    a, b = (m(x.to(torch.float64), sample=False) for m in (spconv_model, torch_model))
+    torch.testing.assert_close(a.sdf.feats, b.sdf.feats, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(a.exist_logits, b.exist_logits, rtol=1e-8, atol=1e-8)
+
+
+def test_loss_terms_targets_and_extra_voxel_sign():
+    # Two input voxels in one 2x2x2 block, both inside (negative); one extra voxel in the same block.
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    x = SparseTensor(torch.tensor([[-0.5], [-0.25]]), coords, (4, 4, 4), 1)
+    out_coords = torch.tensor([[0, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.int32)
+    pred = torch.tensor([[0.0], [0.0], [-0.5]])
+    out = VAEOutput(
+        sdf=SparseTensor(pred, out_coords, (4, 4, 4), 1),
+        exist_logits=torch.tensor([0.0, 2.0]), exist_target=torch.tensor([True, False]),
+        mu=torch.zeros(1, 3), logvar=torch.zeros(1, 3),
+    )
+    terms = loss_terms(x, torch.tensor([True, False]), out)
+    assert terms["in"][0].item() == pytest.approx(0.25**2) and terms["in"][1].item() == 2
+    assert terms["extra"][0].item() == pytest.approx(1.0) and terms["extra"][1].item() == 1  # target -1
+    assert terms["sharp"][0].item() == pytest.approx(0.0) and terms["sharp"][1].item() == 1
+    assert terms["kl"][0].item() == pytest.approx(0.0)
+    assert terms["prune"][0].item() == pytest.approx(math.log(2) + math.log(1 + math.exp(2)))
+
+
+def test_overfits_one_shape_and_reconstructs_it_unguided():
+    """Sixty steps on one sphere shell: the SDF error falls and pruning finds the surface."""
+    model = tiny(channels=[8, 16], attn_blocks=1)
+    x = batch(shell(16, 0.3))
+    sharp = torch.zeros(len(x), dtype=torch.bool)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    first = None
+    for _ in range(60):
+        terms = loss_terms(x, sharp, model(x))
+        means = {k: s / c.clamp(min=1) for k, (s, c) in terms.items()}
+        loss = means["in"] + means["extra"] + means["prune"] + 1e-4 * means["kl"]
+        first = first if first is not None else means["in"].item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert means["in"].item() < 0.1 * first
+    rec = model.eval().reconstruct(x)
+    hit = torch.isin(rec.keys, x.keys).sum().item()
+    assert hit / (len(rec) + len(x) - hit) > 0.8  # voxel IoU of the predicted structure
+    (vertices, faces), = model.decode_to_mesh(model.encode(x))
+    radius = np.linalg.norm(vertices, axis=1)
+    assert len(faces) > 100 and np.abs(radius - 0.3).max() < 1.5 / 16  # within 1.5 voxels of the sphere

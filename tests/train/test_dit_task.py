@@ -1,0 +1,169 @@
+"""The SS-DiT task: encoding SDF datasets to latents, batches, learning, checkpoints, and the CLI
+path sdf dataset -> train-dit (encodes with the VAE) -> sample --image."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from meshforge_plugins.cli import main
+
+from meshforge.config import from_dict, to_dict
+from meshforge.data.latents import LatentDataset, encode_dataset
+from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.synth import generate
+from meshforge.errors import ConfigError, InputError
+from meshforge.models.ss_dit import LatentFlow, flow_loss_terms
+from meshforge.models.ss_vae import SSVAE, SSVAEConfig
+from meshforge.train.checkpoint import load_model, save_checkpoint
+from meshforge.train.config import TrainConfig
+from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig
+from meshforge.train.tasks.vae import batch_tensor, collate
+from meshforge.train.trainer import train
+
+FAMILIES = ["table", "stool", "cabinet"]
+TINY_MODEL = {
+    "dit": {"dim": 32, "depth": 2, "heads": 4, "kv_heads": 2, "attention": "window", "window": 4},
+    "structure": {"dim": 32, "depth": 1, "heads": 2, "kv_heads": 2, "attention": "full"},
+    "structure_patch": 2,
+}
+IMAGE_COND = {"kind": "image", "dim": 16, "image_size": 28,
+              "vit": {"dim": 32, "depth": 1, "heads": 2, "patch": 14, "mlp_hidden": 64, "pos_grid": 2}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A sparse SDF dataset at R = 16, an (untrained) SS-VAE with f = 2, and its 8^3 latents."""
+    root = tmp_path_factory.mktemp("dit")
+    generate(root / "synth", n=6, seed=0, max_faces=60, families=FAMILIES)
+    voxelize_folder(SdfConfig(input=root / "synth", out=root / "sdf", resolution=16, band=2.0, val_fraction=0.3,
+                              workers=1, device="cpu"))
+    cfg = SSVAEConfig(channels=[8, 8], latent_channels=4, heads=2, window=4, attn_blocks=1, band=2.0, conv_backend="torch")
+    torch.manual_seed(0)
+    save_checkpoint(root / "vae", step=1, model=SSVAE(cfg), meta={"kind": "ss-vae", "model_config": to_dict(cfg)},
+                    state={}, keep=1)
+    encode_dataset(root / "vae", root / "sdf", root / "latents", "cpu", views=2, image_size=28, batch_size=2)
+    return root
+
+
+def task(data, tmp_path, cond=None, **kw) -> DiTTask:
+    model = {**TINY_MODEL, "cond": cond or {"kind": "class", "dim": 16}}
+    return DiTTask(from_dict(DiTTaskConfig, {"data": data / "latents", "out": tmp_path / "run", "batch_size": 2,
+                                             "model": model, **kw}))
+
+
+def test_encode_writes_the_latent_dataset(data):
+    sdf, latents = SparseSDFDataset(data / "sdf", "train"), LatentDataset(data / "latents", "train")
+    manifest = latents.manifest
+    assert manifest["resolution"] == 8 and manifest["data_resolution"] == 16 and manifest["factor"] == 2
+    assert manifest["classes"] == sorted(FAMILIES) and manifest["views"] == 2
+    assert manifest["vae_checkpoint"].endswith("step_0000001")
+    assert len(latents) == len(sdf) and latents.names == sdf.names
+    assert [latents.classes[latents[i].label] for i in range(len(latents))] == [n.split("/")[0] for n in sdf.names]
+
+    _, vae, _ = load_model(data / "vae")
+    with torch.no_grad():
+        expected = vae.encode(batch_tensor(collate([sdf[1]], sdf.band)))
+    item = latents[1]
+    np.testing.assert_array_equal(item.coords, expected.coords[:, 1:].numpy())
+    np.testing.assert_allclose(item.feats, expected.feats.numpy(), rtol=1e-6, atol=1e-6)
+    assert item.coords.max() < 8 and item.coords.min() >= 0
+
+    every = np.concatenate([latents[i].feats for i in range(len(latents))])
+    np.testing.assert_allclose(manifest["mean"], every.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(manifest["std"], every.std(0), rtol=1e-4, atol=1e-5)
+    image = latents.image(0, 1)
+    assert image.shape == (28, 28, 4) and image.dtype == np.uint8 and 0 < (image[..., 3] > 0).mean() < 1
+
+
+def test_model_config_comes_from_the_data(data, tmp_path):
+    t = task(data, tmp_path)
+    cfg = t.model_config()
+    assert cfg.latent_channels == 4 and cfg.resolution == 8 and cfg.cond.classes == sorted(FAMILIES)
+    assert cfg.vae_checkpoint.endswith("step_0000001") and len(cfg.latent_std) == 4
+    assert isinstance(t.build_model(), LatentFlow)
+
+
+def test_ranks_split_the_same_global_batch(data, tmp_path):
+    t = task(data, tmp_path, cond=IMAGE_COND)
+    whole = next(t.batches(0, 1, seed=3, start_step=2))
+    halves = [next(t.batches(r, 2, seed=3, start_step=2)) for r in range(2)]
+    second = halves[1]["coords"].clone()
+    second[:, 0] += 1
+    assert torch.equal(torch.cat([halves[0]["coords"], second]), whole["coords"])
+    assert torch.equal(torch.cat([h["feats"] for h in halves]), whole["feats"])
+    assert torch.equal(torch.cat([h["condition"] for h in halves]), whole["condition"])
+    assert whole["condition"].shape == (2, 4, 28, 28) and whole["condition"].dtype == torch.uint8
+
+
+def fixed_loss(model: LatentFlow, batch: dict) -> float:
+    """Both flow losses at fixed times and noise (no condition dropout)."""
+    g = torch.Generator().manual_seed(0)
+    b = batch["batch_size"]
+    model = model.eval().requires_grad_(False)
+    cond = model.conditioner(batch["condition"], torch.zeros(b, dtype=torch.bool))
+    t = torch.linspace(0.2, 0.8, b)
+    total = 0.0
+    for denoiser, x in ((model.dit, model.latent_tensor(batch["coords"], model.normalize(batch["feats"]), b)),
+                        (model.structure, model.structure_tensor(batch["coords"], b))):
+        s, n = flow_loss_terms(denoiser, x, t, cond, torch.randn(x.feats.shape, generator=g))
+        total += (s / n).item()
+    return total
+
+
+def test_training_overfits_a_tiny_set(data, tmp_path):
+    t = task(data, tmp_path, batch_size=2, cond_dropout=0.0, eval_meshes=1)
+    cfg = TrainConfig.from_options(from_dict(DiTTaskConfig, {
+        "data": data / "latents", "out": tmp_path / "run", "steps": 20, "batch_size": 2, "lr": 3e-3,
+        "warmup_steps": 2, "optimizer": "adamw", "weight_decay": 0.0, "log_every": 10, "eval_every": 0,
+        "checkpoint_every": 20, "precision": "fp32"}), seed=0)
+    t.train_set.index = t.train_set.index[:2]  # two shapes, seen every step
+    batch = next(t.batches(0, 1, seed=0, start_step=0))
+    torch.manual_seed(0)
+    before = fixed_loss(t.build_model(), batch)
+    summary = train(t, cfg, tmp_path / "run", device="cpu")
+    kind, model, meta = load_model(tmp_path / "run")
+    with torch.no_grad():
+        after = fixed_loss(model, batch)
+    assert kind == "ss-dit" and meta["step"] == 20
+    assert after < 0.8 * before, (before, after)  # at the start both flows sit at var(eps) + var(x0) = 2
+    assert math.isfinite(summary["val_latent"]) and math.isfinite(summary["val_structure"])
+    assert model.config.cond.classes == sorted(FAMILIES)
+    assert torch.equal(model.latent_mean, torch.tensor(LatentDataset(data / "latents").manifest["mean"]))
+
+
+def test_image_conditioning_with_dinov2_needs_a_local_checkpoint(data, tmp_path):
+    with pytest.raises(ConfigError, match="encoder_checkpoint"):
+        task(data, tmp_path, cond={**IMAGE_COND, "encoder": "dinov2"})
+    missing = tmp_path / "weights" / "dinov2_vits14_pretrain.pth"
+    with pytest.raises(InputError, match=r"dinov2_vits14_pretrain\.pth: no such image encoder checkpoint"):
+        task(data, tmp_path, cond={**IMAGE_COND, "encoder": "dinov2", "encoder_checkpoint": str(missing)})
+
+
+def test_sdf_data_needs_a_vae_to_encode(data, tmp_path, capsys):
+    assert main(["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--out", str(tmp_path / "run")]) != 0
+    assert "is a sparse SDF dataset: pass --vae" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_train_dit_from_sdf_data_then_sample_from_an_image(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--vae", str(data / "vae"), "--out", str(out),
+            "--steps", "2", "--batch-size", "2", "--log-every", "1", "--eval-every", "0", "--warmup-steps", "1",
+            "--eval-meshes", "1", "--views", "2", "--set", "model.cond.image_size=28"]
+    args += [f"--set=model.{k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    args += [f"--set=model.cond.{k}={json.dumps(v)}" for k, v in IMAGE_COND.items() if k != "image_size"]
+    assert main(args) == 0
+    latents = LatentDataset(out / "latents")
+    assert latents.views == 2 and latents.manifest["source"] == str((data / "sdf").resolve())
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["loss"]) and "val_latent" in summary
+
+    from PIL import Image
+
+    Image.fromarray(latents.image(0, 0)).save(tmp_path / "query.png")
+    samples = tmp_path / "samples"
+    assert main(["--device", "cpu", "sample", "--checkpoint", str(out), "--out", str(samples), "--n", "2",
+                 "--steps", "2", "--cfg-scale", "3", "--image", str(tmp_path / "query.png")]) == 0
+    stats = json.loads((samples / "stats.json").read_text())
+    assert (samples / "grid.png").is_file() and stats["kind"] == "ss-dit" and len(stats["meshes"]) == 2
