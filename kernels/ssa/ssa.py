@@ -1,8 +1,9 @@
 """The public SSA op: layout, compression, top-k selection, three branch kernels, gated mix.
 
-``spatial_sparse_attention`` runs the Triton kernels on CUDA and the reference on CPU; either can be
-forced with ``backend`` (the Triton path runs on CPU under ``TRITON_INTERPRET=1``, which the tests
-use). The Triton path, per call:
+``spatial_sparse_attention`` runs the Triton kernels on CUDA and the gathered PyTorch form
+(:mod:`meshforge.kernels.ssa.gathered`, memory linear in the tokens) on CPU; any of them, or the
+dense reference, can be forced with ``backend`` (the Triton path runs on CPU under
+``TRITON_INTERPRET=1``, which the tests use). The Triton path, per call:
 
 1. tokens go to block order (one gather of q, k, v; the window branch gets its own order when the
    windows are shifted or differ from the selection blocks);
@@ -22,11 +23,12 @@ import torch
 from meshforge.kernels.ssa.blocks import SSALayout, build_layout
 from meshforge.kernels.ssa.compress import compress_kv, pool_sorted
 from meshforge.kernels.ssa.config import SSAConfig
+from meshforge.kernels.ssa.gathered import ssa_gathered
 from meshforge.kernels.ssa.reference import ssa_reference
 from meshforge.kernels.ssa.select import topk_blocks
 from torch import Tensor
 
-Backend = Literal["auto", "triton", "reference"]
+Backend = Literal["auto", "triton", "torch", "reference"]
 
 
 BLOCK_N = 64  # key rows per kernel step (and per dK/dV key tile)
@@ -138,6 +140,8 @@ def spatial_sparse_attention(
         k_cmp, v_cmp = k_cmp.to(q.dtype), v_cmp.to(q.dtype)
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         return ssa_triton(q, k, v, gates, layout, k_cmp, v_cmp)[0]
-    if k_cmp is None:
-        k_cmp, v_cmp = compress_kv(k, v, layout)
-    return ssa_reference(q, k, v, gates, layout, k_cmp, v_cmp)[0]
+    if backend == "reference":
+        if k_cmp is None:
+            k_cmp, v_cmp = compress_kv(k, v, layout)
+        return ssa_reference(q, k, v, gates, layout, k_cmp, v_cmp)[0]
+    return ssa_gathered(q, k, v, gates, layout, k_cmp, v_cmp)[0]

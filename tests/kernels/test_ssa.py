@@ -20,6 +20,7 @@ from meshforge.kernels.ssa import (
     spatial_sparse_attention,
     ssa_reference,
 )
+from meshforge.kernels.ssa import gathered
 from meshforge.kernels.ssa import ssa as ssa_module
 from meshforge.kernels.ssa.reference import block_scores_reference, compress_reference, masked_attention
 
@@ -208,12 +209,37 @@ def test_selection_of_every_block_is_dense_attention(small_key_tiles):
         assert rel_err(out[a:e], dense) < 1e-5
 
 
-def test_cpu_dispatch_is_the_reference_and_checks_shapes():
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("chunk", [1 << 24, 1 << 12])
+def test_gathered_form_equals_the_reference(shift, chunk, monkeypatch):
+    """The CPU path (per-tile gathers, chunked) against the dense masked definition, float32: an
+    empty sequence, one with fewer selection blocks than top-k, GQA, shifted windows, small chunks."""
+    monkeypatch.setattr(gathered, "CHUNK_ELEMENTS", chunk)
+    coords, cu = batch_coords([(400, 16), (0, 8), (30, 4), (250, 12)], seed=20 + shift)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, topk=3, window=4, shift=shift, query_tile=16)
+    layout = build_layout(coords, cu, cfg)
+    assert int(layout.slc_cu[3] - layout.slc_cu[2]) < cfg.topk
+    q, k, v, gates = random_inputs(len(coords), 4, 2, 8, seed=21, device="cpu")
+    out, selection = gathered.ssa_gathered(q, k, v, gates, layout)
+    ref, ref_selection = ssa_reference(q, k, v, gates, layout)
+    assert torch.equal(selection, ref_selection)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, gates), grad)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, gates), grad)
+    for name, a, b in zip("q k v gates".split(), grads, ref_grads):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_cpu_dispatch_is_the_gathered_form_and_checks_shapes():
     coords, cu = batch_coords([(80, 10)], seed=10)
     cfg = SSAConfig(block_cmp=2, block_slc=4, window=4, query_tile=16)
     q, k, v, gates = random_inputs(len(coords), 4, 2, 16, seed=11, device="cpu")
     out = spatial_sparse_attention(q, k, v, gates, coords, cu, cfg)
-    torch.testing.assert_close(out, ssa_reference(q, k, v, gates, build_layout(coords, cu, cfg))[0])
+    layout = build_layout(coords, cu, cfg)
+    torch.testing.assert_close(out, gathered.ssa_gathered(q, k, v, gates, layout)[0], rtol=0, atol=0)
+    reference = spatial_sparse_attention(q, k, v, gates, coords, cu, cfg, backend="reference")
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gates"):
         spatial_sparse_attention(q, k, v, gates[..., :2], coords, cu, cfg)
     with pytest.raises(ValueError, match="G \\| H"):
