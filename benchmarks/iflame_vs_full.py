@@ -1,17 +1,29 @@
 """iFlame (interleaved attention) against its full-attention baseline, same code and sizes, on one GPU.
 
     python benchmarks/iflame_vs_full.py [--batch 48] [--faces 800] [--decode-faces 4000]
-        [--runs RUN_INTERLEAVED RUN_FULL --data DATASET]
+        [--window-faces 10] [--windows 5] [--runs RUN_INTERLEAVED RUN_FULL --data DATASET]
 
 Measures, for both ``attention`` settings of the reference model (512 wide, 16 heads, 4/4/8/4/4):
 training step time and peak memory (forward + backward + AdamW, bf16 autocast, random tokens of
-``--faces`` faces), decoding throughput at batch 1 and 16 (``model.step`` with greedy feedback, so
-every step depends on the previous one), and the attention-cache bytes at ``--decode-faces``. The
-cache is also compared with a plain 24-block full-attention transformer at the token level (the
-comparison behind iFlame's "about 1/8"). With ``--runs`` (two ``train-iflame`` runs trained with the
-same recipe and token budget) it adds their val face accuracy. Writes
-``benchmarks/results/iflame_vs_full.json`` naming the device; ``--device cpu`` with small sizes is
-a smoke test.
+``--faces`` faces), decoding throughput at batch 1 and 16, and the attention-cache bytes at
+``--decode-faces``. The cache is also compared with a plain 24-block full-attention transformer at
+the token level (the comparison behind iFlame's "about 1/8"). With ``--runs`` (two ``train-iflame``
+runs trained with the same recipe and token budget) it adds their val face accuracy, scored on the
+faces each run was trained on (its ``--max-faces``). Writes ``benchmarks/results/iflame_vs_full.json``
+naming the device, and the results table as a PNG beside it; ``--device cpu`` with small sizes is a
+smoke test.
+
+Decoding is timed in windows rather than over a whole generation (4 settings x 36,000 sequential
+steps would take far too long). The cost of one ``IFlame.step`` depends only on its position: the
+K/V buffers are allocated once at full size and attention reads the first ``position + 1`` of them,
+linear blocks carry fixed-size states, and what the cache holds does not change the work. So
+``--windows`` windows of ``--window-faces`` faces (9 steps each, greedy feedback: every step depends
+on the previous one) are timed at starts spread evenly over ``[0, decode_faces - window_faces]``
+faces, by setting ``cache.position`` (a multiple of 9, so the vertex and face stages keep their
+phase), after one untimed warm-up window. The mean seconds per step over a whole generation is the
+trapezoid-rule mean of the windows' seconds per step over their start positions (exact when the
+cost grows linearly with the position, as the attention reads do: a window's mean is the cost at
+its start plus a constant), and a generation's throughput is ``batch / mean step seconds``.
 """
 
 from __future__ import annotations
@@ -28,8 +40,10 @@ from rich.table import Table
 from torch.nn import functional as F
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
+from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json
 from meshforge.models.iflame import IFlame, IFlameConfig
+from meshforge.render import render_table_png
 from meshforge.runtime import console, resolve_device
 
 RESULT = Path(__file__).parent / "results" / "iflame_vs_full.json"
@@ -81,31 +95,78 @@ def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, 
     return {"step_s": seconds, "peak_bytes": peak, "oom": False}
 
 
+def window_starts(decode_faces: int, window_faces: int, windows: int) -> list[int]:
+    """First faces of the timed windows: ``windows`` evenly spread over ``[0, decode_faces - window_faces]``
+    (fewer when short generations round several onto one face)."""
+    last = decode_faces - window_faces
+    return sorted({round(i * last / (windows - 1)) for i in range(windows)})
+
+
+def trapezoid_mean(x: list[float], y: list[float]) -> float:
+    """Mean of the piecewise-linear function through ``(x, y)`` over ``[x[0], x[-1]]``."""
+    if len(x) == 1:
+        return y[0]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(x, x[1:], y, y[1:]))
+    return area / (x[-1] - x[0])
+
+
 @torch.inference_mode()
-def decode(model: IFlame, device: torch.device, batch: int, faces: int) -> dict[str, Any]:
-    """Tokens/s of cached decoding, greedy over coordinates, for ``faces`` faces per sequence."""
+def decode(model: IFlame, device: torch.device, batch: int, faces: int, window_faces: int, windows: int) -> dict[str, Any]:
+    """Tokens/s of cached decoding over a generation of ``faces`` faces, from timed windows (module docstring)."""
     steps = TOKENS_PER_FACE * faces
+    window = TOKENS_PER_FACE * window_faces
     dtype = torch.bfloat16 if device.type == "cuda" else None
     cache = model.init_cache(batch, steps, device, dtype)
     token = torch.full((batch,), VOCAB.start, dtype=torch.long, device=device)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        with autocast(device):
-            token = model.step(token, cache)[:, : VOCAB.levels].argmax(-1)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": batch * steps / seconds, "seconds": seconds, "cache_bytes": cache.nbytes()}
+
+    def seconds_per_step(start_face: int) -> float:
+        nonlocal token
+        cache.position = TOKENS_PER_FACE * start_face
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(window):
+            with autocast(device):
+                token = model.step(token, cache)[:, : VOCAB.levels].argmax(-1)
+        synchronize(device)
+        return (time.perf_counter() - start) / window
+
+    starts = window_starts(faces, window_faces, windows)
+    seconds_per_step(starts[-1])  # warm-up at the longest context: kernels loaded, allocator pools grown
+    per_step = [seconds_per_step(face) for face in starts]
+    positions = [TOKENS_PER_FACE * face for face in starts]
+    mean_step = trapezoid_mean(positions, per_step)
+    return {
+        "tokens_per_s": batch / mean_step,
+        "step_s": mean_step,
+        "generation_s": mean_step * steps,
+        "windows": [
+            {"start_token": p, "step_s": s, "tokens_per_s": batch / s} for p, s in zip(positions, per_step)
+        ],
+        "cache_bytes": cache.nbytes(),
+    }
 
 
-def face_acc(run: Path, data: Path, device: torch.device) -> float:
+def face_acc(runs: dict[str, Path], data: Path, device: torch.device) -> tuple[dict[str, float], int | None]:
+    """Val face accuracy of each run, and the leading faces per mesh it is scored on: those the runs
+    were trained on (their ``--max-faces``; None: whole meshes)."""
     from meshforge.data.shards import TokenDataset
     from meshforge.metrics.tokens import token_metrics
     from meshforge.train.checkpoint import load_model
 
-    _, model, _ = load_model(run, device)
+    loaded = {kind: load_model(run, device) for kind, run in runs.items()}
+    trained = {kind: (meta.get("task_config") or {}).get("max_faces") for kind, (_, _, meta) in loaded.items()}
+    # Longer val meshes would not fit a model built with max_seq_len for its --max-faces, and both
+    # runs must be scored on the same tokens.
+    if len(set(trained.values())) > 1:
+        raise MeshforgeError(f"--runs were trained on different --max-faces ({trained}); their face-acc would not compare")
+    max_faces = next(iter(trained.values()))
+    max_len = TOKENS_PER_FACE * (max_faces + 1) if max_faces else None
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    return token_metrics(model, TokenDataset(data, "val"), autocast=dtype)["face_acc"]
+    val = TokenDataset(data, "val")
+    accuracy = {
+        kind: token_metrics(model, val, max_len=max_len, autocast=dtype)["face_acc"] for kind, (_, model, _) in loaded.items()
+    }
+    return accuracy, max_faces
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -118,15 +179,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--faces", type=int, default=800)
     parser.add_argument("--train-steps", type=int, default=5)
-    parser.add_argument("--decode-faces", type=int, default=4000)
+    parser.add_argument("--decode-faces", type=int, default=4000, help="length of the generation decoding is rated on")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--window-faces", type=int, default=10, help="faces per timed decoding window")
+    parser.add_argument("--windows", type=int, default=5, help="timed decoding windows over the generation")
     parser.add_argument("--dim", type=int, default=512, help="smaller for a smoke test")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"))
     parser.add_argument("--data", type=Path, help="token dataset of --runs (its val split)")
-    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--out", type=Path, default=RESULT, help="JSON; the table PNG goes beside it")
     args = parser.parse_args()
+    # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
+    if args.runs and args.data is None:
+        parser.error("--runs needs --data")
+    if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
+        parser.error("need --windows >= 2 and 1 <= --window-faces <= --decode-faces")
     device = resolve_device(args.device)
     max_len = TOKENS_PER_FACE * (max(args.faces, args.decode_faces) + 1)
     base = {"dim": args.dim, "n_heads": args.heads, "max_seq_len": max_len, "grad_checkpoint": args.grad_checkpoint}
@@ -139,8 +207,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = IFlame(cfg).to(device).eval()
         for batch in args.decode_batches:
-            console.print(f"[bold]{kind}[/bold]: decoding {args.decode_faces} faces at batch {batch}")
-            results[kind][f"decode_b{batch}"] = decode(model, device, batch, args.decode_faces)
+            console.print(
+                f"[bold]{kind}[/bold]: decoding at batch {batch}, {args.windows} windows of {args.window_faces} "
+                f"faces over {args.decode_faces} faces"
+            )
+            results[kind][f"decode_b{batch}"] = decode(
+                model, device, batch, args.decode_faces, args.window_faces, args.windows
+            )
         results[kind]["cache_bytes"] = model.init_cache(1, TOKENS_PER_FACE * args.decode_faces, device, torch.bfloat16).nbytes()
         del model
         if device.type == "cuda":
@@ -150,39 +223,45 @@ def main() -> None:
     del plain
 
     inter, full = results["interleaved"], results["full"]
-    first_batch = args.decode_batches[0]
-    accuracy = {}
-    if args.runs:
-        if args.data is None:
-            parser.error("--runs needs --data")
-        accuracy = {kind: face_acc(run, args.data, device) for kind, run in zip(("interleaved", "full"), args.runs)}
+    accuracy, scored_faces = face_acc(dict(zip(("interleaved", "full"), args.runs)), args.data, device) if args.runs else ({}, None)
+
+    def decode_ratio(batch: int) -> float | None:
+        key = f"decode_b{batch}"
+        return ratio(inter[key]["tokens_per_s"], full[key]["tokens_per_s"])
+
     summary = {
         "benchmark": "iflame_vs_full",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_step_time_ratio": ratio(inter["train"]["step_s"], full["train"]["step_s"]),
         "peak_memory_ratio": ratio(inter["train"]["peak_bytes"], full["train"]["peak_bytes"]),
-        "decode_throughput_ratio": ratio(
-            inter[f"decode_b{first_batch}"]["tokens_per_s"], full[f"decode_b{first_batch}"]["tokens_per_s"]
-        ),
+        # At the first --decode-batches (batch 1 by default); every batch also has its own key.
+        "decode_throughput_ratio": decode_ratio(args.decode_batches[0]),
+        **{f"decode_throughput_ratio_b{batch}": decode_ratio(batch) for batch in args.decode_batches},
         "kv_cache_ratio": ratio(inter["cache_bytes"], full["cache_bytes"]),
         "kv_cache_ratio_vs_plain_transformer": ratio(inter["cache_bytes"], plain_cache),
         "face_acc_delta_pt": 100 * (accuracy["interleaved"] - accuracy["full"]) if accuracy else None,
         "face_acc": accuracy or None,
+        "face_acc_max_faces": scored_faces,
+        "decode_method": (
+            f"{args.windows} timed windows of {args.window_faces} faces ({TOKENS_PER_FACE * args.window_faces} "
+            f"sequential greedy steps) at starts evenly spread over faces [0, {args.decode_faces - args.window_faces}] "
+            "(cache.position set to the start), after one untimed warm-up window; tokens_per_s = batch / "
+            f"trapezoid-rule mean over start positions of the windows' seconds per step, i.e. the throughput of a "
+            f"whole {args.decode_faces}-face generation; generation_s = that mean x {TOKENS_PER_FACE * args.decode_faces} steps"
+        ),
         "settings": vars(args) | {"runs": [str(r) for r in args.runs or []], "data": str(args.data or "")},
         "interleaved": inter,
         "full": full,
         "plain_transformer_cache_bytes": plain_cache,
     }
 
-    table = Table(title=f"iFlame interleaved vs full on {summary['device']}")
-    for column in ("figure", "interleaved", "full", "ratio"):
-        table.add_column(column, justify="right")
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows: list[dict[str, str]] = []
 
     def row(name: str, a: float | None, b: float | None, fmt: str) -> None:
-        def cell(value: float | None, spec: str) -> str:
-            return "-" if value is None else format(value, spec)
-
-        table.add_row(name, cell(a, fmt), cell(b, fmt), cell(ratio(a, b), ".3f"))
+        rows.append({"figure": name, "interleaved": cell(a, fmt), "full": cell(b, fmt), "ratio": cell(ratio(a, b), ".3f")})
 
     def gigabytes(r: dict[str, Any]) -> float | None:
         peak = r["train"]["peak_bytes"]
@@ -196,9 +275,17 @@ def main() -> None:
     row(f"cache MB at {args.decode_faces} faces", inter["cache_bytes"] / 1e6, full["cache_bytes"] / 1e6, ".1f")
     if accuracy:
         row("val face-acc", accuracy["interleaved"], accuracy["full"], ".4f")
+
+    title = f"iFlame interleaved vs full on {summary['device']}"
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(*r.values())
     console.print(table)
     atomic_write_json(args.out, summary)
-    console.print(f"wrote {args.out}")
+    png = render_table_png(rows, args.out.with_suffix(".png"), title)
+    console.print(f"wrote {args.out} and {png}")
 
 
 if __name__ == "__main__":

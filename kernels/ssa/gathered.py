@@ -77,7 +77,9 @@ def ssa_gathered(
         k_cmp, v_cmp = pool_sorted(ks, layout), pool_sorted(vs, layout)
     k_cmp, v_cmp = k_cmp.float(), v_cmp.float()
 
-    tile_rows, tile_valid = _padded_rows(layout.tile_start, layout.tile_end - layout.tile_start, cfg.query_tile)
+    tile_rows, tile_valid = _padded_rows(
+        layout.tile_start, layout.tile_end - layout.tile_start, cfg.query_tile
+    )
     slc_sizes = layout.slc_offsets.diff()
     cmp_parts: list[tuple[Tensor, Tensor]] = []
     slc_parts: list[tuple[Tensor, Tensor]] = []
@@ -101,7 +103,9 @@ def ssa_gathered(
             qt = qs[rows].unflatten(2, (groups, rep))  # [M, Q, G, R, D]
             m = len(rows)
 
-            out, probs = _attend(qt, kc.expand(m, -1, -1, -1), vc.expand(m, -1, -1, -1), cmp_valid.expand(m, -1, -1), scale)
+            out, probs = _attend(
+                qt, kc.expand(m, -1, -1, -1), vc.expand(m, -1, -1, -1), cmp_valid.expand(m, -1, -1), scale
+            )
             cmp_parts.append((rows[valid], out.flatten(2, 3)[valid]))
             # A selection block's score: its compression blocks' probabilities over the tile's
             # real queries and the group's heads (no gradient flows through the choice).
