@@ -31,12 +31,13 @@ class TrainOptions:
     compile: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gpus: int = 1  # processes on this node; more than 1 launches them through torch.distributed.run
+    time_limit_min: float = 0.0  # stop (checkpoint, evaluate) once training has run this long; 0: no limit
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "gpus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay", "time_limit_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -79,4 +80,6 @@ TRAIN_FIELD_HELP = {
     "compile": "torch.compile the model.",
     "precision": "auto: bf16 autocast on CUDA, fp32 on CPU.",
     "gpus": "Processes on this node (GPUs, or CPU processes with --device cpu), launched by torchrun.",
+    "time_limit_min": "Stop after this many minutes of training, as at the last step (checkpoint, evaluation, "
+    "curves); --resume continues the schedule. 0: no limit.",
 }

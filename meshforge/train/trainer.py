@@ -51,6 +51,7 @@ METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 SUMMARY_JSON = "summary.json"
 TOKENS_KEY = "tokens"  # a metric summed over ranks and reported as tokens/s
+OUT_OF_TIME = "_out_of_time"  # rides along with the metrics' reduction; never logged
 
 
 class TrainTask(Protocol):
@@ -176,6 +177,7 @@ class _Run:
         self.last_saved: Path | None = None
         self.last_row: dict[str, float] = {}
         self.val: dict[str, float] = {}
+        self.stopped_by_time_limit = False
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -254,6 +256,7 @@ class _Run:
         amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
+        deadline = time.perf_counter() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
         with closing(batches), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
             while self.step < cfg.steps:
@@ -265,7 +268,9 @@ class _Run:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 # One host sync per step: the check must come before the update, so that a
                 # non-finite loss or gradient never reaches the weights (or a checkpoint).
-                values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm})
+                # The clock is averaged like a metric, so every rank takes the same decision to stop.
+                values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm, OUT_OF_TIME: time.perf_counter() > deadline})
+                out_of_time = values.pop(OUT_OF_TIME) > 0
                 if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                     self._stop_non_finite(values, log)
                 for opt in self.optimizers:
@@ -273,8 +278,14 @@ class _Run:
                     opt.zero_grad(set_to_none=True)
                 self.step += 1
                 window.add(values)
+                last = self.step == cfg.steps or out_of_time
+                if out_of_time and self.step < cfg.steps:
+                    self.stopped_by_time_limit = True
+                    if env.is_main:
+                        console.print(f"time limit of {cfg.time_limit_min:g} min reached at step {self.step}/{cfg.steps}: "
+                                      "stopping here (--resume continues)")
 
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.log_every == 0 or last:
                     self.last_row = window.row(cfg.batch_size, lr)
                     if log is not None:
                         log.log(self.step, self.last_row)
@@ -283,19 +294,21 @@ class _Run:
                             console.print(f"step {self.step}/{cfg.steps}: {shown}", highlight=False)
                     window = _Window()
                 if self.task_evaluates and (
-                    (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps
+                    (cfg.eval_every and self.step % cfg.eval_every == 0) or last
                 ):
                     val = self.evaluate()
                     if log is not None:
                         log.log(self.step, {f"val_{k}": v for k, v in val.items()})
                     window.start = time.perf_counter()  # throughput counts training only
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.checkpoint_every == 0 or last:
                     self.save()
                     if log is not None:
                         log.flush()
                     window.start = time.perf_counter()
                 if bar is not None:
                     progress.update(bar, completed=self.step, description=f"train loss {values['loss']:.4f}")
+                if last:
+                    break
 
     def _reduce(self, values: dict[str, Any]) -> dict[str, float]:
         """Means over ranks (sums for ``tokens``) as Python floats."""
@@ -367,6 +380,8 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
                 log.close()
         summary: dict[str, Any] = {
             "steps": cfg.steps,
+            "last_step": run.step,
+            "stopped_by_time_limit": run.stopped_by_time_limit,
             "resumed_from": start_step if start_step else None,
             "world_size": env.world_size,
             "wall_time_s": round(time.perf_counter() - start, 3),

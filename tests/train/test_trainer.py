@@ -39,6 +39,37 @@ def test_resume_continues_the_same_loss_curve(tmp_path, optimizer):
     assert len(val_full) == 2 and val_full == pytest.approx(val_split, abs=1e-6)
 
 
+class SlowToyTask(ToyTask):
+    """Every training step takes 10 s of a fake clock."""
+
+    def __init__(self, clock: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.clock = clock
+
+    def loss(self, model, batch):
+        self.clock[0] += 10.0
+        return super().loss(model, batch)
+
+
+def test_time_limit_stops_like_a_last_step_and_resume_finishes_the_curve(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("meshforge.train.trainer.time.perf_counter", lambda: clock[0])
+    summary = train(SlowToyTask(clock, batch_size=8), toy_config(time_limit_min=1.0), tmp_path / "split", device="cpu")
+    # 60 s: step 7 is the first to finish past the limit; it is logged, evaluated and checkpointed.
+    assert summary["stopped_by_time_limit"] and summary["last_step"] == 7
+    assert latest_checkpoint(tmp_path / "split").name == "step_0000007"
+    rows = read_csv(tmp_path / "split" / "metrics.csv")
+    assert [r["step"] for r in rows if "val_loss" in r] == [7]
+    assert (tmp_path / "split" / "curves.png").is_file()
+    monkeypatch.undo()
+
+    resumed = train(ToyTask(batch_size=8), toy_config(), tmp_path / "split", device="cpu", resume=True)
+    assert resumed["resumed_from"] == 7 and not resumed["stopped_by_time_limit"] and resumed["last_step"] == 40
+    train(ToyTask(batch_size=8), toy_config(), tmp_path / "full", device="cpu")
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(b) == list(range(1, 41)) and max(abs(a[s] - b[s]) for s in a) <= 1e-6
+
+
 def test_interrupt_between_checkpoints_saves_the_last_completed_step(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(ToyTask(batch_size=8, interrupt_at=13), toy_config(), tmp_path, device="cpu")
