@@ -90,9 +90,9 @@ def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, 
     try:
         seconds = timed(step, device, warmup=2, repeat=steps)
     except torch.cuda.OutOfMemoryError:
-        return {"step_s": None, "peak_bytes": None, "oom": True}
+        return {"step_s": None, "peak_bytes": None, "peak_gb": None, "oom": True}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"step_s": seconds, "peak_bytes": peak, "oom": False}
+    return {"step_s": seconds, "peak_bytes": peak, "peak_gb": None if peak is None else peak / 1e9, "oom": False}
 
 
 def window_starts(decode_faces: int, window_faces: int, windows: int) -> list[int]:
@@ -263,12 +263,8 @@ def main() -> None:
     def row(name: str, a: float | None, b: float | None, fmt: str) -> None:
         rows.append({"figure": name, "interleaved": cell(a, fmt), "full": cell(b, fmt), "ratio": cell(ratio(a, b), ".3f")})
 
-    def gigabytes(r: dict[str, Any]) -> float | None:
-        peak = r["train"]["peak_bytes"]
-        return None if peak is None else peak / 1e9
-
     row("train step (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
-    row("peak memory (GB)", gigabytes(inter), gigabytes(full), ".2f")
+    row("peak memory (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
     for batch in args.decode_batches:
         key = f"decode_b{batch}"
         row(f"decode tokens/s, batch {batch}", inter[key]["tokens_per_s"], full[key]["tokens_per_s"], ",.0f")

@@ -1,0 +1,260 @@
+"""Data parallelism of ``train-iflame --gpus N``: the same training run on 1 process and on N.
+
+    python benchmarks/iflame_ddp.py [--gpus 2] [--device cuda] [--data TOKENS] [--steps 60]
+        [--batch-size 32] [--model-dim 512] [--model-heads 16] [--model-blocks 4 4 8 4 4]
+        [--max-faces 800] [--optimizer muon|adamw] [--set KEY=VALUE ...] [--out WORK] [--result JSON]
+
+Runs the real CLI twice, ``python -m meshforge_plugins.cli --device D --seed S train-iflame ...``
+into ``WORK/gpus1`` with ``--gpus 1`` and into ``WORK/gpusN`` with ``--gpus N``: same data, seed,
+global ``--batch-size``, steps and model. Each global batch is a pure function of (seed, step) and
+every rank trains on its slice of it with losses scaled to the global-batch mean, so both runs
+follow one loss curve up to the order of floating-point reductions (the gradient all-reduce and,
+under bf16 autocast on CUDA, per-rank bf16 rounding of the weight gradients); the difference of
+the two curves measures how far that goes.
+
+Reports, from both runs' ``metrics.csv``: the max and mean absolute difference of the logged train
+losses (each row a mean over ``--log-every`` steps), the final train and val losses, and the training
+throughput of 1 and N processes (samples/s and tokens/s: the median over the logged rows after the
+first, whose window holds the warm-up: CUDA context, kernel compilation, NCCL set-up), with the
+scaling ratio. Without ``--data`` it first writes ``--synth-meshes`` synth meshes and tokenises them
+into ``WORK/data``. Prints a table; writes ``--result`` (JSON naming the device) and a PNG of both
+loss curves beside it. ``--device cpu`` runs N gloo processes of one thread each: a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from meshforge.data.tokens import TOKENS_PER_FACE
+from meshforge.io import atomic_path, atomic_write_json
+from meshforge.runtime import console
+from meshforge.train.logs import read_csv
+
+RESULT = Path(__file__).parent / "results" / "iflame_ddp.json"
+CLI = "meshforge_plugins.cli"
+
+
+def cpu_model() -> str:
+    # Also in sdf_voxelize.py and tokenize_speed.py, but not importable from them: under PYTHONSAFEPATH
+    # (which keeps a checkout from shadowing an installed meshforge) this folder is not on sys.path.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_data(root: Path, meshes: int, seed: int) -> Path:
+    """Synth meshes tokenised into ``root/tokens`` (the quickstart's data, at the tokeniser's defaults)."""
+    from meshforge.data.synth import generate
+    from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
+
+    generate(root / "synth", meshes, seed)
+    tokenize_folder(TokenizeConfig(input=root / "synth", out=root / "tokens"))
+    return root / "tokens"
+
+
+def train_command(args: argparse.Namespace, data: Path, out: Path, gpus: int) -> list[str]:
+    model = {
+        "dim": args.model_dim,
+        "n_heads": args.model_heads,
+        "blocks": "[" + ",".join(map(str, args.model_blocks)) + "]",
+        "max_seq_len": TOKENS_PER_FACE * (args.max_faces + 1),
+    }
+    overrides = [f"model.{key}={value}" for key, value in model.items()] + args.set
+    return [
+        sys.executable, "-m", CLI, "--device", args.device, "--seed", str(args.seed), "train-iflame",
+        "--data", str(data), "--out", str(out), "--gpus", str(gpus),
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--optimizer", args.optimizer,
+        "--warmup-steps", str(args.warmup_steps), "--log-every", str(args.log_every),
+        "--max-faces", str(args.max_faces), "--eval-meshes", str(args.eval_meshes),
+        # One evaluation and one checkpoint, both after the last logged row: no logged window pays for them.
+        "--eval-every", "0", "--checkpoint-every", str(args.steps),
+        *(arg for text in overrides for arg in ("--set", text)),
+    ]  # fmt: skip
+
+
+def run_training(command: list[str], out: Path, env: dict[str, str], cwd: Path) -> float:
+    """Run one ``train-iflame`` afresh into ``out`` (its output streams through); wall seconds."""
+    shutil.rmtree(out, ignore_errors=True)  # no stale metrics.csv can stand in for a failed run
+    console.print(f"[bold]$ {' '.join(command)}[/bold]", highlight=False)
+    start = time.perf_counter()
+    done = subprocess.run(command, check=False, env=env, cwd=cwd)
+    if done.returncode:
+        raise SystemExit(f"train-iflame into {out} failed with exit code {done.returncode} (its output is above)")
+    return time.perf_counter() - start
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """The logged train curve, the throughput medians and the summary of one finished run."""
+    rows = [r for r in read_csv(out / "metrics.csv") if "loss" in r]
+    steady = rows[1:]  # the first row's window holds the warm-up (main() ensures at least two rows)
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "steps": [int(r["step"]) for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "final_loss": rows[-1]["loss"],
+        "val_loss": summary.get("val_loss"),
+        "val_face_acc": summary.get("val_face_acc"),
+        "world_size": summary["world_size"],
+        "train_wall_s": summary["wall_time_s"],
+    }
+
+
+def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Both loss curves, and their absolute difference, against the step (headless, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (one_name, one), (many_name, many) = runs.items()
+    fig, (curves, diff) = plt.subplots(1, 2, figsize=(11, 4))
+    curves.plot(one["steps"], one["loss"], label=one_name, linewidth=2)
+    curves.plot(many["steps"], many["loss"], label=many_name, linestyle="--", marker="o", markersize=3)
+    curves.set_title("train loss")
+    diff.plot(one["steps"], [abs(a - b) for a, b in zip(one["loss"], many["loss"])], marker="o", markersize=3)
+    diff.set_title(f"|loss {one_name} - loss {many_name}|")
+    for ax in (curves, diff):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    curves.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--gpus", type=int, default=2, help="processes of the data-parallel run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, help="token dataset (default: synth meshes tokenised into OUT/data)")
+    parser.add_argument("--synth-meshes", type=int, default=400, help="meshes to generate without --data")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
+    parser.add_argument("--log-every", type=int, default=5, help="steps per metrics row (loss mean, throughput)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="learning-rate warm-up")
+    parser.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
+    parser.add_argument("--model-dim", type=int, default=512)
+    parser.add_argument("--model-heads", type=int, default=16)
+    parser.add_argument("--model-blocks", type=int, nargs=5, default=[4, 4, 8, 4, 4], metavar="N")
+    parser.add_argument("--max-faces", type=int, default=800, help="train on the first faces of each mesh")
+    parser.add_argument("--eval-meshes", type=int, default=16, help="val meshes of the final evaluation")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more train-iflame overrides")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="largest loss difference that counts as matching")
+    parser.add_argument("--out", type=Path, default=Path("runs/iflame_ddp"), help="work folder of the runs")
+    parser.add_argument("--result", type=Path, default=RESULT, help="JSON; the loss-curve PNG goes beside it")
+    args = parser.parse_args()
+    # Checked here, before minutes of training, rather than by the second run's workers.
+    if args.gpus < 2:
+        parser.error("--gpus must be at least 2 (it is compared with one process)")
+    if args.batch_size % args.gpus:
+        parser.error(f"--batch-size {args.batch_size} must divide evenly over --gpus {args.gpus}")
+    if args.steps < 2 * args.log_every:
+        parser.error("--steps must be at least 2 x --log-every: the first logged row is warm-up")
+    if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
+        parser.error(f"--gpus {args.gpus} but {torch.cuda.device_count()} CUDA devices are visible")
+
+    # Children run from the work folder: `python -m` puts its working directory first on sys.path,
+    # and a repository checkout there would shadow an installed meshforge (whose kernels and plugins
+    # live elsewhere in the checkout). Hence absolute paths throughout.
+    work = args.out.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = args.data.resolve() if args.data else make_data(work / "data", args.synth_meshes, args.seed)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # one thread per process: N processes must not oversubscribe the cores
+    else:
+        # Batches are padded to their longest mesh, so every step allocates other shapes: growable
+        # segments keep the 1-process run (the whole global batch on one GPU) from fragmenting into OOM.
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+    names = {1: "gpus1", args.gpus: f"gpus{args.gpus}"}
+    commands, wall, runs = {}, {}, {}
+    for gpus, name in names.items():
+        commands[name] = train_command(args, data, work / name, gpus)
+        wall[name] = run_training(commands[name], work / name, env, work)
+        runs[name] = read_run(work / name)
+    one, many = (runs[name] for name in names.values())
+    if one["steps"] != many["steps"]:
+        raise SystemExit(f"the runs logged different steps: {one['steps']} and {many['steps']}")
+    diffs = [abs(a - b) for a, b in zip(one["loss"], many["loss"])]
+    scaling = many["samples_per_s"] / one["samples_per_s"]
+    if args.device == "cuda":
+        device = f"{torch.cuda.get_device_name(0)} x{args.gpus}"  # after the runs: no CUDA context held during them
+    else:
+        device = f"{cpu_model()} ({args.gpus} gloo processes, 1 thread each)"
+
+    result = {
+        "benchmark": "iflame_ddp",
+        "device": device,
+        "processes": [1, args.gpus],
+        "loss_max_abs_diff": max(diffs),
+        "loss_mean_abs_diff": sum(diffs) / len(diffs),
+        "curves_match": max(diffs) <= args.tolerance,
+        "final_loss": {name: r["final_loss"] for name, r in runs.items()},
+        "val_loss": {name: r["val_loss"] for name, r in runs.items()},
+        "samples_per_s": {name: r["samples_per_s"] for name, r in runs.items()},
+        "tokens_per_s": {name: r["tokens_per_s"] for name, r in runs.items()},
+        "scaling_ratio": scaling,
+        "scaling_efficiency": scaling / args.gpus,
+        "throughput_method": "median over the metrics.csv rows after the first (the first window holds the warm-up)",
+        "wall_s": wall,
+        "settings": vars(args) | {"data": str(data)},
+        "commands": {name: " ".join(command) for name, command in commands.items()},
+        "runs": runs,
+    }
+
+    label = {name: f"{gpus} process{'es' if gpus > 1 else ''}" for gpus, name in names.items()}
+    table = Table(title=f"train-iflame --gpus {args.gpus} vs 1 on {device}")
+    for column in ("figure", *label.values(), f"{args.gpus} vs 1"):
+        table.add_column(column, justify="right")
+
+    def row(name: str, key: str, fmt: str, compare: str) -> None:
+        a, b = one[key], many[key]
+        if a is None or b is None:
+            table.add_row(name, *("-" if v is None else format(v, fmt) for v in (a, b)), "-")
+            return
+        versus = f"x{b / a:.2f}" if compare == "ratio" else f"{b - a:+.2e}"
+        table.add_row(name, format(a, fmt), format(b, fmt), versus)
+
+    row("final train loss", "final_loss", ".5f", "diff")
+    row("val loss", "val_loss", ".5f", "diff")
+    row("samples/s (median)", "samples_per_s", ",.1f", "ratio")
+    row("tokens/s (median)", "tokens_per_s", ",.0f", "ratio")
+    table.add_row("wall time (s)", f"{wall[names[1]]:.1f}", f"{wall[names[args.gpus]]:.1f}", "")
+    console.print(table)
+    verdict = "[green]match[/green]" if result["curves_match"] else "[red]differ[/red]"
+    console.print(
+        f"loss curves over {len(diffs)} logged rows: max |diff| {max(diffs):.2e}, mean {result['loss_mean_abs_diff']:.2e} "
+        f"-> {verdict} (tolerance {args.tolerance}); scaling x{scaling:.2f} on {args.gpus} processes "
+        f"({100 * scaling / args.gpus:.0f}% efficiency)"
+    )
+    atomic_write_json(args.result, result)
+    png = args.result.with_suffix(".png")
+    plot({label[name]: r for name, r in runs.items()}, png, f"train-iflame loss, 1 vs {args.gpus} processes ({device})")
+    console.print(f"wrote {args.result} and {png}")
+
+
+if __name__ == "__main__":
+    main()
