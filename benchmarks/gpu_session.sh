@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh 1   # lane A: iFlame interleaved training, GPU tests, iFlame vs full
 #                                      #   (timing + face-acc), iFlame sample/eval, voxelisation speed
-#                                      # lane B: iFlame full-attention training, the Direct3D-S2 recipe
-#   bash benchmarks/gpu_session.sh 2   # train-iflame --gpus 1 vs 2 (both GPUs), then the SS-VAE figures
+#                                      # lane B: iFlame full-attention training, the SS-VAE figures
+#   bash benchmarks/gpu_session.sh 2   # train-iflame --gpus 1 vs 2 (both GPUs), then the Direct3D-S2 recipe
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES), so no timing shares a GPU. Every
 # command is stopped by SIGINT (trainers checkpoint) at BUDGET_S seconds, so results always get packed.
@@ -59,7 +59,7 @@ lane_full() {
   $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/iflame-full" "${IFLAME_TRAIN[@]}" \
     --set model.attention=full
   touch "$WORK/iflame-full.done"
-  $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
+  timed python3 benchmarks/sparse_vae.py
 }
 
 lane_interleaved() {
@@ -82,7 +82,7 @@ case $phase in
   2)
     ( export CUDA_VISIBLE_DEVICES=0,1
       timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" ) >"$LOGS/ddp.log" 2>&1
-    lane sparse-vae 0 timed python3 benchmarks/sparse_vae.py
+    lane direct3d 0 $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

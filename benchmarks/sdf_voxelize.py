@@ -4,8 +4,9 @@
 
 Runs ``voxelize_folder`` (load, normalise, distance, winding-number sign, sharp flags, write) at
 each resolution: on the CPU with every core, and on the GPU when one is available. Prints a table
-and writes ``benchmarks/results/sdf_voxelize.json`` naming the devices. The first CUDA run is
-preceded by a warm-up mesh so that CUDA start-up is not counted.
+and writes ``benchmarks/results/sdf_voxelize.json`` naming the devices, and the table beside it as
+``sdf_voxelize.png``. The first CUDA run is preceded by a warm-up mesh so that CUDA start-up is not
+counted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from meshforge.data.batch import resolve_workers
 from meshforge.data.sdf import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.io import atomic_write_json
+from meshforge.render import render_table_png
 from meshforge.runtime import console
 
 RESULT = Path(__file__).parent / "results" / "sdf_voxelize.json"
@@ -106,22 +108,31 @@ def main() -> None:
         "note": "wall time of voxelize_folder: load, normalise, exact distance, winding-number sign, "
         "sharp flags, npz writes; CUDA rows after a warm-up mesh",
     }
-    table = Table(title=f"sdf-voxelize: {args.meshes} synth meshes")
-    for column in ("device", "R", "meshes/s", "seconds", "voxels/mesh", "peak GPU GB"):
+    title = f"sdf-voxelize: {args.meshes} synth meshes"
+    cpu_name = f"{result['device']['cpu']} x{workers}"
+    shown = [
+        {
+            "device": result["device"]["gpu"] if row["device"] == "cuda" else cpu_name,
+            "R": str(row["resolution"]),
+            "meshes/s": f"{row['meshes_per_s']:.2f}",
+            "seconds": f"{row['seconds']:.1f}",
+            "voxels/mesh": f"{row['voxels_per_mesh']:,}",
+            "peak GPU GB": str(row.get("peak_gpu_memory_gb", "-")),
+        }
+        for row in rows
+    ]
+    table = Table(title=title)
+    for column in shown[0] if shown else ():
         table.add_column(column, justify="right")
-    for row in rows:
-        name = result["device"]["gpu"] if row["device"] == "cuda" else f"{result['device']['cpu']} x{workers}"
-        table.add_row(
-            name,
-            str(row["resolution"]),
-            f"{row['meshes_per_s']:.2f}",
-            f"{row['seconds']:.1f}",
-            f"{row['voxels_per_mesh']:,}",
-            str(row.get("peak_gpu_memory_gb", "-")),
-        )
+    for row in shown:
+        table.add_row(*row.values())
     console.print(table)
     atomic_write_json(args.out, result)
-    console.print(f"wrote {args.out}")
+    if shown:
+        png = render_table_png(shown, args.out.with_suffix(".png"), title)
+        console.print(f"wrote {args.out} and {png}")
+    else:
+        console.print(f"wrote {args.out} (no resolutions ran)")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@
     python benchmarks/sparse_vae.py --smoke    # the same code path, tiny, on the CPU (a minute)
 
 1. ``sdf-voxelize`` throughput (meshes/s, voxels per mesh) of synth meshes at each ``--vox-res``.
-2. SS-VAE training step at ``--step-res`` (512^3-scale inputs): median step time and peak memory,
+2. SS-VAE training step at ``step_res`` (512^3-scale inputs): median step time and peak memory,
    bf16 autocast on CUDA, through the training task's own batches and loss.
-3. A short training run (the one trainer) at ``--train-res``, then ``eval --metric recon`` on
+3. A short training run (the one trainer) at ``train_res``, then ``eval --metric recon`` on
    the val split: Chamfer, F-score@0.01, normal consistency against the input meshes.
 
 Prints a table and writes ``benchmarks/results/sparse_vae.json`` (``--smoke``: ``sparse_vae_smoke.json``)
-naming the device.
+naming the device, the table beside it as ``.png`` and the val inputs next to their
+reconstructions as ``*_recon.png``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from rich.table import Table
 from meshforge.config import from_dict, to_dict
 from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
 from meshforge.data.synth import generate
-from meshforge.io import atomic_write_json
+from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction
+from meshforge.render import render_table_png
 from meshforge.runtime import console, resolve_device, seed_everything
 from meshforge.train.config import TrainConfig
 from meshforge.train.optim import build_optimizers
@@ -104,6 +106,8 @@ def train_step(data: Path, sizes: Sizes, device: torch.device, work: Path) -> di
     cfg = from_dict(VaeTaskConfig, {"data": data, "out": work, "batch_size": sizes.step_batch,
                                     "model": sizes.step_model, "optimizer": "adamw"})
     task = VAETask(cfg)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as the trainer does: TF32 for float32 matmuls and convs
     seed_everything(0)
     model = task.build_model().to(device).train()
     optimizers = build_optimizers(model, TrainConfig.from_options(cfg, seed=0))
@@ -134,6 +138,7 @@ def train_step(data: Path, sizes: Sizes, device: torch.device, work: Path) -> di
         "model": to_dict(task.model_config()),
         "parameters": params,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "sparse_conv_precision": "fp32, TF32 allowed" if device.type == "cuda" else "fp32",  # no autocast
         "step_ms_median": round(1000 * statistics.median(times), 1),
         "step_ms_min": round(1000 * min(times), 1),
         "input_voxels_per_step": round(statistics.mean(voxels)),
@@ -189,6 +194,9 @@ def main() -> None:
         vox = voxelisation(work / "synth", work, resolutions, device)
         step = train_step(work / f"sdf{sizes.step_res}", sizes, device, work / "step")
         recon = short_training(work / f"sdf{sizes.train_res}", sizes, device, work)
+        # Inputs and reconstructions side by side, kept beside the results (the work folder goes).
+        compare = out.with_name(f"{out.stem}_recon.png")
+        atomic_write_bytes(compare, (work / "recon" / "compare.png").read_bytes())
 
     result = {
         "benchmark": "sparse_vae",
@@ -201,19 +209,28 @@ def main() -> None:
     }
     atomic_write_json(out, result)
 
-    table = Table(title=f"sparse SDF VAE on {result['device']}")
+    shown = [
+        *({"measure": f"voxelise R={row['resolution']}",
+           "value": f"{row['meshes_per_s']} meshes/s ({row['voxels_per_mesh']:,} voxels/mesh)"}
+          for row in result["voxelize"]),
+        {"measure": f"train step R={step['resolution']} batch {step['batch_size']}",
+         "value": f"{step['step_ms_median']} ms ({step['input_voxels_per_step']:,} voxels)"},
+        {"measure": "peak memory",
+         "value": f"{step['peak_memory_gib']} GiB" if step["peak_memory_gib"] is not None else "n/a (CPU)"},
+        {"measure": f"recon after {recon['steps']} steps at R={recon['resolution']} "
+                    f"({recon['failed']} failed)",
+         "value": metrics_text(recon, "")},
+        {"measure": f"input SDF floor (F@{recon['fscore_tau']})", "value": metrics_text(recon, "input_sdf_")},
+    ]  # fmt: skip
+    title = f"sparse SDF VAE on {result['device']}"
+    table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for row in result["voxelize"]:
-        table.add_row(f"voxelise R={row['resolution']}", f"{row['meshes_per_s']} meshes/s ({row['voxels_per_mesh']:,} voxels/mesh)")
-    table.add_row(f"train step R={step['resolution']} batch {step['batch_size']}",
-                  f"{step['step_ms_median']} ms ({step['input_voxels_per_step']:,} voxels)")
-    table.add_row("peak memory", f"{step['peak_memory_gib']} GiB" if step["peak_memory_gib"] is not None else "n/a (CPU)")
-    table.add_row(f"recon after {recon['steps']} steps at R={recon['resolution']} ({recon['failed']} failed)",
-                  metrics_text(recon, ""))
-    table.add_row(f"input SDF floor (F@{recon['fscore_tau']})", metrics_text(recon, "input_sdf_"))
+    for row in shown:
+        table.add_row(row["measure"], row["value"])
     console.print(table)
-    console.print(f"wrote {out}")
+    png = render_table_png(shown, out.with_suffix(".png"), title)
+    console.print(f"wrote {out}, {png} and {compare}")
 
 
 if __name__ == "__main__":

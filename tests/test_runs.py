@@ -1,10 +1,11 @@
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from meshforge.errors import ConfigError, MeshforgeError
-from meshforge.runs import load_recipe, run_recipe
+from meshforge.runs import load_recipe, resolve, run_recipe
 from tests.plugin_fixture import install_fake_plugin
 
 RECIPE = """\
@@ -109,3 +110,15 @@ def test_recipe_validation_catches_stage_and_input_errors(recipe, tmp_path):
     recipe.write_text(text.replace("${first.out}", "${zeroth.out}"))
     with pytest.raises(ConfigError, match=r"refers to no earlier step"):
         run_recipe(load_recipe(recipe), tmp_path / "run")
+
+
+SHIPPED_RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path, tmp_path):
+    # Stages, option names and types, references and inputs: what a run checks before its first step
+    # (the GPU recipes are only ever run on a machine this suite never sees).
+    recipe = load_recipe(path)
+    resolve(recipe, tmp_path, device="cpu")
+    assert all(step.config is not None for step in recipe.steps)

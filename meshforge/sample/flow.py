@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,10 +158,14 @@ def sample_meshes(
     vae = (vae or _vae(model, device)).to(device).eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     condition = model.conditioner.for_sampling(n, image, class_label)
+    # On CUDA the networks run under bf16 autocast, as in training and evaluation (so the same
+    # kernels); the ODE state and the velocities stay float32.
+    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     meshes: list[Mesh] = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         part = condition[start : start + count] if condition is not None else None
-        latents = sample_latents(model, part, count, steps, cfg_scale, sampler, generator, device)
-        meshes.extend(vae.decode_to_mesh(latents))
+        with amp:
+            latents = sample_latents(model, part, count, steps, cfg_scale, sampler, generator, device)
+            meshes.extend(vae.decode_to_mesh(latents))
     return meshes

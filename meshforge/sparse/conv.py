@@ -10,8 +10,9 @@ Both own their parameters in spconv's layout (weight ``[out, k, k, k, in]``, the
 device) and run on a backend chosen per module:
 
 * ``"spconv"`` (default): spconv 2.x driven with meshforge's parameters, its implicit-GEMM
-  algorithms on CUDA and ``ConvAlgo.Native`` on the CPU, where the others do not exist. Rulebooks
-  are cached on the tensor, so the convolutions of one level build theirs once.
+  algorithms on CUDA and ``ConvAlgo.Native`` on the CPU, where the others do not exist; always in
+  the weights' dtype, outside autocast (see :meth:`_SparseConv._run_spconv`). Rulebooks are cached
+  on the tensor, so the convolutions of one level build theirs once.
 * ``"torch"``: a pure-PyTorch gather/scatter over a neighbour table built with sorted keys. It is
   the reference the tests compare spconv against and runs wherever torch runs; a further backend
   (torchsparse, a Triton kernel) is one more branch of :meth:`_SparseConv.forward`.
@@ -68,8 +69,10 @@ class _SparseConv(nn.Module):
         # Subclasses define _forward_spconv and _forward_torch.
         if x.channels != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got {x.channels}")
-        if self.backend == "spconv":
+        if self.backend == "spconv" and len(x):
             return self._forward_spconv(x)
+        # spconv rejects a tensor without voxels (its CUDA rulebooks and its strided CPU kernel
+        # assert), which a decoder that pruned everything produces; the torch path handles it.
         return self._forward_torch(x)
 
     def _engine(self, device: torch.device, subm: bool, stride: int, indice_key: str | None):
@@ -87,16 +90,24 @@ class _SparseConv(nn.Module):
 
     def _run_spconv(self, x: SparseTensor, subm: bool, stride: int, indice_key: str | None):
         import spconv.pytorch as spconv
+        from spconv import constants
 
         engine = self._engine(x.device, subm, stride, indice_key)
-        sp = spconv.SparseConvTensor(
-            x.feats.contiguous(), x.coords, list(x.spatial_shape), x.batch_size,
-            indice_dict=x.cache.get("spconv_rulebooks", {}),
-        )
-        # spconv's "training" flag means: build backward indices and add the bias outside the kernel.
-        # Its CPU kernels cannot fuse the bias, and eval-mode modules may still need gradients.
-        needs_grad = torch.is_grad_enabled() and (x.feats.requires_grad or self.weight.requires_grad)
-        return engine._conv_forward(needs_grad or x.device.type == "cpu", sp, self.weight, self.bias)
+        # Under CUDA autocast spconv would cast to float16 (it has no bfloat16 kernels) and, at
+        # these widths, accumulate in float16: the per-voxel gradients of a loss averaged over
+        # 1e5-1e6 voxels (~1e-7) underflow there, and no loss scaler runs. So it runs outside
+        # autocast in the weights' dtype, on TF32 tensor cores where torch allows them for
+        # float32 matmuls (the trainer does on CUDA).
+        constants.SPCONV_ALLOW_TF32 = torch.get_float32_matmul_precision() != "highest"
+        with torch.autocast(x.device.type, enabled=False):
+            sp = spconv.SparseConvTensor(
+                x.feats.to(self.weight.dtype).contiguous(), x.coords, list(x.spatial_shape), x.batch_size,
+                indice_dict=x.cache.get("spconv_rulebooks", {}),
+            )
+            # spconv's "training" flag means: build backward indices and add the bias outside the
+            # kernel. Its CPU kernels cannot fuse the bias, and eval-mode modules may still need gradients.
+            needs_grad = torch.is_grad_enabled() and (x.feats.requires_grad or self.weight.requires_grad)
+            return engine._conv_forward(needs_grad or x.device.type == "cpu", sp, self.weight, self.bias)
 
 
 def kernel_offsets(kernel_size: int, device: torch.device | str = "cpu") -> torch.Tensor:

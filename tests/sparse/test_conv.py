@@ -67,6 +67,27 @@ def test_strided_conv_backends_agree_and_order_like_coarsen():
         a(random_tensor(4, grid=(9, 8, 8)).to(torch.float64))
 
 
+def test_spconv_runs_in_the_weights_dtype_under_autocast():
+    # Half-precision spconv would underflow the tiny per-voxel gradients of a mean loss.
+    x = random_tensor(7, sizes=(120, 60), grid=(8, 8, 8))
+    conv = SparseSubMConv3d(3, 4)
+    low = x.replace(x.feats.bfloat16())
+    with torch.autocast("cpu", torch.bfloat16):
+        y = conv(low)
+    assert y.feats.dtype == torch.float32
+    torch.testing.assert_close(y.feats, conv(x.replace(low.feats.float())).feats)
+
+
+@pytest.mark.parametrize("backend", ["spconv", "torch"])
+def test_a_tensor_without_voxels_convolves_to_one_without_voxels(backend):
+    # A decoder that prunes every child hands the next level an empty tensor (spconv asserts on it).
+    x = SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32), (8, 8, 8), 2)
+    y = SparseSubMConv3d(3, 4, backend=backend)(x)
+    assert y.feats.shape == (0, 4) and y.spatial_shape == (8, 8, 8)
+    z = SparseConv3d(3, 5, 2, backend=backend)(x)
+    assert z.feats.shape == (0, 5) and z.coords.shape == (0, 4) and z.spatial_shape == (4, 4, 4)
+
+
 def test_avg_pool_is_the_mean_of_the_children():
     x = random_tensor(5, sizes=(120, 30), grid=(8, 8, 8))
     y = avg_pool(x, 2)
