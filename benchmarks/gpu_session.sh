@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_session.sh 1   # lane A: iFlame interleaved training, GPU tests, iFlame vs full
 #                                      #   (timing + face-acc), iFlame sample/eval, voxelisation speed
 #                                      # lane B: iFlame full-attention training, the SS-VAE figures
-#   bash benchmarks/gpu_session.sh 2   # train-iflame --gpus 1 vs 2 (both GPUs), then the Direct3D-S2 recipe
+#   bash benchmarks/gpu_session.sh 2   # train-iflame --gpus 1 vs 2 (both GPUs), then lane A: the
+#                                      # Direct3D-S2 recipe; lane B: iFlame vs full timing (face-acc
+#                                      # from phase 1's runs, kept in benchmarks/results), SS-VAE figures
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES), so no timing shares a GPU. Every
 # command is stopped by SIGINT (trainers checkpoint) at BUDGET_S seconds, so results always get packed.
@@ -73,16 +75,23 @@ lane_interleaved() {
   timed python3 benchmarks/sdf_voxelize.py
 }
 
+lane_figures() {
+  timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint --train-steps 3 \
+    --runs benchmarks/results/iflame_vs_full_runs/interleaved benchmarks/results/iflame_vs_full_runs/full
+  timed python3 benchmarks/sparse_vae.py
+}
+
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 case $phase in
   1)
     lane interleaved 0 lane_interleaved
     lane full 1 lane_full
     ;;
-  2)
+  2)  # after 1: the two runs' summaries are in benchmarks/results/iflame_vs_full_runs/
     ( export CUDA_VISIBLE_DEVICES=0,1
-      timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" ) >"$LOGS/ddp.log" 2>&1
+      timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --steps 40 --log-every 5 ) >"$LOGS/ddp.log" 2>&1
     lane direct3d 0 $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
+    lane figures 1 lane_figures
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -1,15 +1,15 @@
 """iFlame (interleaved attention) against its full-attention baseline, same code and sizes, on one GPU.
 
     python benchmarks/iflame_vs_full.py [--batch 48] [--faces 800] [--decode-faces 4000]
-        [--window-faces 10] [--windows 5] [--runs RUN_INTERLEAVED RUN_FULL --data DATASET]
+        [--window-faces 10] [--windows 5] [--runs RUN_INTERLEAVED RUN_FULL]
 
 Measures, for both ``attention`` settings of the reference model (512 wide, 16 heads, 4/4/8/4/4):
 training step time and peak memory (forward + backward + AdamW, bf16 autocast, random tokens of
 ``--faces`` faces), decoding throughput at batch 1 and 16, and the attention-cache bytes at
 ``--decode-faces``. The cache is also compared with a plain 24-block full-attention transformer at
 the token level (the comparison behind iFlame's "about 1/8"). With ``--runs`` (two ``train-iflame``
-runs trained with the same recipe and token budget) it adds their val face accuracy, scored on the
-faces each run was trained on (its ``--max-faces``). Writes ``benchmarks/results/iflame_vs_full.json``
+runs of the same steps, batch, seed and data, differing only in ``model.attention``) it adds their
+val face accuracy, the trainer's final evaluation over the whole val split (``summary.json``). Writes ``benchmarks/results/iflame_vs_full.json``
 naming the device, and the results table as a PNG beside it; ``--device cpu`` with small sizes is a
 smoke test.
 
@@ -29,6 +29,7 @@ its start plus a constant), and a generation's throughput is ``batch / mean step
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -146,27 +147,26 @@ def decode(model: IFlame, device: torch.device, batch: int, faces: int, window_f
     }
 
 
-def face_acc(runs: dict[str, Path], data: Path, device: torch.device) -> tuple[dict[str, float], int | None]:
-    """Val face accuracy of each run, and the leading faces per mesh it is scored on: those the runs
-    were trained on (their ``--max-faces``; None: whole meshes)."""
-    from meshforge.data.shards import TokenDataset
-    from meshforge.metrics.tokens import token_metrics
-    from meshforge.train.checkpoint import load_model
+def face_acc(runs: dict[str, Path]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Val face accuracy of each ``train-iflame`` run: its final evaluation (``summary.json``), which
+    the trainer computes teacher-forced over the whole val split (the runs must use ``--eval-meshes 0``)
+    after the same steps, batch and data order. Also the settings that make the two comparable."""
+    import yaml
 
-    loaded = {kind: load_model(run, device) for kind, run in runs.items()}
-    trained = {kind: (meta.get("task_config") or {}).get("max_faces") for kind, (_, _, meta) in loaded.items()}
-    # Longer val meshes would not fit a model built with max_seq_len for its --max-faces, and both
-    # runs must be scored on the same tokens.
-    if len(set(trained.values())) > 1:
-        raise MeshforgeError(f"--runs were trained on different --max-faces ({trained}); their face-acc would not compare")
-    max_faces = next(iter(trained.values()))
-    max_len = TOKENS_PER_FACE * (max_faces + 1) if max_faces else None
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    val = TokenDataset(data, "val")
-    accuracy = {
-        kind: token_metrics(model, val, max_len=max_len, autocast=dtype)["face_acc"] for kind, (_, model, _) in loaded.items()
-    }
-    return accuracy, max_faces
+    accuracy, settings = {}, {}
+    for kind, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        task, train = config["task_config"], config["train"]
+        if task["eval_meshes"] != 0 or summary["last_step"] != train["steps"]:
+            raise MeshforgeError(f"{run}: needs a finished run evaluated on the whole val split (--eval-meshes 0)")
+        accuracy[kind] = summary["val_face_acc"]
+        settings[kind] = {"steps": train["steps"], "batch_size": train["batch_size"], "seed": train["seed"],
+                          "max_faces": task["max_faces"], "data": task["data"], "attention": config["model"]["attention"]}
+    first, second = settings.values()
+    if {k: v for k, v in first.items() if k != "attention"} != {k: v for k, v in second.items() if k != "attention"}:
+        raise MeshforgeError(f"--runs differ in more than the attention: {settings}")
+    return accuracy, first | {"wall_time_s": {kind: json.loads((run / "summary.json").read_text())["wall_time_s"] for kind, run in runs.items()}}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -187,14 +187,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"))
-    parser.add_argument("--data", type=Path, help="token dataset of --runs (its val split)")
     parser.add_argument("--out", type=Path, default=RESULT, help="JSON; the table PNG goes beside it")
     args = parser.parse_args()
     # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
-    if args.runs and args.data is None:
-        parser.error("--runs needs --data")
     if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
         parser.error("need --windows >= 2 and 1 <= --window-faces <= --decode-faces")
+    accuracy, runs = face_acc(dict(zip(("interleaved", "full"), args.runs))) if args.runs else ({}, None)
     device = resolve_device(args.device)
     max_len = TOKENS_PER_FACE * (max(args.faces, args.decode_faces) + 1)
     base = {"dim": args.dim, "n_heads": args.heads, "max_seq_len": max_len, "grad_checkpoint": args.grad_checkpoint}
@@ -223,7 +221,6 @@ def main() -> None:
     del plain
 
     inter, full = results["interleaved"], results["full"]
-    accuracy, scored_faces = face_acc(dict(zip(("interleaved", "full"), args.runs)), args.data, device) if args.runs else ({}, None)
 
     def decode_ratio(batch: int) -> float | None:
         key = f"decode_b{batch}"
@@ -241,7 +238,7 @@ def main() -> None:
         "kv_cache_ratio_vs_plain_transformer": ratio(inter["cache_bytes"], plain_cache),
         "face_acc_delta_pt": 100 * (accuracy["interleaved"] - accuracy["full"]) if accuracy else None,
         "face_acc": accuracy or None,
-        "face_acc_max_faces": scored_faces,
+        "face_acc_runs": runs,
         "decode_method": (
             f"{args.windows} timed windows of {args.window_faces} faces ({TOKENS_PER_FACE * args.window_faces} "
             f"sequential greedy steps) at starts evenly spread over faces [0, {args.decode_faces - args.window_faces}] "
@@ -249,7 +246,7 @@ def main() -> None:
             f"trapezoid-rule mean over start positions of the windows' seconds per step, i.e. the throughput of a "
             f"whole {args.decode_faces}-face generation; generation_s = that mean x {TOKENS_PER_FACE * args.decode_faces} steps"
         ),
-        "settings": vars(args) | {"runs": [str(r) for r in args.runs or []], "data": str(args.data or "")},
+        "settings": vars(args) | {"runs": [str(r) for r in args.runs or []], "out": str(args.out)},
         "interleaved": inter,
         "full": full,
         "plain_transformer_cache_bytes": plain_cache,

@@ -63,9 +63,9 @@ class Sizes:
 FULL = Sizes(
     meshes=16, max_faces=800, families=None, vox_res=(256, 512, 1024),
     step_res=512, step_model={"channels": [32, 64, 128, 256], "res_blocks": 1, "attn_blocks": 2, "window": 8, "heads": 4},
-    step_batch=2, step_iters=10,
+    step_batch=1, step_iters=10,  # two shapes at 512 overflow spconv's int32 feature offsets (2^31 bytes)
     train_res=256, train_model={"channels": [32, 64, 128], "res_blocks": 1, "attn_blocks": 2, "window": 8, "heads": 4},
-    train_steps=400, train_batch=4, points=100_000,
+    train_steps=300, train_batch=4, points=100_000,
 )  # fmt: skip
 SMOKE = Sizes(
     meshes=6, max_faces=60, families=["table", "stool", "cabinet"], vox_res=(16, 32),
