@@ -125,10 +125,13 @@ def ssa_gathered(
     win_parts: list[tuple[Tensor, Tensor]] = []
     if len(win_sizes):
         qw, kw, vw = (x[layout.win_perm].float() for x in (q, k, v))  # window order
-        widest = int(win_sizes.max())
-        all_rows, all_valid = _padded_rows(layout.win_offsets[:-1], win_sizes, widest)
-        for part in _chunks(len(win_sizes), widest * widest * heads):
-            rows, valid = all_rows[part], all_valid[part]  # [M, W]
+        # Largest windows first, each chunk padded to its own largest: surface windows range from
+        # a few voxels to m_win^3, and padding all to the largest would waste most of the memory.
+        by_size = win_sizes.argsort(descending=True)
+        sizes_sorted = win_sizes[by_size]
+        for part in _chunks(len(win_sizes), int(sizes_sorted[0]) ** 2 * heads):
+            widest = int(sizes_sorted[part.start])
+            rows, valid = _padded_rows(layout.win_offsets[by_size[part]], sizes_sorted[part], widest)  # [M, W]
             out, _ = _attend(
                 qw[rows].unflatten(2, (groups, rep)),
                 kw[rows].transpose(1, 2),
