@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,23 +39,12 @@ from rich.table import Table
 
 from meshforge.data.tokens import TOKENS_PER_FACE
 from meshforge.io import atomic_path, atomic_write_json
-from meshforge.runtime import console
+from meshforge.runtime import console, cpu_model
 from meshforge.train.logs import read_csv
 
 RESULT = Path(__file__).parent / "results" / "iflame_ddp.json"
 CLI = "meshforge_plugins.cli"
 
-
-def cpu_model() -> str:
-    # Also in sdf_voxelize.py and tokenize_speed.py, but not importable from them: under PYTHONSAFEPATH
-    # (which keeps a checkout from shadowing an installed meshforge) this folder is not on sys.path.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_data(root: Path, meshes: int, seed: int) -> Path:

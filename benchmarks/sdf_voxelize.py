@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +25,10 @@ from meshforge.data.sdf import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.io import atomic_write_json
 from meshforge.render import render_table_png
-from meshforge.runtime import console
+from meshforge.runtime import console, cpu_model
 
 RESULT = Path(__file__).parent / "results" / "sdf_voxelize.json"
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolutions(text: str) -> list[int]:

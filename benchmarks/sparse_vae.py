@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from meshforge.data.synth import generate
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction
 from meshforge.render import render_table_png
-from meshforge.runtime import console, resolve_device, seed_everything
+from meshforge.runtime import console, cpu_model, resolve_device, seed_everything
 from meshforge.train.config import TrainConfig
 from meshforge.train.optim import build_optimizers
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
@@ -79,7 +78,7 @@ SMOKE = Sizes(
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()})"
+    return f"CPU ({cpu_model()})"
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,20 +20,11 @@ from meshforge.data.batch import resolve_workers
 from meshforge.data.synth import FORMATS, generate
 from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
 from meshforge.io import atomic_write_json
-from meshforge.runtime import console
+from meshforge.runtime import console, cpu_model
 
 RESULT = Path(__file__).parent / "results" / "tokenize_speed.json"
 TARGET_S = 30.0
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import random
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -79,3 +81,14 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             progress.advance(task)
+
+
+def cpu_model() -> str:
+    """The processor's model name (for benchmark records), e.g. 'Intel(R) Xeon(R) Processor'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
