@@ -31,5 +31,7 @@ stage = Stage(
         "max_faces": "Train on at most this many leading faces of each mesh.",
         "eval_meshes": "Val meshes per evaluation (0: all).",
         "eval_batch_size": "Batch size of evaluation.",
+        "length_groups": "Draw this many batches at once and form them of meshes of similar length, "
+        "so batches pad little (1: plain shuffled batches).",
     },
 )

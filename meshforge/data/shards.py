@@ -158,6 +158,10 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self._index)
 
+    def face_counts(self) -> np.ndarray:
+        """Stored faces of every mesh (int64 [N]): what its token sequence length is made of."""
+        return self._index[:, 3].copy()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

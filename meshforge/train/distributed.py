@@ -122,23 +122,41 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     return out
 
 
-def global_batch(num_items: int, batch_size: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset indices, epochs) of the global batch of ``step``: shuffled epochs laid end to end.
-
-    A pure function of its arguments, so resuming at any step, or splitting the batch over any
-    number of processes, reproduces exactly the batches of an uninterrupted single-process run.
-    The epoch of each item lets per-item augmentation be seeded by ``(seed, epoch, index)``.
-    """
-    if num_items < 1:
-        raise MeshforgeError("cannot sample batches from an empty dataset")
-    positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+def _epoch_stream(num_items: int, seed: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items ``start .. start+count-1`` of the stream of shuffled epochs laid end to end, and their epochs."""
+    positions = np.arange(start, start + count, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num_items)
-    indices = np.empty(batch_size, dtype=np.int64)
+    indices = np.empty(count, dtype=np.int64)
     for epoch in np.unique(epochs):
         order = np.random.default_rng([seed, int(epoch)]).permutation(num_items)
         mask = epochs == epoch
         indices[mask] = order[offsets[mask]]
     return indices, epochs
+
+
+def global_batch(
+    num_items: int, batch_size: int, seed: int, step: int, lengths: np.ndarray | None = None, groups: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset indices, epochs) of the global batch of ``step``: shuffled epochs laid end to end.
+
+    A pure function of its arguments, so resuming at any step, or splitting the batch over any
+    number of processes, reproduces exactly the batches of an uninterrupted single-process run.
+    The epoch of each item lets per-item augmentation be seeded by ``(seed, epoch, index)``.
+
+    With ``lengths`` (per item) and ``groups > 1``, every ``groups`` consecutive batches are drawn
+    together, sorted by length and cut into batches of similar lengths, taken in a seeded random
+    order: the items and epochs are the same, but a batch pads to far less than its longest
+    random member (and the ranks of a data-parallel step get similar work).
+    """
+    if num_items < 1:
+        raise MeshforgeError("cannot sample batches from an empty dataset")
+    if lengths is None or groups <= 1:
+        return _epoch_stream(num_items, seed, step * batch_size, batch_size)
+    group, slot = divmod(step, groups)
+    indices, epochs = _epoch_stream(num_items, seed, group * groups * batch_size, groups * batch_size)
+    by_length = np.argsort(-np.asarray(lengths)[indices], kind="stable").reshape(groups, batch_size)
+    rows = by_length[np.random.default_rng([seed, group, 1]).permutation(groups)[slot]]
+    return indices[rows], epochs[rows]
 
 
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:

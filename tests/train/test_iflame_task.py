@@ -49,7 +49,7 @@ def test_batches_resume_at_any_step_and_augmentation_varies(data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first[4], resumed))
     # With the whole train split as the batch, each step is one epoch: the same meshes, re-augmented.
     n_train = len(TokenDataset(data, "train"))
-    plain, augmented = (task(data, tmp_path, augment=a, batch_size=n_train) for a in (False, True))
+    plain, augmented = (task(data, tmp_path, augment=a, batch_size=n_train, length_groups=1) for a in (False, True))
 
     def meshes(t, step):
         return sorted(rows(*next(t.batches(0, 1, seed=0, start_step=step)), t.vocab.pad)[0])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -47,13 +48,14 @@ class TrainIFlameConfig(TrainOptions):
     max_faces: int | None = None  # train on at most this many leading faces per mesh (None: all)
     eval_meshes: int = 256  # val meshes per evaluation (0: the whole split)
     eval_batch_size: int = 16
+    length_groups: int = 16  # batches drawn together and formed of meshes of similar length (1: plain shuffle)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_faces is not None and self.max_faces < 1:
             raise ValueError(f"max_faces must be at least 1, got {self.max_faces}")
-        if self.eval_meshes < 0 or self.eval_batch_size < 1:
-            raise ValueError("eval_meshes must be >= 0 and eval_batch_size >= 1")
+        if self.eval_meshes < 0 or self.eval_batch_size < 1 or self.length_groups < 1:
+            raise ValueError("eval_meshes must be >= 0, eval_batch_size and length_groups >= 1")
 
 
 class IFlameTask:
@@ -87,8 +89,13 @@ class IFlameTask:
     def batches(self, rank: int, world_size: int, seed: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         train_set = TokenDataset(self.config.data, "train", augment=self.augment, seed=seed)
         part = rank_slice(self.config.batch_size, rank, world_size)
+        faces = train_set.face_counts()
+        if self.config.max_faces:
+            faces = np.minimum(faces, self.config.max_faces)
         for step in itertools.count(start_step):
-            indices, epochs = global_batch(len(train_set), self.config.batch_size, seed, step)
+            indices, epochs = global_batch(
+                len(train_set), self.config.batch_size, seed, step, lengths=faces, groups=self.config.length_groups
+            )
             sequences = [train_set.tokens(int(i), epoch=int(e)) for i, e in zip(indices[part], epochs[part])]
             yield collate_tokens(sequences, self.vocab, max_len=self.max_len)
 
