@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project from one machine of two GPUs, in two calls of under 10 minutes:
+# Every GPU figure of the project, on a machine of two GPUs, in calls of under 10 minutes each:
 #
-#   bash benchmarks/gpu_session.sh 1   # lane A: iFlame interleaved training, GPU tests, iFlame vs full
-#                                      #   (timing + face-acc), iFlame sample/eval, voxelisation speed
-#                                      # lane B: iFlame full-attention training, the SS-VAE figures
-#   bash benchmarks/gpu_session.sh 2   # train-iflame --gpus 1 vs 2 (both GPUs), then lane A: the
-#                                      # Direct3D-S2 recipe; lane B: iFlame vs full timing (face-acc
-#                                      # from phase 1's runs, kept in benchmarks/results), SS-VAE figures
+#   bash benchmarks/gpu_session.sh training  # the iFlame pair: interleaved (GPU 0) and full attention
+#                                            # (GPU 1), same steps/batch/data; their summaries go to
+#                                            # benchmarks/results/iflame_vs_full_runs/; then the GPU tests
+#                                            # (~3.5 min training + ~3 min tests on an H200)
+#   bash benchmarks/gpu_session.sh figures   # lane A: iFlame vs full timing (face-acc from those runs),
+#                                            # voxelisation speed, SS-VAE figures; lane B: the
+#                                            # Direct3D-S2 recipe (train-vae, train-dit, samples) (~7 min)
+#   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 on both GPUs (~3 min)
 #
-# Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES), so no timing shares a GPU. Every
-# command is stopped by SIGINT (trainers checkpoint) at BUDGET_S seconds, so results always get packed.
-# Results land in benchmarks/results/ and, with logs and run summaries, in $OUT/results.tgz.
-# WORK (default /tmp/mf) holds datasets and checkpoints.
+# Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
+# (trainers checkpoint) at BUDGET_S seconds, so results always get packed: benchmarks/results/ and,
+# with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: gpu_session.sh 1|2}
+phase=${1:?usage: gpu_session.sh training|figures|ddp}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -57,41 +58,35 @@ iflame_data() {
 }
 
 
-lane_full() {
-  $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/iflame-full" "${IFLAME_TRAIN[@]}" \
-    --set model.attention=full
-  touch "$WORK/iflame-full.done"
-  timed python3 benchmarks/sparse_vae.py
-}
-
-lane_interleaved() {
-  $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/iflame-interleaved" "${IFLAME_TRAIN[@]}"
-  timed python3 -m pytest -m gpu -q -p no:cacheprovider tests
-  while [ ! -f "$WORK/iflame-full.done" ] && [ "$(date +%s)" -lt "$DEADLINE" ]; do sleep 5; done
-  timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint --runs "$WORK/iflame-interleaved" "$WORK/iflame-full" --data "$WORK/tokens"
-  $CLI --device cuda sample --checkpoint "$WORK/iflame-interleaved" --out "$WORK/iflame-samples" --n 16 --max-faces 800
-  $CLI --device cuda eval --metric face-acc --checkpoint "$WORK/iflame-interleaved" --data "$WORK/tokens" \
-    --out "$WORK/iflame-samples/face_acc.json"
-  timed python3 benchmarks/sdf_voxelize.py
+lane_train() {  # lane_train ATTENTION: one of the matched iFlame runs, kept in benchmarks/results
+  $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/iflame-$1" "${IFLAME_TRAIN[@]}" \
+    --set model.attention="$1" || return
+  mkdir -p "benchmarks/results/iflame_vs_full_runs/$1"
+  cp "$WORK/iflame-$1"/{summary.json,metrics.csv,curves.png,config.yaml} "benchmarks/results/iflame_vs_full_runs/$1/"
 }
 
 lane_figures() {
-  timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint --train-steps 3 \
+  timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint \
     --runs benchmarks/results/iflame_vs_full_runs/interleaved benchmarks/results/iflame_vs_full_runs/full
+  timed python3 benchmarks/sdf_voxelize.py
   timed python3 benchmarks/sparse_vae.py
 }
 
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 case $phase in
-  1)
-    lane interleaved 0 lane_interleaved
-    lane full 1 lane_full
+  training)
+    lane interleaved 0 lane_train interleaved
+    lane full 1 lane_train full
+    wait
+    ( export CUDA_VISIBLE_DEVICES=0; timed python3 -m pytest -m gpu -q -p no:cacheprovider tests ) >"$LOGS/gpu-tests.log" 2>&1
     ;;
-  2)  # after 1: the two runs' summaries are in benchmarks/results/iflame_vs_full_runs/
+  figures)
+    lane figures 0 lane_figures
+    lane direct3d 1 $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
+    ;;
+  ddp)
     ( export CUDA_VISIBLE_DEVICES=0,1
-      timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --steps 40 --log-every 5 ) >"$LOGS/ddp.log" 2>&1
-    lane direct3d 0 $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
-    lane figures 1 lane_figures
+      timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 ) >"$LOGS/ddp.log" 2>&1
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
