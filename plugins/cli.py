@@ -23,6 +23,7 @@ from meshforge.errors import MeshforgeError
 from meshforge.runtime import console
 from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
 
+
 def global_options(
     ctx: typer.Context,
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when available)."),
@@ -143,7 +144,7 @@ def run_command(
     ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     out: Path = typer.Option(..., "--out", help="Run directory (outputs, manifests, resolved config)."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="STEP_ID.OPTION=VALUE override."),
+    overrides: list[str] | None = typer.Option(None, "--set", help="STEP_ID.OPTION=VALUE override."),
     force: bool = typer.Option(False, "--force", help="Redo steps even when config and inputs are unchanged."),
 ) -> None:
     from meshforge.runs import load_recipe, run_recipe
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as exc:
         return exc.exit_code
-    except Exception as exc:  # click usage errors and bugs alike end as one line
+    except Exception as exc:  # noqa: BLE001 - click usage errors and bugs alike end as one line
         import click
 
         if isinstance(exc, click.ClickException):

@@ -1,8 +1,8 @@
 import sys
 
 import pytest
-
 from meshforge_plugins.cli import main
+
 from tests.plugin_fixture import install_fake_plugin
 
 STAGES = ("tokenize", "sdf-voxelize", "train-vae", "train-dit", "train-iflame", "sample", "eval", "synth")

@@ -1,6 +1,6 @@
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -20,7 +20,7 @@ class Outer:
     bits: int = 7
     kind: Literal["a", "b"] = "a"
     scale: float = 1.0
-    note: Optional[str] = None
+    note: str | None = None
     flag: bool = False
     inner: Inner = field(default_factory=Inner)
 

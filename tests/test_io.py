@@ -6,10 +6,9 @@ from meshforge.io import atomic_path, atomic_write_text, hash_path
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     atomic_write_text(target, "first")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
     assert target.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 

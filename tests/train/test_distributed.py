@@ -27,11 +27,13 @@ def test_length_groups_keep_the_epochs_and_make_batches_of_similar_length():
     steps = range(3 * groups)
     grouped = [global_batch(n, batch, seed=7, step=s, lengths=lengths, groups=groups) for s in steps]
     plain = [global_batch(n, batch, seed=7, step=s) for s in steps]
+    def pairs(batches, group):  # the (index, epoch) pairs of one group's batches
+        members = batches[group * groups : (group + 1) * groups]
+        return sorted(zip(*(np.concatenate(x) for x in zip(*members))))
+
     # Every group holds the same items, from the same epochs, as the plain batches it replaces.
     for g in range(3):
-        members = slice(g * groups, (g + 1) * groups)
-        pairs = lambda batches: sorted(zip(*(np.concatenate(x) for x in zip(*batches[members]))))  # noqa: E731
-        assert pairs(grouped) == pairs(plain)
+        assert pairs(grouped, g) == pairs(plain, g)
     assert sorted(np.concatenate([i for i, _ in grouped])) == list(range(n))  # one epoch, each item once
 
     def padding(batches):  # tokens spent on padding: each batch pads to its longest item
