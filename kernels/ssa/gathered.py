@@ -38,8 +38,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, scale: float) ->
     Returns the output ``[M, Q, G, R, D]`` and the probabilities ``[M, G, R, Q, K]``.
     """
     scores = torch.einsum("mqgrd,mgkd->mgrqk", q, k) * scale
-    scores = scores.masked_fill(~key_valid[:, :, None, None, :], float("-inf"))
-    probs = scores.softmax(-1).nan_to_num(0.0)  # a query with no visible key gets zeros, not NaN
+    # Every query sees at least one key in each branch (its own block, selection or window), so a
+    # finite fill is exact and spares the NaN guard (and its backward) that -inf would need.
+    scores = scores.masked_fill(~key_valid[:, :, None, None, :], torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1)
     return torch.einsum("mgrqk,mgkd->mqgrd", probs, v), probs
 
 
