@@ -153,20 +153,21 @@ def face_acc(runs: dict[str, Path]) -> tuple[dict[str, float], dict[str, Any]]:
     after the same steps, batch and data order. Also the settings that make the two comparable."""
     import yaml
 
-    accuracy, settings = {}, {}
+    accuracy, settings, wall_time = {}, {}, {}
     for kind, run in runs.items():
         summary = json.loads((run / "summary.json").read_text())
         config = yaml.safe_load((run / "config.yaml").read_text())
         task, train = config["task_config"], config["train"]
         if task["eval_meshes"] != 0 or summary["last_step"] != train["steps"]:
             raise MeshforgeError(f"{run}: needs a finished run evaluated on the whole val split (--eval-meshes 0)")
-        accuracy[kind] = summary["val_face_acc"]
+        accuracy[kind], wall_time[kind] = summary["val_face_acc"], summary["wall_time_s"]
         settings[kind] = {"steps": train["steps"], "batch_size": train["batch_size"], "seed": train["seed"],
-                          "max_faces": task["max_faces"], "data": task["data"], "attention": config["model"]["attention"]}
-    first, second = settings.values()
-    if {k: v for k, v in first.items() if k != "attention"} != {k: v for k, v in second.items() if k != "attention"}:
+                          "max_faces": task["max_faces"], "length_groups": task.get("length_groups"),
+                          "data": task["data"], "attention": config["model"]["attention"]}
+    first, second = ({k: v for k, v in s.items() if k != "attention"} for s in settings.values())
+    if first != second:
         raise MeshforgeError(f"--runs differ in more than the attention: {settings}")
-    return accuracy, first | {"wall_time_s": {kind: json.loads((run / "summary.json").read_text())["wall_time_s"] for kind, run in runs.items()}}
+    return accuracy, first | {"wall_time_s": wall_time}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

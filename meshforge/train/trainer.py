@@ -177,7 +177,6 @@ class _Run:
         self.last_saved: Path | None = None
         self.last_row: dict[str, float] = {}
         self.val: dict[str, float] = {}
-        self.stopped_by_time_limit = False
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -279,11 +278,9 @@ class _Run:
                 self.step += 1
                 window.add(values)
                 last = self.step == cfg.steps or out_of_time
-                if out_of_time and self.step < cfg.steps:
-                    self.stopped_by_time_limit = True
-                    if env.is_main:
-                        console.print(f"time limit of {cfg.time_limit_min:g} min reached at step {self.step}/{cfg.steps}: "
-                                      "stopping here (--resume continues)")
+                if out_of_time and self.step < cfg.steps and env.is_main:
+                    console.print(f"time limit of {cfg.time_limit_min:g} min reached at step {self.step}/{cfg.steps}: "
+                                  "stopping here (--resume continues)")
 
                 if self.step % cfg.log_every == 0 or last:
                     self.last_row = window.row(cfg.batch_size, lr)
@@ -381,7 +378,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
         summary: dict[str, Any] = {
             "steps": cfg.steps,
             "last_step": run.step,
-            "stopped_by_time_limit": run.stopped_by_time_limit,
+            "stopped_by_time_limit": run.step < cfg.steps,  # a run only returns early on its time limit
             "resumed_from": start_step if start_step else None,
             "world_size": env.world_size,
             "wall_time_s": round(time.perf_counter() - start, 3),
