@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh training  # the iFlame pair: interleaved (GPU 0) and full attention
 #                                            # (GPU 1), same steps/batch/data; their summaries go to
 #                                            # benchmarks/results/iflame_vs_full_runs/; then the GPU tests
-#                                            # (~3.5 min training + ~3 min tests on an H200)
+#                                            # with the GPU tests beside the longer run, then
+#                                            # the ddp phase (~9 min on 2x H200)
 #   bash benchmarks/gpu_session.sh figures   # lane A: iFlame vs full timing (face-acc from those runs),
 #                                            # voxelisation speed, SS-VAE figures; lane B: the
 #                                            # Direct3D-S2 recipe (train-vae, train-dit, samples) (~7 min)
@@ -65,6 +66,11 @@ lane_train() {  # lane_train ATTENTION: one of the matched iFlame runs, kept in 
   cp "$WORK/iflame-$1"/{summary.json,metrics.csv,curves.png,config.yaml} "benchmarks/results/iflame_vs_full_runs/$1/"
 }
 
+lane_train_then_gpu_tests() {
+  lane_train "$1"
+  timed python3 -m pytest -m gpu -q -p no:cacheprovider tests
+}
+
 lane_figures() {
   timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint \
     --runs benchmarks/results/iflame_vs_full_runs/interleaved benchmarks/results/iflame_vs_full_runs/full
@@ -72,22 +78,25 @@ lane_figures() {
   timed python3 benchmarks/sparse_vae.py
 }
 
+ddp() {  # the same global batch on 1 and 2 GPUs
+  ( export CUDA_VISIBLE_DEVICES=0,1
+    timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 --steps 40 ) >"$LOGS/ddp.log" 2>&1
+}
+
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 case $phase in
   training)
     lane interleaved 0 lane_train interleaved
-    lane full 1 lane_train full
+    # The full-attention run ends first; the GPU tests then take its GPU while the other run goes on.
+    lane full 1 lane_train_then_gpu_tests full
     wait
-    ( export CUDA_VISIBLE_DEVICES=0; timed python3 -m pytest -m gpu -q -p no:cacheprovider tests ) >"$LOGS/gpu-tests.log" 2>&1
+    ddp
     ;;
   figures)
     lane figures 0 lane_figures
     lane direct3d 1 $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
     ;;
-  ddp)
-    ( export CUDA_VISIBLE_DEVICES=0,1
-      timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 ) >"$LOGS/ddp.log" 2>&1
-    ;;
+  ddp) ddp ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 wait
