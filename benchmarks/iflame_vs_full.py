@@ -19,7 +19,7 @@ K/V buffers are allocated once at full size and attention reads the first ``posi
 linear blocks carry fixed-size states, and what the cache holds does not change the work. So
 ``--windows`` windows of ``--window-faces`` faces (9 steps each, greedy feedback: every step depends
 on the previous one) are timed at starts spread evenly over ``[0, decode_faces - window_faces]``
-faces, by setting ``cache.position`` (a multiple of 9, so the vertex and face stages keep their
+faces, by ``cache.seek`` (to a multiple of 9, so the vertex and face stages keep their
 phase), after one untimed warm-up window. The mean seconds per step over a whole generation is the
 trapezoid-rule mean of the windows' seconds per step over their start positions (exact when the
 cost grows linearly with the position, as the attention reads do: a window's mean is the cost at
@@ -29,6 +29,7 @@ its start plus a constant), and a generation's throughput is ``batch / mean step
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from meshforge.io import atomic_write_json
 from meshforge.models.iflame import IFlame, IFlameConfig
 from meshforge.render import render_table_png
 from meshforge.runtime import console, resolve_device
+from meshforge.sample.decoding import make_decoder
 
 RESULT = Path(__file__).parent / "results" / "iflame_vs_full.json"
 VOCAB = Vocab(7)
@@ -112,22 +114,23 @@ def trapezoid_mean(x: list[float], y: list[float]) -> float:
 
 
 @torch.inference_mode()
-def decode(model: IFlame, device: torch.device, batch: int, faces: int, window_faces: int, windows: int) -> dict[str, Any]:
-    """Tokens/s of cached decoding over a generation of ``faces`` faces, from timed windows (module docstring)."""
+def decode(
+    model: IFlame, device: torch.device, batch: int, faces: int, window_faces: int, windows: int, cuda_graphs: bool
+) -> dict[str, Any]:
+    """Tokens/s of cached decoding over a generation of ``faces`` faces, from timed windows (module docstring),
+    with the sampler's decoder (:func:`meshforge.sample.decoding.make_decoder`)."""
     steps = TOKENS_PER_FACE * faces
     window = TOKENS_PER_FACE * window_faces
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    cache = model.init_cache(batch, steps, device, dtype)
+    decoder = make_decoder(model, batch, steps, device, cuda_graphs)
     token = torch.full((batch,), VOCAB.start, dtype=torch.long, device=device)
 
     def seconds_per_step(start_face: int) -> float:
         nonlocal token
-        cache.position = TOKENS_PER_FACE * start_face
+        decoder.cache.seek(TOKENS_PER_FACE * start_face)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(window):
-            with autocast(device):
-                token = model.step(token, cache)[:, : VOCAB.levels].argmax(-1)
+            token = decoder.step(token)[:, : VOCAB.levels].argmax(-1)
         synchronize(device)
         return (time.perf_counter() - start) / window
 
@@ -143,7 +146,7 @@ def decode(model: IFlame, device: torch.device, batch: int, faces: int, window_f
         "windows": [
             {"start_token": p, "step_s": s, "tokens_per_s": batch / s} for p, s in zip(positions, per_step)
         ],
-        "cache_bytes": cache.nbytes(),
+        "cache_bytes": decoder.cache.nbytes(),
     }
 
 
@@ -198,6 +201,12 @@ def main() -> None:
     max_len = TOKENS_PER_FACE * (max(args.faces, args.decode_faces) + 1)
     base = {"dim": args.dim, "n_heads": args.heads, "max_seq_len": max_len, "grad_checkpoint": args.grad_checkpoint}
     configs = {kind: IFlameConfig(**base, attention=kind) for kind in ("interleaved", "full")}
+    # Replayed CUDA graphs are how `meshforge sample` decodes on a GPU (the headline figures); eager
+    # steps are kept for comparison.
+    decode_modes = (True, False) if device.type == "cuda" else (False,)
+
+    def decode_key(batch: int, graphs: bool) -> str:
+        return f"decode_b{batch}" if graphs == decode_modes[0] else f"decode_eager_b{batch}"
 
     results: dict[str, dict[str, Any]] = {}
     for kind, cfg in configs.items():
@@ -205,13 +214,13 @@ def main() -> None:
         results[kind] = {"train": train_step(cfg, device, args.batch, args.faces, args.train_steps)}
         torch.manual_seed(0)
         model = IFlame(cfg).to(device).eval()
-        for batch in args.decode_batches:
+        for batch, graphs in itertools.product(args.decode_batches, decode_modes):
             console.print(
-                f"[bold]{kind}[/bold]: decoding at batch {batch}, {args.windows} windows of {args.window_faces} "
-                f"faces over {args.decode_faces} faces"
+                f"[bold]{kind}[/bold]: decoding at batch {batch} ({'CUDA graphs' if graphs else 'eager'}), "
+                f"{args.windows} windows of {args.window_faces} faces over {args.decode_faces} faces"
             )
-            results[kind][f"decode_b{batch}"] = decode(
-                model, device, batch, args.decode_faces, args.window_faces, args.windows
+            results[kind][decode_key(batch, graphs)] = decode(
+                model, device, batch, args.decode_faces, args.window_faces, args.windows, graphs
             )
         results[kind]["cache_bytes"] = model.init_cache(1, TOKENS_PER_FACE * args.decode_faces, device, torch.bfloat16).nbytes()
         del model
@@ -243,7 +252,7 @@ def main() -> None:
         "decode_method": (
             f"{args.windows} timed windows of {args.window_faces} faces ({TOKENS_PER_FACE * args.window_faces} "
             f"sequential greedy steps) at starts evenly spread over faces [0, {args.decode_faces - args.window_faces}] "
-            "(cache.position set to the start), after one untimed warm-up window; tokens_per_s = batch / "
+            "(cache.seek to the start), after one untimed warm-up window; tokens_per_s = batch / "
             f"trapezoid-rule mean over start positions of the windows' seconds per step, i.e. the throughput of a "
             f"whole {args.decode_faces}-face generation; generation_s = that mean x {TOKENS_PER_FACE * args.decode_faces} steps"
         ),
@@ -263,9 +272,10 @@ def main() -> None:
 
     row("train step (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
     row("peak memory (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
-    for batch in args.decode_batches:
-        key = f"decode_b{batch}"
-        row(f"decode tokens/s, batch {batch}", inter[key]["tokens_per_s"], full[key]["tokens_per_s"], ",.0f")
+    for batch, graphs in itertools.product(args.decode_batches, decode_modes):
+        key = decode_key(batch, graphs)
+        mode = " (eager)" if key.startswith("decode_eager") else ""
+        row(f"decode tokens/s, batch {batch}{mode}", inter[key]["tokens_per_s"], full[key]["tokens_per_s"], ",.0f")
     row(f"cache MB at {args.decode_faces} faces", inter["cache_bytes"] / 1e6, full["cache_bytes"] / 1e6, ".1f")
     if accuracy:
         row("val face-acc", accuracy["interleaved"], accuracy["full"], ".4f")

@@ -28,6 +28,7 @@ stage = Stage(
         "top_k": "iFlame: sample among the k most likely tokens (default: all).",
         "top_p": "iFlame: nucleus sampling mass (default: no truncation).",
         "max_faces": "iFlame: stop a mesh after this many faces.",
+        "cuda_graphs": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging).",
         "steps": "SS-DiT: ODE integration steps.",
         "cfg_scale": "SS-DiT: classifier-free guidance scale (conditional models).",
         "sampler": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate).",

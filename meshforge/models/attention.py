@@ -1,5 +1,5 @@
-"""Softmax attention for token models: causal self-attention over whole sequences and
-one-query attention over a KV cache.
+"""Causal softmax attention over whole sequences for token models (decoding against a KV cache
+is :mod:`meshforge.kernels.decode_attention`).
 
 Tensors are ``[B, T, H, D]`` (the layout linear attention and flash-attn use). Whole sequences
 go to flash-attn when it is installed and the inputs are half precision on CUDA, otherwise to
@@ -16,7 +16,6 @@ from functools import cache
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meshforge.runtime import has_module
 
@@ -38,20 +37,3 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return flash(q, k, v, causal=True)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
-
-
-# Decoding attends over a new key length at every step. cuDNN's attention builds an execution plan
-# per shape (tens of ms, cached per shape), which made a first generation ~8x slower on an H200; the
-# flash and memory-efficient kernels take any length as it comes.
-_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -> Tensor:
-    """One new query per sequence against the first ``length`` cached positions.
-
-    ``q: [B, H, D]``, caches ``[B, H, L_max, D]`` (already holding the new position's key and
-    value); returns ``[B, H, D]``. No mask is needed: every cached position is in the past.
-    """
-    with sdpa_kernel(_DECODE_BACKENDS):
-        out = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :length], v_cache[:, :, :length])
-    return out[:, :, 0]

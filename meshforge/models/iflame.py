@@ -26,7 +26,9 @@ denominator, so its magnitude depends on the decay window; a per-head RMSNorm on
 
 Decoding (:meth:`IFlame.step`) runs one token at a time against an :class:`IFlameCache`: full
 blocks keep static K/V buffers, linear blocks a ``d x d`` state per head, and the vertex / face
-stages advance only when a vertex (3 tokens) / face (9 tokens) completes.
+stages advance only when a vertex (3 tokens) / face (9 tokens) completes. Positions are read from a
+device tensor, so a step's launches depend only on the position modulo 9: nine CUDA graphs replay
+every step of a generation (:mod:`meshforge.sample.decoding`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
+from meshforge.kernels.decode_attention import decode_attention
 from meshforge.kernels.linear_attention import decay_slopes, linear_attention, linear_attention_step
-from meshforge.models.attention import cached_attention, causal_attention
+from meshforge.models.attention import causal_attention
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 
 POOL = 3  # tokens per vertex, vertices per face
@@ -128,7 +131,9 @@ class IFlameCache:
     ``token_group`` / ``vertex_group`` collect the encoder outputs of the vertex / face under
     construction (pooled when it completes); ``vertex_up`` / ``face_up`` hold the decoder output of
     the last completed vertex / face, which is exactly what the shifted upsampling feeds to the
-    finer level (zeros before the first one completes). ``position`` is the next token index.
+    finer level (zeros before the first one completes). ``position`` is the next token index;
+    ``device_position`` holds the same on the cache's device (``[1]`` int64), which is what the
+    step's kernels read, so that no step waits on the host.
     """
 
     blocks: list[list[BlockCache]]  # per stage, per block
@@ -136,12 +141,31 @@ class IFlameCache:
     vertex_group: Tensor  # [B, 3, dim]
     vertex_up: Tensor  # [B, dim]
     face_up: Tensor  # [B, dim]
+    device_position: Tensor  # [1] int64
     max_len: int
     position: int = 0
 
     def nbytes(self) -> int:
         """Bytes of the attention caches: K/V buffers of full blocks plus states of linear blocks."""
         return sum(c.nbytes() for stage in self.blocks for c in stage)
+
+    def seek(self, position: int) -> None:
+        """Continue at ``position`` (the states are kept: benchmarks time steps at chosen positions)."""
+        if not 0 <= position < self.max_len:
+            raise ValueError(f"position {position} outside the cache's [0, {self.max_len})")
+        self.position = position
+        self.device_position.fill_(position)
+
+    def reset(self) -> None:
+        """Empty the cache in place (its buffers keep their addresses: captured graphs stay valid)."""
+        for stage in self.blocks:
+            for cache in stage:
+                if isinstance(cache, StateCache):
+                    cache.state.zero_()
+        # K/V buffers are only read below the position, so stale keys are never seen.
+        for stream in (self.token_group, self.vertex_group, self.vertex_up, self.face_up):
+            stream.zero_()
+        self.seek(0)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -178,13 +202,13 @@ class Attention(nn.Module):
         state = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
         return StateCache(state, torch.exp(-self.slopes.float()).to(device))
 
-    def step(self, x: Tensor, pos: int, rope: Rotary, cache: BlockCache) -> Tensor:
-        """``x [B, dim]`` at position ``pos`` of this block's level -> ``[B, dim]``."""
+    def step(self, x: Tensor, pos: Tensor, rope: Rotary, cache: BlockCache) -> Tensor:
+        """``x [B, dim]`` at position ``pos`` (``[1]`` int64 tensor) of this block's level -> ``[B, dim]``."""
         q, k, v = (t[:, 0] for t in self._qkv(x[:, None], rope, pos))  # [B, H, D]
         if isinstance(cache, KVCache):
-            cache.k[:, :, pos] = k
-            cache.v[:, :, pos] = v
-            out = cached_attention(q, cache.k, cache.v, pos + 1)
+            cache.k.index_copy_(2, pos, k[:, :, None].to(cache.k.dtype))
+            cache.v.index_copy_(2, pos, v[:, :, None].to(cache.v.dtype))
+            out = decode_attention(q, cache.k, cache.v, pos + 1)
         else:
             out = self.out_norm(linear_attention_step(q, k, v, cache.decay, cache.state))
         return self.proj(out.flatten(-2))
@@ -204,7 +228,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
-    def step(self, x: Tensor, pos: int, rope: Rotary, cache: BlockCache) -> Tensor:
+    def step(self, x: Tensor, pos: Tensor, rope: Rotary, cache: BlockCache) -> Tensor:
         x = x + self.attn.step(self.attn_norm(x), pos, rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -297,9 +321,10 @@ class IFlame(nn.Module):
         def stream(*shape: int) -> Tensor:
             return torch.zeros(batch_size, *shape, self.config.dim, device=device, dtype=param.dtype)
 
-        return IFlameCache(blocks, stream(POOL), stream(POOL), stream(), stream(), max_len)
+        position = torch.zeros(1, device=device, dtype=torch.long)
+        return IFlameCache(blocks, stream(POOL), stream(POOL), stream(), stream(), position, max_len)
 
-    def _step(self, stage: nn.ModuleList, x: Tensor, pos: int, caches: list[BlockCache]) -> Tensor:
+    def _step(self, stage: nn.ModuleList, x: Tensor, pos: Tensor, caches: list[BlockCache]) -> Tensor:
         for block, cache in zip(stage, caches):
             x = block.step(x, pos, self.rope, cache)
         return x
@@ -308,21 +333,27 @@ class IFlame(nn.Module):
         """Feed token ``tokens [B]`` at position ``cache.position``; returns its logits ``[B, vocab]``.
 
         The same computation as :meth:`forward` restricted to one new position: the vertex stages
-        run when this token completes a vertex, the face stage when it completes a face.
+        run when this token completes a vertex, the face stage when it completes a face. Which of
+        them run, and which group slots are written, depend on ``cache.position`` modulo 9 only;
+        the kernels read positions from ``cache.device_position``.
         """
         t = cache.position
         if t >= cache.max_len:
             raise ValueError(f"cache is full ({cache.max_len} positions)")
         enc, vert_enc, face_blocks, vert_dec, dec = cache.blocks
-        tok = self._step(self.token_enc, self.embed(tokens), t, enc)
+        pos = cache.device_position
+        tok = self._step(self.token_enc, self.embed(tokens), pos, enc)
         cache.token_group[:, t % POOL] = tok
         if t % POOL == POOL - 1:
-            j = t // POOL
-            vert = self._step(self.vertex_enc, cache.token_group.mean(1), j, vert_enc)
-            cache.vertex_group[:, j % POOL] = vert
-            if j % POOL == POOL - 1:
-                cache.face_up.copy_(self._step(self.face, cache.vertex_group.mean(1), j // POOL, face_blocks))
-            cache.vertex_up.copy_(self._step(self.vertex_dec, cache.face_up + self.vertex_skip * vert, j, vert_dec))
-        tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, t, dec)
+            vertex_pos = pos // POOL
+            vert = self._step(self.vertex_enc, cache.token_group.mean(1), vertex_pos, vert_enc)
+            cache.vertex_group[:, (t // POOL) % POOL] = vert
+            if t % POOL**2 == POOL**2 - 1:
+                cache.face_up.copy_(self._step(self.face, cache.vertex_group.mean(1), pos // POOL**2, face_blocks))
+            cache.vertex_up.copy_(
+                self._step(self.vertex_dec, cache.face_up + self.vertex_skip * vert, vertex_pos, vert_dec)
+            )
+        tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, pos, dec)
         cache.position = t + 1
+        pos.add_(1)
         return self.head(self.norm(tok))

@@ -61,10 +61,18 @@ class Rotary(nn.Module):
     def max_len(self) -> int:
         return self.cos.shape[0]
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        """Rotate ``x [B, T, H, D]`` as positions ``start .. start+T-1``."""
+    def forward(self, x: Tensor, start: int | Tensor = 0) -> Tensor:
+        """Rotate ``x [B, T, H, D]`` as positions ``start .. start+T-1``.
+
+        ``start`` may be a one-element integer tensor (decoding keeps its position on the device,
+        so that a step never waits on the host); the tables are then gathered, not sliced.
+        """
         length = x.shape[-3]
-        cos = self.cos[start : start + length, None, :]
-        sin = self.sin[start : start + length, None, :]
+        if isinstance(start, Tensor):
+            positions = start if length == 1 else start + torch.arange(length, device=start.device)
+            cos, sin = self.cos[positions, None, :], self.sin[positions, None, :]
+        else:
+            cos = self.cos[start : start + length, None, :]
+            sin = self.sin[start : start + length, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -6,13 +6,13 @@ at its own END: after that it is fed PAD and its samples are ignored, and the ba
 have stopped or ``max_faces`` faces are written. The grammar of :func:`meshforge.data.tokens.allowed_next`
 is enforced at every step (coordinates inside a face, END only at a face boundary), then
 temperature, top-k and top-p shape the distribution. A seeded generator makes a run reproducible
-on a given device.
+on a given device. Steps run through :mod:`meshforge.sample.decoding`: replayed CUDA graphs on CUDA
+(``cuda_graphs``), eager elsewhere.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import Tensor
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, allowed_next
 from meshforge.errors import MeshforgeError
 from meshforge.models.iflame import IFlame
+from meshforge.sample.decoding import make_decoder
 
 
 @dataclass
@@ -34,6 +35,7 @@ class SampleConfig:
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
+    cuda_graphs: bool = True  # replay each decoding step as a CUDA graph (CUDA only; off: eager steps)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1 or self.max_faces < 1:
@@ -73,16 +75,13 @@ def _sample_batch(
 ) -> tuple[Tensor, int]:
     """``[batch, steps]`` sampled tokens (PAD after END) and the number of steps taken."""
     max_steps = TOKENS_PER_FACE * cfg.max_faces  # the last coordinate; END after it is implied
-    use_bf16 = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    cache = model.init_cache(batch, max_steps, device, torch.bfloat16 if use_bf16 else None)
+    decoder = make_decoder(model, batch, max_steps, device, cfg.cuda_graphs)
     forbidden_inside, forbidden_boundary = _forbidden(vocab, device)
     out = torch.full((batch, max_steps), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     token = torch.full((batch,), vocab.start, dtype=torch.long, device=device)
     for t in range(max_steps):
-        with autocast:
-            logits = model.step(token, cache).float()
+        logits = decoder.step(token).float()
         at_boundary = t > 0 and t % TOKENS_PER_FACE == 0
         logits = logits.masked_fill(forbidden_boundary if at_boundary else forbidden_inside, float("-inf"))
         if cfg.temperature == 0:

@@ -38,6 +38,7 @@ class SampleStageConfig:
     top_k: int | None = None
     top_p: float | None = None
     max_faces: int = 800
+    cuda_graphs: bool = True
     # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
     steps: int = 30
     cfg_scale: float = 7.0
@@ -101,6 +102,7 @@ def sample_iflame(
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         seed=seed,
+        cuda_graphs=cfg.cuda_graphs,
     )
     sequences, timing = sample_tokens(model, vocab, options, device)
     meshes = [mesh_from_canonical(decode_tokens(s, vocab)) for s in sequences]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from meshforge.models.attention import cached_attention, causal_attention
+from meshforge.models.attention import causal_attention
 from meshforge.models.iflame import IFlame, IFlameConfig, KVCache, StateCache
 
 SMALL = {"dim": 64, "n_heads": 4, "max_seq_len": 90}
@@ -69,10 +69,26 @@ def test_cached_decoding_equals_the_full_forward(name):
         ref = m(x)
         cache = m.init_cache(2, LENGTH)
         steps = torch.stack([m.step(x[:, t], cache) for t in range(LENGTH)], dim=1)
-    assert cache.position == LENGTH
+    assert cache.position == LENGTH and cache.device_position.item() == LENGTH
     torch.testing.assert_close(steps, ref, rtol=1e-5, atol=2e-5)
     with pytest.raises(ValueError, match="full"):
         m.step(x[:, 0], cache)
+
+
+def test_a_reset_cache_decodes_like_a_fresh_one():
+    """reset() empties the cache in place (what lets captured CUDA graphs reuse its buffers)."""
+    m = model("both-per-level")
+    x = tokens(2)
+    with torch.no_grad():
+        cache = m.init_cache(2, LENGTH)
+        buffers = [c.k.data_ptr() if isinstance(c, KVCache) else c.state.data_ptr() for s in cache.blocks for c in s]
+        first = torch.stack([m.step(x[:, t], cache) for t in range(20)], dim=1)
+        cache.reset()
+        again = torch.stack([m.step(x[:, t], cache) for t in range(20)], dim=1)
+    assert buffers == [c.k.data_ptr() if isinstance(c, KVCache) else c.state.data_ptr() for s in cache.blocks for c in s]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside"):
+        cache.seek(LENGTH)
 
 
 def test_cache_holds_kv_for_full_blocks_and_a_state_for_linear_ones():
@@ -150,7 +166,3 @@ def test_causal_attention_matches_softmax_reference():
     scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
     torch.testing.assert_close(causal_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
-    # One query against a cache of the first 7 positions is row 6 of causal attention.
-    k_cache, v_cache = (torch.zeros(2, 3, 16, 8) for _ in range(2))
-    k_cache[:, :, :7], v_cache[:, :, :7] = k[:, :7].transpose(1, 2), v[:, :7].transpose(1, 2)
-    torch.testing.assert_close(cached_attention(q[:, 6], k_cache, v_cache, 7), want[:, 6], rtol=1e-5, atol=1e-6)

@@ -56,6 +56,7 @@ class FakeSampleConfig:
     top_k: int | None
     top_p: float | None
     seed: int
+    cuda_graphs: bool
 
 
 @pytest.fixture
@@ -77,10 +78,10 @@ def iflame(monkeypatch):
 
 def test_iflame_samples_are_decoded_and_written(iflame, tmp_path):
     out = tmp_path / "samples"
-    options = "--n 4 --batch-size 2 --formats obj,ply --top-p 0.9 --max-faces 300"
+    options = "--n 4 --batch-size 2 --formats obj,ply --top-p 0.9 --max-faces 300 --no-cuda-graphs"
     assert cli(f"--device cpu --seed 3 sample --checkpoint {{}} --out {{}} {options}", tmp_path, out) == 0
     assert iflame == {"n": 4, "batch_size": 2, "max_faces": 300, "temperature": 1.0, "top_k": None,
-                      "top_p": 0.9, "seed": 3, "vocab": VOCAB, "device": torch.device("cpu")}
+                      "top_p": 0.9, "seed": 3, "cuda_graphs": False, "vocab": VOCAB, "device": torch.device("cpu")}
     stats = json.loads((out / "stats.json").read_text())
     expected_faces = [SOURCES[i % 3].num_faces for i in range(4)]
     assert stats["count"] == stats["valid"] == 4 and stats["kind"] == "iflame" and stats["step"] == 7

@@ -1,0 +1,47 @@
+"""Decoders: eager steps are the model's own; replayed CUDA graphs give the eager logits."""
+
+import pytest
+import torch
+
+from meshforge.models.iflame import IFlame, IFlameConfig
+from meshforge.sample.decoding import EagerDecoder, GraphDecoder, make_decoder
+
+CONFIG = IFlameConfig(dim=128, n_heads=4, blocks=(2, 2, 4, 2, 2), max_seq_len=900)
+
+
+def random_tokens(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_cpu_decoding_is_eager_and_equals_the_model_steps():
+    torch.manual_seed(0)
+    model = IFlame(CONFIG).eval()
+    decoder = make_decoder(model, 2, 90, torch.device("cpu"))
+    assert type(decoder) is EagerDecoder
+    tokens = random_tokens(2, 30)
+    cache = model.init_cache(2, 90)
+    with torch.no_grad():
+        for t in range(30):
+            torch.testing.assert_close(decoder.step(tokens[:, t]), model.step(tokens[:, t], cache), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphDecoder(model, 2, 90, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_graph_replays_give_the_eager_logits_at_every_phase():
+    """Over 100 faces (every phase many times, coarse levels included) and past the cache's end."""
+    torch.manual_seed(0)
+    model = IFlame(CONFIG).cuda().eval()
+    device = torch.device("cuda")
+    tokens = random_tokens(3, 900).cuda()
+    with torch.inference_mode():
+        eager = make_decoder(model, 3, 900, device, cuda_graphs=False)
+        graphs = make_decoder(model, 3, 900, device)
+        assert type(graphs) is GraphDecoder
+        for t in range(900):
+            want = eager.step(tokens[:, t])
+            got = graphs.step(tokens[:, t])
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2, msg=f"position {t}")
+        assert graphs.cache.position == graphs.cache.device_position.item() == 900
+        with pytest.raises(ValueError, match="full"):
+            graphs.step(tokens[:, 0])
