@@ -3,12 +3,11 @@
 #
 #   bash benchmarks/gpu_session.sh training  # the iFlame pair: interleaved (GPU 0) and full attention
 #                                            # (GPU 1), same steps/batch/data; their summaries go to
-#                                            # benchmarks/results/iflame_vs_full_runs/; then the GPU tests
-#                                            # with the GPU tests beside the longer run, then
-#                                            # the ddp phase (~9 min on 2x H200)
-#   bash benchmarks/gpu_session.sh figures   # lane A: iFlame vs full timing (face-acc from those runs),
-#                                            # voxelisation speed, SS-VAE figures; lane B: the
-#                                            # Direct3D-S2 recipe (train-vae, train-dit, samples) (~7 min)
+#                                            # benchmarks/results/iflame_vs_full_runs/; the GPU tests
+#                                            # beside the longer run, then the ddp phase (~9 min)
+#   bash benchmarks/gpu_session.sh figures   # lane A: decoding's GPU tests, iFlame vs full (face-acc
+#                                            # from those runs), recipes/iflame_gpu.yaml, SS-VAE figures;
+#                                            # lane B: recipes/direct3d_gpu.yaml, voxelisation speed (~8 min)
 #   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 on both GPUs (~3 min)
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
@@ -71,11 +70,17 @@ lane_train_then_gpu_tests() {
   timed python3 -m pytest -m gpu -q -p no:cacheprovider tests
 }
 
-lane_figures() {
+lane_iflame_figures() {  # decoding's GPU tests first: the benchmark times the same decoders
+  timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/sample/test_decoding.py
   timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint \
     --runs benchmarks/results/iflame_vs_full_runs/interleaved benchmarks/results/iflame_vs_full_runs/full
-  timed python3 benchmarks/sdf_voxelize.py
+  $CLI --device cuda run recipes/iflame_gpu.yaml --out "$WORK/iflame-cli" --set train-iflame.time_limit_min=1.0
   timed python3 benchmarks/sparse_vae.py
+}
+
+lane_direct3d() {
+  $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
+  timed python3 benchmarks/sdf_voxelize.py
 }
 
 ddp() {  # the same global batch on 1 and 2 GPUs
@@ -93,8 +98,8 @@ case $phase in
     ddp
     ;;
   figures)
-    lane figures 0 lane_figures
-    lane direct3d 1 $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
+    lane iflame 0 lane_iflame_figures
+    lane direct3d 1 lane_direct3d
     ;;
   ddp) ddp ;;
   *) echo "unknown phase $phase"; exit 2 ;;

@@ -55,6 +55,7 @@ class Sizes:
     train_res: int
     train_model: dict
     train_steps: int
+    train_minutes: float  # the trainer's time limit (0: none): ends the run early, as at its last step
     train_batch: int
     points: int
 
@@ -64,14 +65,14 @@ FULL = Sizes(
     step_res=512, step_model={"channels": [32, 64, 128, 256], "res_blocks": 1, "attn_blocks": 2, "window": 8, "heads": 4},
     step_batch=1, step_iters=10,  # two shapes at 512 overflow spconv's int32 feature offsets (2^31 bytes)
     train_res=256, train_model={"channels": [32, 64, 128], "res_blocks": 1, "attn_blocks": 2, "window": 8, "heads": 4},
-    train_steps=300, train_batch=4, points=100_000,
+    train_steps=300, train_minutes=1.5, train_batch=4, points=100_000,
 )  # fmt: skip
 SMOKE = Sizes(
     meshes=6, max_faces=60, families=["table", "stool", "cabinet"], vox_res=(16, 32),
     step_res=32, step_model={"channels": [8, 16], "res_blocks": 1, "attn_blocks": 1, "window": 4, "heads": 2},
     step_batch=2, step_iters=2,
     train_res=32, train_model={"channels": [8, 16], "res_blocks": 1, "attn_blocks": 1, "window": 4, "heads": 2},
-    train_steps=4, train_batch=2, points=2_000,
+    train_steps=4, train_minutes=0.0, train_batch=2, points=2_000,
 )  # fmt: skip
 
 
@@ -151,13 +152,15 @@ def short_training(data: Path, sizes: Sizes, device: torch.device, work: Path) -
         "data": data, "out": work / "run", "batch_size": sizes.train_batch, "model": sizes.train_model,
         "steps": sizes.train_steps, "warmup_steps": max(1, sizes.train_steps // 20), "lr": 1e-3,
         "log_every": max(1, sizes.train_steps // 10), "eval_every": 0, "checkpoint_every": sizes.train_steps,
+        "time_limit_min": sizes.train_minutes,
     })  # fmt: skip
     summary = train(VAETask(cfg), TrainConfig.from_options(cfg, seed=0), cfg.out, device=str(device))
     recon = evaluate_reconstruction(cfg.out, data, split="val", device=device, out=work / "recon", points=sizes.points)
     keep = ("chamfer", "fscore", "normal_consistency", "input_sdf_chamfer", "input_sdf_fscore",
             "input_sdf_normal_consistency", "fscore_tau", "points", "meshes", "failed")
     return {
-        "resolution": sizes.train_res, "steps": sizes.train_steps, "batch_size": sizes.train_batch,
+        "resolution": sizes.train_res, "steps": summary["last_step"], "planned_steps": sizes.train_steps,
+        "time_limit_min": sizes.train_minutes, "batch_size": sizes.train_batch,
         "model": sizes.train_model, "wall_time_s": summary["wall_time_s"], "final_loss": summary.get("loss"),
         "train_meshes": len(SparseSDFDataset(data, "train")),
         **{k: recon[k] for k in keep},
