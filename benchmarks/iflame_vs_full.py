@@ -6,7 +6,9 @@
 Measures, for both ``attention`` settings of the reference model (512 wide, 16 heads, 4/4/8/4/4):
 training step time and peak memory (forward + backward + AdamW, bf16 autocast, random tokens of
 ``--faces`` faces), decoding throughput at batch 1 and 16, and the attention-cache bytes at
-``--decode-faces``. The cache is also compared with a plain 24-block full-attention transformer at
+``--decode-faces``. The step is also timed with the attention operators free (they return their
+values: what is left is projections, norms, MLPs, pooling), which bounds the step time and memory
+ratios any cheaper attention could reach against this baseline. The cache is also compared with a plain 24-block full-attention transformer at
 the token level (the comparison behind iFlame's "about 1/8"). With ``--runs`` (two ``train-iflame``
 runs of the same steps, batch, seed and data, differing only in ``model.attention``) it adds their
 val face accuracy, the trainer's final evaluation over the whole val split (``summary.json``). Writes ``benchmarks/results/iflame_vs_full.json``
@@ -33,9 +35,10 @@ import itertools
 import json
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from rich.table import Table
@@ -44,6 +47,7 @@ from torch.nn import functional as F
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json
+from meshforge.models import iflame as iflame_module
 from meshforge.models.iflame import IFlame, IFlameConfig
 from meshforge.render import render_table_png
 from meshforge.runtime import console, resolve_device
@@ -72,6 +76,17 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeat: int
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / repeat
+
+
+@contextmanager
+def attention_operators_free():
+    """Softmax and linear attention return their values unchanged: projections, RoPE, norms and MLPs
+    still run. A step timed like this bounds what any cheaper attention operator could save."""
+    with (
+        mock.patch.object(iflame_module, "causal_attention", lambda q, k, v: v),
+        mock.patch.object(iflame_module, "linear_attention", lambda q, k, v, slopes: (v, None)),
+    ):
+        yield
 
 
 def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, steps: int) -> dict[str, Any]:
@@ -226,6 +241,9 @@ def main() -> None:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    console.print("[bold]bound[/bold]: training step with the attention operators free")
+    with attention_operators_free():
+        free = train_step(configs["full"], device, args.batch, args.faces, args.train_steps)
     plain = IFlame(IFlameConfig(**base, attention="full", blocks=(0, 0, 0, 0, 24))).to(device)
     plain_cache = plain.init_cache(1, TOKENS_PER_FACE * args.decode_faces, device, torch.bfloat16).nbytes()
     del plain
@@ -241,6 +259,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_step_time_ratio": ratio(inter["train"]["step_s"], full["train"]["step_s"]),
         "peak_memory_ratio": ratio(inter["train"]["peak_bytes"], full["train"]["peak_bytes"]),
+        # The least any replacement of the attention operators could reach against this baseline.
+        "train_step_time_ratio_bound": ratio(free["step_s"], full["train"]["step_s"]),
+        "peak_memory_ratio_bound": ratio(free["peak_bytes"], full["train"]["peak_bytes"]),
+        "attention_free_train": free,
         # At the first --decode-batches (batch 1 by default); every batch also has its own key.
         "decode_throughput_ratio": decode_ratio(args.decode_batches[0]),
         **{f"decode_throughput_ratio_b{batch}": decode_ratio(batch) for batch in args.decode_batches},
@@ -271,7 +293,9 @@ def main() -> None:
         rows.append({"figure": name, "interleaved": cell(a, fmt), "full": cell(b, fmt), "ratio": cell(ratio(a, b), ".3f")})
 
     row("train step (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
+    row("train step, attention free (s)", free["step_s"], full["train"]["step_s"], ".3f")
     row("peak memory (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
+    row("peak memory, attention free (GB)", free["peak_gb"], full["train"]["peak_gb"], ".2f")
     for batch, graphs in itertools.product(args.decode_batches, decode_modes):
         key = decode_key(batch, graphs)
         mode = " (eager)" if key.startswith("decode_eager") else ""
