@@ -86,6 +86,10 @@ lane_direct3d() {
 ddp() {  # the same global batch on 1 and 2 GPUs
   ( export CUDA_VISIBLE_DEVICES=0,1
     timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 --steps 40 ) >"$LOGS/ddp.log" 2>&1
+  for run in gpus1 gpus2; do
+    mkdir -p "benchmarks/results/iflame_ddp_runs/$run"
+    cp "$WORK/ddp/$run"/{summary.json,metrics.csv,curves.png,config.yaml} "benchmarks/results/iflame_ddp_runs/$run/"
+  done
 }
 
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
