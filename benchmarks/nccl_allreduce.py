@@ -50,7 +50,7 @@ def main() -> None:
     if rank == 0:
         peer = [[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(world)] for i in range(world)]
         result = {"benchmark": "nccl_allreduce", "device": f"{torch.cuda.get_device_name(0)} x{world}",
-                  "world_size": world, "peer_access": peer, "nccl_version": ".".join(map(str, torch.cuda.nccl.version())),
+                  "world_size": world, "peer_access": peer, "nccl_version": str(torch.cuda.nccl.version()),
                   "rows": rows}
         for row in rows:
             print(f"{row['size_mb']:>7.0f} MB  {row['ms']:8.2f} ms  algbw {row['algbw_gbps']:7.1f} GB/s  busbw {row['busbw_gbps']:7.1f} GB/s")
