@@ -15,7 +15,7 @@ typed in. The price is about twice as many triangles as marching cubes.
 Vertices lie on grid edges (cube edges, face diagonals, the main diagonal) and are named by the
 edge: ``8 * key(lower end) + direction``, every tetrahedron edge running from a corner to one whose
 offsets are all >= (0 < direction < 8). A crossing exactly on a grid point is named by the point
-itself (direction 0). Equal names mean equal vertices, so shared vertices merge with ``unique``;
+itself (direction 0), as is one within ``SNAP`` of it. Equal names mean equal vertices, so shared vertices merge with ``unique``;
 interpolation always runs from the lower end, so merged copies are bit-identical.
 
 A point is *inside* when its value is below ``level``. Triangles are wound so that normals point
@@ -33,6 +33,10 @@ CORNER_OFFSETS = torch.tensor([[(k >> i) & 1 for i in range(3)] for k in range(8
 TETRAHEDRA = torch.tensor(
     [[0, 1, 3, 7], [0, 3, 2, 7], [0, 2, 6, 7], [0, 6, 4, 7], [0, 4, 5, 7], [0, 5, 1, 7]]
 )
+# Crossings closer than this (a fraction of the grid edge) to a grid point snap onto it.
+SNAP = 0.01
+# Triangles of less (twice the area, in voxels^2) have no surface to speak of: dropped.
+MIN_AREA2 = 1e-6
 # The 6 edges of a tetrahedron as pairs of its local corners (0..3).
 TET_EDGES = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 
@@ -140,6 +144,10 @@ def marching_cubes(
     cube3 = cube[:, None].expand(-1, 3)
     value_lo, value_hi = corner_values[cube3, lo], corner_values[cube3, hi]
     t = ((level - value_lo) / (value_hi - value_lo)).clamp(0, 1)
+    # A crossing within SNAP of a grid point is put on it: values that sit on the level up to
+    # rounding (a network's bf16 outputs often do) would otherwise fan out slivers of ~zero area
+    # around the point. On the point, they share its name and collapse (removed below).
+    t = torch.where(t < SNAP, 0.0, torch.where(t > 1 - SNAP, 1.0, t))
     offsets = CORNER_OFFSETS.to(device)
     point_lo = (base[cube3] + offsets[lo]).to(values.dtype)
     point_hi = (base[cube3] + offsets[hi]).to(values.dtype)
@@ -162,8 +170,10 @@ def marching_cubes(
     normal = torch.linalg.cross(points[:, 1] - points[:, 0], points[:, 2] - points[:, 0])
     flip = (normal * towards_outside).sum(-1) < 0
     faces = torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
-    # A crossing on a grid point collapses the triangles around it.
+    # A crossing on a grid point collapses the triangles around it; where the level grazes a
+    # grid edge (both ends on it up to SNAP), a triangle can also fall onto that edge: zero area.
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    keep &= normal.double().norm(dim=-1) > MIN_AREA2
     faces = faces[keep]
 
     used, faces = torch.unique(faces.reshape(-1), return_inverse=True)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import trimesh
 
+from meshforge.sample.export import mesh_problem
 from meshforge.sparse.marching_cubes import CASES, complete_cubes, marching_cubes
 
 
@@ -95,3 +96,19 @@ def test_cuda_matches_cpu():
     assert cpu[0].shape == gpu[0].shape and cpu[1].shape == gpu[1].shape
     # Same vertices (named by grid edges, so in the same order) and the same triangles.
     assert np.allclose(cpu[0], gpu[0], atol=1e-6) and np.array_equal(cpu[1], gpu[1])
+
+
+def test_values_on_the_level_leave_no_degenerate_faces():
+    """A network's bf16 SDF puts many values on the level up to rounding, or exactly on it: crossings
+    snap to grid points and triangles that fall onto a grid edge are dropped, so no face has zero area."""
+    g = torch.Generator().manual_seed(0)
+    resolution = 48
+    idx = torch.stack(torch.meshgrid(*(torch.arange(resolution),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    points = (idx + 0.5) / resolution - 0.5
+    for _ in range(10):
+        centres = torch.rand(6, 3, generator=g) * 0.6 - 0.3
+        sdf = torch.cdist(points, centres).min(1).values - 0.12
+        values = (sdf + 0.01 * torch.randn(len(sdf), generator=g)).to(torch.bfloat16).float()
+        band = values.abs() < 3.0 / resolution
+        vertices, faces = marching_cubes(idx[band], values[band], resolution)
+        assert len(faces) > 20_000 and mesh_problem(vertices, faces) is None
