@@ -151,12 +151,14 @@ def linear_attention_step(
     is the same three small batched GEMMs a fused recurrent kernel would do. Output in ``q.dtype``.
     """
     scale = _default_scale(q, scale)
+    q_dtype = q.dtype
     batch, heads, dk = q.shape
     flat = state.view(batch * heads, dk, -1)
     state.mul_(decay[:, None, None])
-    flat.baddbmm_(k.reshape(batch * heads, dk, 1).float(), v.reshape(batch * heads, 1, -1).float())
-    out = torch.bmm(q.reshape(batch * heads, 1, dk).float(), flat)
-    return (scale * out).view(batch, heads, -1).to(q.dtype)
+    q, k, v = (t.reshape(batch * heads, -1).float() for t in (q, k, v))
+    flat.baddbmm_(k[:, :, None], v[:, None, :])
+    out = torch.baddbmm(flat[:, :1], q[:, None, :], flat, beta=0, alpha=scale)  # scale * q S
+    return out.view(batch, heads, -1).to(q_dtype)
 
 
 __all__ = [

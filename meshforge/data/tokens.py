@@ -124,13 +124,27 @@ def allowed_next(position: int, vocab: Vocab, ended: bool = False) -> np.ndarray
     return mask
 
 
+def bucketed_length(length: int) -> int:
+    """``length`` tokens rounded up to whole faces, and the faces up to a number with at most 4
+    significant bits (1-16, 18, 20, ..., 32, 36, 40, ...: 8 steps per octave past 16).
+
+    A batch then pads by at most an eighth of its longest sequence, and a training run meets a few
+    dozen sequence lengths instead of hundreds: kernels that plan or specialise per shape (SDPA's
+    cuDNN backend, Triton, the CUDA caching allocator) pay for each length once.
+    """
+    faces = -(-length // TOKENS_PER_FACE)
+    shift = max(faces.bit_length() - 4, 0)
+    return TOKENS_PER_FACE * (-(-faces >> shift) << shift)
+
+
 def collate_tokens(
     sequences: list[np.ndarray], vocab: Vocab, max_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinate-token arrays -> (inputs, targets) LongTensors [B, L], L a multiple of 9.
+    """Coordinate-token arrays -> (inputs, targets) LongTensors [B, L], PAD after each sequence.
 
-    With ``max_len`` (rounded down to a multiple of 9) longer sequences keep their first faces
-    only; their END is then not seen, which is the right signal for a prefix.
+    L is the longest target sequence rounded up by :func:`bucketed_length` (a multiple of 9), and
+    at most ``max_len``. With ``max_len`` (rounded down to a multiple of 9) longer sequences keep
+    their first faces only; their END is then not seen, which is the right signal for a prefix.
     """
     if not sequences:
         raise ValueError("collate_tokens needs at least one sequence")
@@ -141,7 +155,9 @@ def collate_tokens(
     targets = [target_sequence(s, vocab) for s in sequences]
     if max_len is not None:
         targets = [t[:max_len] for t in targets]
-    length = max(len(t) for t in targets)
+    length = bucketed_length(max(len(t) for t in targets))
+    if max_len is not None:
+        length = min(length, max_len)
     x = torch.full((len(targets), length), vocab.pad, dtype=torch.long)
     y = torch.full((len(targets), length), vocab.pad, dtype=torch.long)
     for i, t in enumerate(targets):

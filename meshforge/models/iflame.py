@@ -183,9 +183,10 @@ class Attention(nn.Module):
             self.register_buffer("slopes", decay_slopes(cfg.n_heads), persistent=False)
             self.out_norm = RMSNorm(cfg.head_dim)
 
-    def _qkv(self, x: Tensor, rope: Rotary, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(-3)  # [B, T, H, D]
-        return rope(q, start), rope(k, start), v
+    def _qkv(self, x: Tensor, rope: Rotary, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [B, T, 3, H, D]
+        q, k = rope(qkv[:, :, :2], start).unbind(2)  # one rotation for both
+        return q, k, qkv[:, :, 2]  # [B, T, H, D] each
 
     def forward(self, x: Tensor, rope: Rotary) -> Tensor:
         q, k, v = self._qkv(x, rope, 0)

@@ -16,8 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def swiglu_hidden(dim: int, ratio: float, multiple_of: int = 64) -> int:
@@ -43,9 +42,11 @@ class SwiGLU(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embedding tables for positions ``0 .. max_len-1`` (rotate-half convention).
 
-    Inputs are ``[..., T, H, D]`` (the position axis third from the end); the rotation is computed
-    in float32 and returned in the input's dtype. The tables are buffers that are not saved with
-    the weights: they are a pure function of the config.
+    Inputs are ``[B, T, ..., D]`` (positions on axis 1, any head axes after it: iFlame rotates
+    ``q`` and ``k`` stacked as ``[B, T, 2, H, D]`` in one pass); the rotation is computed in float32
+    and returned in the input's dtype, as ``x * cos + rotate_half(x) * sin`` with full-width tables
+    (five element-wise kernels whatever the number of heads: decoding is launch-bound). The tables
+    are buffers that are not saved with the weights: they are a pure function of the config.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float) -> None:
@@ -53,8 +54,8 @@ class Rotary(nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [max_len, D/2]
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq).repeat(1, 2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [max_len, D]
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     @property
@@ -62,17 +63,19 @@ class Rotary(nn.Module):
         return self.cos.shape[0]
 
     def forward(self, x: Tensor, start: int | Tensor = 0) -> Tensor:
-        """Rotate ``x [B, T, H, D]`` as positions ``start .. start+T-1``.
+        """Rotate ``x [B, T, ..., D]`` as positions ``start .. start+T-1``.
 
         ``start`` may be a one-element integer tensor (decoding keeps its position on the device,
         so that a step never waits on the host); the tables are then gathered, not sliced.
         """
-        length = x.shape[-3]
+        length = x.shape[1]
         if isinstance(start, Tensor):
             positions = start if length == 1 else start + torch.arange(length, device=start.device)
-            cos, sin = self.cos[positions, None, :], self.sin[positions, None, :]
+            cos, sin = self.cos[positions], self.sin[positions]
         else:
-            cos = self.cos[start : start + length, None, :]
-            sin = self.sin[start : start + length, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+            cos, sin = self.cos[start : start + length], self.sin[start : start + length]
+        table_shape = (length,) + (1,) * (x.ndim - 3) + (x.shape[-1],)
+        x_float = x.float()
+        first, second = x_float.chunk(2, dim=-1)
+        rotated_half = torch.cat((-second, first), dim=-1)
+        return torch.addcmul(x_float * cos.view(table_shape), rotated_half, sin.view(table_shape)).to(x.dtype)

@@ -4,8 +4,10 @@ import pytest
 from meshforge.data.canonical import canonicalize
 from meshforge.data.synth import FAMILIES, synth_mesh
 from meshforge.data.tokens import (
+    TOKENS_PER_FACE,
     Vocab,
     allowed_next,
+    bucketed_length,
     collate_tokens,
     decode_tokens,
     encode_mesh,
@@ -76,3 +78,23 @@ def test_collate_pads_to_multiples_of_nine():
     assert (x[1, 1:] == y[1, :-1]).all() and x[1, 0] == vocab.start
     x, y = collate_tokens([a, b], vocab, max_len=30)
     assert x.shape == (2, 27) and y[1, 26] == b[26]
+
+
+def test_batch_lengths_come_from_a_few_dozen_buckets():
+    padded = [bucketed_length(TOKENS_PER_FACE * faces) for faces in range(1, 802)]
+    assert len(set(padded)) <= 64
+    for faces, length in enumerate(padded, start=1):
+        assert length % TOKENS_PER_FACE == 0
+        assert TOKENS_PER_FACE * faces <= length <= 1.125 * TOKENS_PER_FACE * faces
+
+
+def test_collate_pads_to_the_bucket_of_the_longest_and_never_past_max_len():
+    vocab = Vocab(7)
+    sequences = [np.zeros(TOKENS_PER_FACE * faces, dtype=np.int64) for faces in (3, 18)]
+    inputs, targets = collate_tokens(sequences, vocab)
+    longest = TOKENS_PER_FACE * 19  # 18 faces + the END face
+    assert inputs.shape == targets.shape == (2, TOKENS_PER_FACE * 20)  # 19 faces -> the bucket of 20
+    real = TOKENS_PER_FACE * 18 + 1  # coordinates and END
+    assert (targets[1, :real] != vocab.pad).all() and (targets[1, real:] == vocab.pad).all()
+    inputs, _ = collate_tokens(sequences, vocab, max_len=longest + 4)
+    assert inputs.shape == (2, longest)

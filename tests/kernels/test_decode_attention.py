@@ -14,13 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from meshforge.kernels.decode_attention import (
-    BLOCK_N,
-    decode_attention,
-    decode_attention_reference,
-    decode_attention_triton,
-    split_size,
-)
+from meshforge.kernels.decode_attention import decode_attention, decode_attention_reference
+from meshforge.kernels.decode_attention.split_k import BLOCK_N, decode_attention_triton, split_size
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

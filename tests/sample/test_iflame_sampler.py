@@ -32,7 +32,7 @@ class ScriptedModel:
     def train(self, mode=True):
         return self
 
-    def init_cache(self, batch, max_len, device, dtype):
+    def init_cache(self, batch, max_len, device):
         return {"t": 0, "batch": batch}
 
     def step(self, tokens, cache):

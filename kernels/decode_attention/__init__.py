@@ -1,0 +1,52 @@
+"""One new query per sequence against a static K/V cache whose valid length lives on the device.
+
+Decoding appends one key/value per step to buffers ``[B, H, L_max, D]`` allocated once. When the
+number of valid positions is a device tensor rather than a Python int, a decoding step has the same
+shapes and the same launches at every position and never waits on the host, so it can be captured
+once as a CUDA graph and replayed for every token (:mod:`meshforge.sample.decoding`).
+
+- :func:`decode_attention_reference`: torch's ``scaled_dot_product_attention`` over the first
+  ``length`` positions (the CPU path and the reference of the tests);
+- ``split_k.decode_attention_triton``: split-K "flash-decoding" in Triton. The key axis is cut
+  into slices; one program per (sequence x head, slice) reduces its slice, up to the valid
+  length read from memory, to a running max, a softmax denominator and a weighted value sum, and a
+  second kernel merges the slices. Slices past the length store an empty partial and cost one
+  load, so the work follows the valid length, not ``L_max``;
+- :func:`decode_attention`: the Triton form on CUDA, the reference elsewhere. The Triton module is
+  imported on first use (tests set ``TRITON_INTERPRET=1`` before it is, to run it on a CPU).
+
+All forms: ``q: [B, H, D]``, caches ``[B, H, L_max, D]`` (the new position already written),
+``length``: a one-element integer tensor, the same for every sequence (a batch decodes in lockstep);
+the result is ``[B, H, D]`` in ``q.dtype``, softmax scale ``D ** -0.5``, accumulation in float32.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# The reference attends over a new key length at every step. cuDNN's attention builds an execution
+# plan per shape (tens of ms, cached per shape), which made a first generation ~8x slower on an
+# H200; the flash and memory-efficient kernels take any length as it comes.
+_REFERENCE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
+    """The first ``length`` cached positions through SDPA (reads ``length`` on the host)."""
+    n = int(length)
+    with sdpa_kernel(_REFERENCE_BACKENDS):
+        out = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n])
+    return out[:, :, 0]
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
+    """Decoding attention over the first ``length`` cached positions: Triton on CUDA, SDPA elsewhere."""
+    if q.is_cuda:
+        from meshforge.kernels.decode_attention.split_k import decode_attention_triton
+
+        return decode_attention_triton(q, k_cache, v_cache, length)
+    return decode_attention_reference(q, k_cache, v_cache, length)
+
+
+__all__ = ["decode_attention", "decode_attention_reference"]
