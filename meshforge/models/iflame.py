@@ -125,6 +125,18 @@ BlockCache = KVCache | StateCache
 
 
 @dataclass
+class StepPosition:
+    """Where one decoding step writes at one level, on the device: the position ``index`` (``[1]``
+    int64), the K/V ``length`` after it (``index + 1``) and its rotary tables. Made once per level
+    and step, shared by the level's blocks."""
+
+    index: Tensor
+    length: Tensor
+    cos: Tensor
+    sin: Tensor
+
+
+@dataclass
 class IFlameCache:
     """Everything :meth:`IFlame.step` needs to continue a batch of sequences.
 
@@ -183,13 +195,13 @@ class Attention(nn.Module):
             self.register_buffer("slopes", decay_slopes(cfg.n_heads), persistent=False)
             self.out_norm = RMSNorm(cfg.head_dim)
 
-    def _qkv(self, x: Tensor, rope: Rotary, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [B, T, 3, H, D]
-        q, k = rope(qkv[:, :, :2], start).unbind(2)  # one rotation for both
+        q, k = Rotary.rotate(qkv[:, :, :2], cos, sin).unbind(2)  # one rotation for both
         return q, k, qkv[:, :, 2]  # [B, T, H, D] each
 
     def forward(self, x: Tensor, rope: Rotary) -> Tensor:
-        q, k, v = self._qkv(x, rope, 0)
+        q, k, v = self._qkv(x, *rope.tables(0, x.shape[1]))
         if self.full:
             out = causal_attention(q, k, v)
         else:
@@ -203,13 +215,13 @@ class Attention(nn.Module):
         state = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
         return StateCache(state, torch.exp(-self.slopes.float()).to(device))
 
-    def step(self, x: Tensor, pos: Tensor, rope: Rotary, cache: BlockCache) -> Tensor:
-        """``x [B, dim]`` at position ``pos`` (``[1]`` int64 tensor) of this block's level -> ``[B, dim]``."""
-        q, k, v = (t[:, 0] for t in self._qkv(x[:, None], rope, pos))  # [B, H, D]
+    def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
+        """``x [B, dim]`` at position ``at`` of this block's level -> ``[B, dim]``."""
+        q, k, v = (t[:, 0] for t in self._qkv(x[:, None], at.cos, at.sin))  # [B, H, D]
         if isinstance(cache, KVCache):
-            cache.k.index_copy_(2, pos, k[:, :, None].to(cache.k.dtype))
-            cache.v.index_copy_(2, pos, v[:, :, None].to(cache.v.dtype))
-            out = decode_attention(q, cache.k, cache.v, pos + 1)
+            cache.k.index_copy_(2, at.index, k[:, :, None].to(cache.k.dtype))
+            cache.v.index_copy_(2, at.index, v[:, :, None].to(cache.v.dtype))
+            out = decode_attention(q, cache.k, cache.v, at.length)
         else:
             out = self.out_norm(linear_attention_step(q, k, v, cache.decay, cache.state))
         return self.proj(out.flatten(-2))
@@ -229,8 +241,8 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
-    def step(self, x: Tensor, pos: Tensor, rope: Rotary, cache: BlockCache) -> Tensor:
-        x = x + self.attn.step(self.attn_norm(x), pos, rope, cache)
+    def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
+        x = x + self.attn.step(self.attn_norm(x), at, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -325,10 +337,13 @@ class IFlame(nn.Module):
         position = torch.zeros(1, device=device, dtype=torch.long)
         return IFlameCache(blocks, stream(POOL), stream(POOL), stream(), stream(), position, max_len)
 
-    def _step(self, stage: nn.ModuleList, x: Tensor, pos: Tensor, caches: list[BlockCache]) -> Tensor:
+    def _step(self, stage: nn.ModuleList, x: Tensor, at: StepPosition, caches: list[BlockCache]) -> Tensor:
         for block, cache in zip(stage, caches):
-            x = block.step(x, pos, self.rope, cache)
+            x = block.step(x, at, cache)
         return x
+
+    def _at(self, index: Tensor) -> StepPosition:
+        return StepPosition(index, index + 1, *self.rope.tables(index, 1))
 
     def step(self, tokens: Tensor, cache: IFlameCache) -> Tensor:
         """Feed token ``tokens [B]`` at position ``cache.position``; returns its logits ``[B, vocab]``.
@@ -343,18 +358,20 @@ class IFlame(nn.Module):
             raise ValueError(f"cache is full ({cache.max_len} positions)")
         enc, vert_enc, face_blocks, vert_dec, dec = cache.blocks
         pos = cache.device_position
-        tok = self._step(self.token_enc, self.embed(tokens), pos, enc)
+        token_at = self._at(pos)
+        tok = self._step(self.token_enc, self.embed(tokens), token_at, enc)
         cache.token_group[:, t % POOL] = tok
         if t % POOL == POOL - 1:
-            vertex_pos = pos // POOL
-            vert = self._step(self.vertex_enc, cache.token_group.mean(1), vertex_pos, vert_enc)
+            vertex_at = self._at(pos // POOL)
+            vert = self._step(self.vertex_enc, cache.token_group.mean(1), vertex_at, vert_enc)
             cache.vertex_group[:, (t // POOL) % POOL] = vert
             if t % POOL**2 == POOL**2 - 1:
-                cache.face_up.copy_(self._step(self.face, cache.vertex_group.mean(1), pos // POOL**2, face_blocks))
+                face_at = self._at(pos // POOL**2)
+                cache.face_up.copy_(self._step(self.face, cache.vertex_group.mean(1), face_at, face_blocks))
             cache.vertex_up.copy_(
-                self._step(self.vertex_dec, cache.face_up + self.vertex_skip * vert, vertex_pos, vert_dec)
+                self._step(self.vertex_dec, cache.face_up + self.vertex_skip * vert, vertex_at, vert_dec)
             )
-        tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, pos, dec)
+        tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, token_at, dec)
         cache.position = t + 1
         pos.add_(1)
         return self.head(self.norm(tok))

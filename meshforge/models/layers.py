@@ -62,20 +62,26 @@ class Rotary(nn.Module):
     def max_len(self) -> int:
         return self.cos.shape[0]
 
-    def forward(self, x: Tensor, start: int | Tensor = 0) -> Tensor:
-        """Rotate ``x [B, T, ..., D]`` as positions ``start .. start+T-1``.
+    def tables(self, start: int | Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """``cos, sin [length, D]`` of positions ``start .. start+length-1``.
 
         ``start`` may be a one-element integer tensor (decoding keeps its position on the device,
         so that a step never waits on the host); the tables are then gathered, not sliced.
         """
-        length = x.shape[1]
         if isinstance(start, Tensor):
             positions = start if length == 1 else start + torch.arange(length, device=start.device)
-            cos, sin = self.cos[positions], self.sin[positions]
-        else:
-            cos, sin = self.cos[start : start + length], self.sin[start : start + length]
-        table_shape = (length,) + (1,) * (x.ndim - 3) + (x.shape[-1],)
+            return self.cos[positions], self.sin[positions]
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate ``x [B, T, ..., D]`` by tables ``[T, D]`` (from :meth:`tables`)."""
+        table_shape = (x.shape[1],) + (1,) * (x.ndim - 3) + (x.shape[-1],)
         x_float = x.float()
         first, second = x_float.chunk(2, dim=-1)
         rotated_half = torch.cat((-second, first), dim=-1)
         return torch.addcmul(x_float * cos.view(table_shape), rotated_half, sin.view(table_shape)).to(x.dtype)
+
+    def forward(self, x: Tensor, start: int | Tensor = 0) -> Tensor:
+        """Rotate ``x [B, T, ..., D]`` as positions ``start .. start+T-1``."""
+        return self.rotate(x, *self.tables(start, x.shape[1]))
