@@ -8,14 +8,15 @@
 #   bash benchmarks/gpu_session.sh figures   # lane A: decoding's GPU tests, iFlame vs full (face-acc
 #                                            # from those runs), SS-VAE figures, recipes/iflame_gpu.yaml;
 #                                            # lane B: recipes/direct3d_gpu.yaml, voxelisation speed (~8 min)
-#   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 on both GPUs (~3 min)
+#   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 (and 1 again) on both GPUs (~3 min)
+#   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside decoding's GPU tests, then ddp (~6 min)
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
 # (trainers checkpoint) at BUDGET_S seconds, so results always get packed: benchmarks/results/ and,
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: gpu_session.sh training|figures|ddp}
+phase=${1:?usage: gpu_session.sh training|figures|ddp|iflame}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -70,10 +71,18 @@ lane_train_then_gpu_tests() {
   timed python3 -m pytest -m gpu -q -p no:cacheprovider tests
 }
 
-lane_iflame_figures() {  # decoding's GPU tests first: the benchmark times the same decoders
+decoding_tests() {
   timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/sample/test_decoding.py
-  timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint \
+}
+
+iflame_vs_full() {
+  timed python3 benchmarks/iflame_vs_full.py --grad-checkpoint --decode-batches 1 16 64 \
     --runs benchmarks/results/iflame_vs_full_runs/interleaved benchmarks/results/iflame_vs_full_runs/full
+}
+
+lane_iflame_figures() {  # decoding's GPU tests first: the benchmark times the same decoders
+  decoding_tests
+  iflame_vs_full
   timed python3 benchmarks/sparse_vae.py
   $CLI --device cuda run recipes/iflame_gpu.yaml --out "$WORK/iflame-cli" --set train-iflame.time_limit_min=0.75
 }
@@ -85,10 +94,10 @@ lane_direct3d() {
 
 ddp() {  # the same global batch on 1 and 2 GPUs
   ( export CUDA_VISIBLE_DEVICES=0,1
-    timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 --steps 40 ) >"$LOGS/ddp.log" 2>&1
-  for run in gpus1 gpus2; do
+    timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 --steps 60 ) >"$LOGS/ddp.log" 2>&1
+  for run in gpus1 gpus2 gpus1_rerun; do
     mkdir -p "benchmarks/results/iflame_ddp_runs/$run"
-    cp "$WORK/ddp/$run"/{summary.json,metrics.csv,curves.png,config.yaml} "benchmarks/results/iflame_ddp_runs/$run/"
+    cp "$WORK/ddp/$run"/{summary.json,metrics.csv,curves.png,config.yaml} "benchmarks/results/iflame_ddp_runs/$run/" 2>/dev/null
   done
 }
 
@@ -106,6 +115,12 @@ case $phase in
     ( export CUDA_VISIBLE_DEVICES=0,1; timed python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/nccl_allreduce.py ) >"$LOGS/nccl.log" 2>&1
     lane iflame 0 lane_iflame_figures
     lane direct3d 1 lane_direct3d
+    ;;
+  iflame)  # the iFlame figures alone: iflame_vs_full (GPU 0) beside decoding's GPU tests, then ddp
+    lane iflame 0 iflame_vs_full
+    ( export CUDA_VISIBLE_DEVICES=1; decoding_tests ) >"$LOGS/gpu-tests.log" 2>&1
+    wait
+    ddp
     ;;
   ddp) ddp ;;
   *) echo "unknown phase $phase"; exit 2 ;;
