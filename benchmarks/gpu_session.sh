@@ -10,13 +10,14 @@
 #                                            # lane B: recipes/direct3d_gpu.yaml, voxelisation speed (~8 min)
 #   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 (and 1 again) on both GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside decoding's GPU tests, then ddp (~6 min)
+#   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 (compute-bound steps, ~2.5 min)
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
 # (trainers checkpoint) at BUDGET_S seconds, so results always get packed: benchmarks/results/ and,
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: gpu_session.sh training|figures|ddp|iflame}
+phase=${1:?usage: gpu_session.sh training|figures|ddp|iflame|ddp-large}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -101,6 +102,13 @@ ddp() {  # the same global batch on 1 and 2 GPUs
   done
 }
 
+ddp_compute_bound() {  # the same comparison where a step is compute-bound: 128 sequences per GPU
+  ( export CUDA_VISIBLE_DEVICES=0,1
+    timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp-large" --batch-size 256 \
+      --steps 36 --log-every 4 --max-faces 200 --no-rerun --set model.grad_checkpoint=true \
+      --result benchmarks/results/iflame_ddp_large.json ) >"$LOGS/ddp-large.log" 2>&1
+}
+
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 case $phase in
   training)
@@ -123,6 +131,7 @@ case $phase in
     ddp
     ;;
   ddp) ddp ;;
+  ddp-large) ddp_compute_bound ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 wait
