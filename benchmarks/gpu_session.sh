@@ -10,7 +10,8 @@
 #                                            # lane B: recipes/direct3d_gpu.yaml, voxelisation speed (~8 min)
 #   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 (and 1 again) on both GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside decoding's GPU tests, then ddp (~6 min)
-#   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 (compute-bound steps, ~2.5 min)
+#   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 (~5 min on a fresh machine: the first
+#                                            # run compiles fla's kernels for ~100 s; 250 s cut the 2-GPU run)
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
 # (trainers checkpoint) at BUDGET_S seconds, so results always get packed: benchmarks/results/ and,
