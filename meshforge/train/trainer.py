@@ -145,6 +145,7 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.steps = 0
         self.tokens = 0.0
+        self.sync_wait: float | None = None
         self.start = time.perf_counter()
 
     def add(self, values: dict[str, float]) -> None:
@@ -155,12 +156,18 @@ class _Window:
                 self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
 
+    def add_sync_wait(self, seconds: float) -> None:
+        self.sync_wait = (self.sync_wait or 0.0) + seconds
+
     def row(self, batch_size: int, lr: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         row = {key: total / self.steps for key, total in self.sums.items()}
         row.update(lr=lr, samples_per_s=batch_size * self.steps / elapsed)
         if self.tokens:
             row["tokens_per_s"] = self.tokens / elapsed
+        if self.sync_wait is not None:
+            # Near 0: the host is the bottleneck (kernel launches); near 1: the GPU (or, with DDP, a slower rank).
+            row["sync_wait_frac"] = self.sync_wait / elapsed
         return row
 
 
@@ -268,7 +275,10 @@ class _Run:
                 # One host sync per step: the check must come before the update, so that a
                 # non-finite loss or gradient never reaches the weights (or a checkpoint).
                 # The clock is averaged like a metric, so every rank takes the same decision to stop.
-                values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm, OUT_OF_TIME: time.perf_counter() > deadline})
+                launched = time.perf_counter()
+                values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm, OUT_OF_TIME: launched > deadline})
+                if self.device.type == "cuda":  # on a CPU the host does the work: nothing to wait for
+                    window.add_sync_wait(time.perf_counter() - launched)
                 out_of_time = values.pop(OUT_OF_TIME) > 0
                 if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                     self._stop_non_finite(values, log)

@@ -7,7 +7,7 @@ import torch
 from meshforge.errors import MeshforgeError
 from meshforge.train.checkpoint import latest_checkpoint, load_model
 from meshforge.train.logs import read_csv
-from meshforge.train.trainer import train
+from meshforge.train.trainer import _Window, train
 from tests.train.toy import ToyTask, toy_config
 
 torch.set_num_threads(1)
@@ -112,3 +112,13 @@ def test_fresh_run_replaces_earlier_checkpoints(tmp_path):
     train(ToyTask(batch_size=8), toy_config(steps=10), tmp_path, device="cpu")  # no --resume
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000010"]
     assert max(losses(tmp_path)) == 10
+
+
+def test_log_rows_report_the_share_of_time_spent_waiting_at_the_sync():
+    window = _Window()
+    window.add({"loss": 1.0, "tokens": 10.0})
+    assert "sync_wait_frac" not in window.row(batch_size=2, lr=0.1)  # CPU runs never wait
+    window.start -= 2.0  # two seconds of window, half of them blocked at the sync
+    window.add_sync_wait(1.0)
+    row = window.row(batch_size=2, lr=0.1)
+    assert 0.45 < row["sync_wait_frac"] <= 0.5 and row["loss"] == 1.0
