@@ -100,6 +100,8 @@ def read_run(out: Path) -> dict[str, Any]:
         "loss": [r["loss"] for r in rows],
         "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        # Share of the time blocked at the step's host sync (CUDA only): ~0 means launch-bound.
+        "sync_wait_frac": statistics.median(r["sync_wait_frac"] for r in steady) if "sync_wait_frac" in steady[0] else None,
         "final_loss": rows[-1]["loss"],
         "val_loss": summary.get("val_loss"),
         "val_face_acc": summary.get("val_face_acc"),
@@ -246,6 +248,7 @@ def main() -> None:
     row("val loss", "val_loss", ".5f", "diff")
     row("samples/s (median)", "samples_per_s", ",.1f", "ratio")
     row("tokens/s (median)", "tokens_per_s", ",.0f", "ratio")
+    row("time waiting at the sync", "sync_wait_frac", ".2f", "ratio")
     table.add_row("wall time (s)", f"{wall[names[1]]:.1f}", f"{wall[names[args.gpus]]:.1f}", "")
     console.print(table)
     verdict = "[green]match[/green]" if result["curves_match"] else "[red]differ[/red]"
