@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
+from meshforge.models.layers import RMSNorm
 from meshforge.sparse.attention import sinusoidal_position_encoding, window_attention
 from meshforge.sparse.tensor import SparseTensor, Windows
 
@@ -159,7 +160,7 @@ class SelfAttention(nn.Module):
         self.q = nn.Linear(cfg.dim, cfg.heads * hd)
         self.kv = nn.Linear(cfg.dim, 2 * cfg.kv_heads * hd)
         # RMS-normalised queries and keys keep attention logits bounded in bf16 (as in TRELLIS).
-        self.q_norm, self.k_norm = nn.RMSNorm(hd), nn.RMSNorm(hd)
+        self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)
         self.proj = nn.Linear(cfg.heads * hd, cfg.dim)
         if cfg.attention == "ssa":
             self.ssa = SSAConfig(block_cmp=cfg.ssa_block_cmp, block_slc=cfg.ssa_block_slc, topk=cfg.ssa_topk,
@@ -209,7 +210,7 @@ class CrossAttention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(cond_dim, 2 * dim)
-        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: SparseTensor, h: torch.Tensor, cond: Cond) -> torch.Tensor:
