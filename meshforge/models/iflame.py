@@ -316,8 +316,8 @@ class IFlame(nn.Module):
     ) -> IFlameCache:
         """Empty caches for ``batch_size`` sequences of up to ``max_len`` tokens.
 
-        ``dtype`` is the K/V buffers' (what attention computes in: bfloat16 under bf16 autocast);
-        by default the parameters'. Linear-attention states are always float32. Every buffer is
+        ``dtype`` is the K/V buffers', by default the parameters' (bfloat16 for the CUDA decoders'
+        copy, :func:`meshforge.sample.decoding.bf16_weights`). Linear-attention states are always float32. Every buffer is
         allocated here, once: decoding only writes into them.
         """
         if not 0 < max_len <= self.config.max_seq_len:

@@ -45,8 +45,10 @@ class Rotary(nn.Module):
     Inputs are ``[B, T, ..., D]`` (positions on axis 1, any head axes after it: iFlame rotates
     ``q`` and ``k`` stacked as ``[B, T, 2, H, D]`` in one pass); the rotation is computed in float32
     and returned in the input's dtype, as ``x * cos + rotate_half(x) * sin`` with full-width tables
-    (five element-wise kernels whatever the number of heads: decoding is launch-bound). The tables
+    (a handful of element-wise kernels whatever the number of heads: decoding is launch-bound). The tables
     are buffers that are not saved with the weights: they are a pure function of the config.
+    Rotate positions ``start .. start+T-1`` with ``Rotary.rotate(x, *rope.tables(start, T))``; a
+    level of a decoding step looks its tables up once for all its blocks.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float) -> None:
@@ -81,7 +83,3 @@ class Rotary(nn.Module):
         first, second = x_float.chunk(2, dim=-1)
         rotated_half = torch.cat((-second, first), dim=-1)
         return torch.addcmul(x_float * cos.view(table_shape), rotated_half, sin.view(table_shape)).to(x.dtype)
-
-    def forward(self, x: Tensor, start: int | Tensor = 0) -> Tensor:
-        """Rotate ``x [B, T, ..., D]`` as positions ``start .. start+T-1``."""
-        return self.rotate(x, *self.tables(start, x.shape[1]))

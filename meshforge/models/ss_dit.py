@@ -174,10 +174,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: SparseTensor) -> torch.Tensor:
         cfg, n = self.cfg, len(x)
         k, v = self.kv(x.feats).view(n, 2, cfg.kv_heads, cfg.head_dim).unbind(1)
-        # Under CUDA autocast the norms (fp32 weights) may return float32 while v is bf16: the SSA
-        # kernels and flash-attn are not autocast-aware, so all three take the projections' dtype.
-        q = self.q_norm(self.q(x.feats).view(n, cfg.heads, cfg.head_dim)).to(v.dtype)
-        k = self.k_norm(k).to(v.dtype)
+        # The norms return their input's dtype (bf16 under CUDA autocast, like v): the SSA kernels
+        # and flash-attn are not autocast-aware and need one dtype for all three.
+        q = self.q_norm(self.q(x.feats).view(n, cfg.heads, cfg.head_dim))
+        k = self.k_norm(k)
         if cfg.attention == "ssa":
             out = self._ssa(q, k, v, x)
         else:

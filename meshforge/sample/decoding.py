@@ -9,8 +9,8 @@ group slots are written); the positions themselves, the K/V lengths included, ar
 cache's device tensor (:meth:`IFlameCache.seek`).
 
 On CUDA both decoders step a copy of the model whose matmul and embedding weights are cast to
-bf16 once (:func:`bf16_weights`), rather than under autocast, which would cast every weight again at
-every step: about a fifth of a step's launches. Norms, rotary tables and decay rates stay float32, and
+bf16 once (:func:`bf16_weights`), rather than under autocast, which would launch a cast of every
+weight again at every step. Norms, rotary tables and decay rates stay float32, and
 so does everything on the CPU.
 """
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, allowed_next
 from meshforge.errors import MeshforgeError
 from meshforge.models.iflame import IFlame
-from meshforge.sample.decoding import make_decoder
+from meshforge.sample.decoding import EagerDecoder, make_decoder
 
 
 @dataclass
@@ -40,12 +40,17 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1 or self.max_faces < 1:
             raise ValueError("n, batch_size and max_faces must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_shaping(self.temperature, self.top_k, self.top_p)
+
+
+def check_shaping(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """``ValueError`` for temperature / top-k / top-p settings that shape no distribution."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -69,13 +74,12 @@ def _forbidden(vocab: Vocab, device: torch.device) -> tuple[Tensor, Tensor]:
     return inside, boundary
 
 
-@torch.inference_mode()
 def _sample_batch(
-    model: IFlame, vocab: Vocab, cfg: SampleConfig, batch: int, device: torch.device, generator: torch.Generator
+    decoder: EagerDecoder, vocab: Vocab, cfg: SampleConfig, batch: int, max_steps: int, device: torch.device,
+    generator: torch.Generator,
 ) -> tuple[Tensor, int]:
-    """``[batch, steps]`` sampled tokens (PAD after END) and the number of steps taken."""
-    max_steps = TOKENS_PER_FACE * cfg.max_faces  # the last coordinate; END after it is implied
-    decoder = make_decoder(model, batch, max_steps, device, cfg.cuda_graphs)
+    """``[batch, <= max_steps]`` sampled tokens (PAD after END) and the number of steps taken, from
+    an empty decoder cache of ``batch`` sequences."""
     forbidden_inside, forbidden_boundary = _forbidden(vocab, device)
     out = torch.full((batch, max_steps), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -121,10 +125,19 @@ def sample_tokens(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sequences: list[np.ndarray] = []
     produced = total_steps = 0
+    # One decoder per batch size (the last batch may be smaller): its model copy and captured
+    # graphs serve every batch of that size, its cache emptied in between.
+    decoders: dict[int, EagerDecoder] = {}
+    max_steps = TOKENS_PER_FACE * cfg.max_faces  # the last coordinate; END after it is implied
     start = time.perf_counter()
     for first in range(0, cfg.n, cfg.batch_size):
         batch = min(cfg.batch_size, cfg.n - first)
-        tokens, steps = _sample_batch(model, vocab, cfg, batch, device, generator)
+        with torch.inference_mode():
+            if batch in decoders:
+                decoders[batch].cache.reset()
+            else:
+                decoders[batch] = make_decoder(model, batch, max_steps, device, cfg.cuda_graphs)
+            tokens, steps = _sample_batch(decoders[batch], vocab, cfg, batch, max_steps, device, generator)
         total_steps += steps
         for row in tokens.cpu().numpy():
             stop = np.flatnonzero(row >= vocab.levels)  # END, then PAD

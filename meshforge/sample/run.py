@@ -22,6 +22,7 @@ from meshforge.errors import InputError, MeshforgeError
 from meshforge.render import Mesh
 from meshforge.runtime import seed_everything
 from meshforge.sample.export import FORMATS, mesh_from_canonical, write_samples
+from meshforge.sample.iflame import check_shaping
 
 
 @dataclass
@@ -52,12 +53,7 @@ class SampleStageConfig:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats must be among {', '.join(FORMATS)} (got {self.formats})")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_shaping(self.temperature, self.top_k, self.top_p)
         if self.max_faces < 1 or self.steps < 1:
             raise ValueError("max_faces and steps must be at least 1")
         if self.cfg_scale < 0:

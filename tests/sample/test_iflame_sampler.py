@@ -108,3 +108,13 @@ def test_vocabulary_and_length_mismatches_are_refused():
         sample_tokens(tiny_model(), Vocab(6), SampleConfig(n=1), "cpu")
     with pytest.raises(MeshforgeError, match="max_faces 11"):
         sample_tokens(tiny_model(), VOCAB, SampleConfig(n=1, max_faces=11), "cpu")
+
+
+def test_batches_of_one_size_share_a_decoder_emptied_in_between():
+    """Greedy sequences from the same start are identical: a second batch that saw the first one's
+    cache would diverge from it."""
+    cfg = SampleConfig(n=4, batch_size=2, max_faces=9, temperature=0)
+    sequences, stats = sample_tokens(tiny_model(), VOCAB, cfg, "cpu")
+    assert len(sequences) == 4 and stats["steps"] > 0
+    for seq in sequences[1:]:
+        np.testing.assert_array_equal(seq, sequences[0])
