@@ -24,7 +24,7 @@ OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
 LOGS=$OUT/logs
 mkdir -p "$OUT" "$LOGS" "$WORK" /tmp/site
-export PYTHONUNBUFFERED=1 MESHFORGE_NO_PROGRESS=1
+export PYTHONUNBUFFERED=1 MESHFORGE_NO_PROGRESS=1 COLUMNS=160  # wide rich tables in the logs
 
 # The checkout itself is what runs: the two folders that install under other names are linked
 # into place, and the wheel in .whl/ only contributes the entry points (its metadata). Packages the

@@ -2,7 +2,8 @@
 
     python benchmarks/iflame_ddp.py [--gpus 2] [--device cuda] [--data TOKENS] [--steps 60]
         [--batch-size 32] [--model-dim 512] [--model-heads 16] [--model-blocks 4 4 8 4 4]
-        [--max-faces 800] [--optimizer muon|adamw] [--set KEY=VALUE ...] [--out WORK] [--result JSON]
+        [--max-faces 800] [--optimizer muon|adamw] [--profile-steps 3] [--set KEY=VALUE ...]
+        [--out WORK] [--result JSON]
 
 Runs the real CLI twice, ``python -m meshforge_plugins.cli --device D --seed S train-iflame ...``
 into ``WORK/gpus1`` with ``--gpus 1`` and into ``WORK/gpusN`` with ``--gpus N``: same data, seed,
@@ -18,7 +19,11 @@ Reports, from both runs' ``metrics.csv``: the max and mean absolute difference o
 losses (each row a mean over ``--log-every`` steps), the final train and val losses, and the training
 throughput of 1 and N processes (samples/s and tokens/s: the median over the logged rows after the
 first, whose window holds the warm-up: CUDA context, kernel compilation, NCCL set-up), with the
-scaling ratio. Without ``--data`` it first writes ``--synth-meshes`` synth meshes and tokenises them
+scaling ratio. With ``--profile-steps N`` every run also profiles N steps on every rank
+(:mod:`meshforge.train.profiling`): the result holds each rank's summary (step time, GPU busy
+fraction, kernel launches, host time per phase), which says whether a step is bound by the GPU or
+by the host; the log row holding the profiled steps is left out of the throughput. Without
+``--data`` it first writes ``--synth-meshes`` synth meshes and tokenises them
 into ``WORK/data``. Prints a table; writes ``--result`` (JSON naming the device) and a PNG of both
 loss curves beside it. ``--device cpu`` runs N gloo processes of one thread each: a smoke test.
 """
@@ -43,6 +48,7 @@ from meshforge.data.tokens import TOKENS_PER_FACE
 from meshforge.io import atomic_path, atomic_write_json
 from meshforge.runtime import console, cpu_model
 from meshforge.train.logs import read_csv
+from meshforge.train.profiling import PROFILE_DIR, PROFILE_SKIP
 
 RESULT = Path(__file__).parent / "results" / "iflame_ddp.json"
 CLI = "meshforge_plugins.cli"
@@ -74,7 +80,7 @@ def train_command(args: argparse.Namespace, data: Path, out: Path, gpus: int) ->
         "--warmup-steps", str(args.warmup_steps), "--log-every", str(args.log_every),
         "--max-faces", str(args.max_faces), "--eval-meshes", str(args.eval_meshes),
         # One evaluation and one checkpoint, both after the last logged row: no logged window pays for them.
-        "--eval-every", "0", "--checkpoint-every", str(args.steps),
+        "--eval-every", "0", "--checkpoint-every", str(args.steps), "--profile-steps", str(args.profile_steps),
         *(arg for text in overrides for arg in ("--set", text)),
     ]  # fmt: skip
 
@@ -90,10 +96,13 @@ def run_training(command: list[str], out: Path, env: dict[str, str], cwd: Path) 
     return time.perf_counter() - start
 
 
-def read_run(out: Path) -> dict[str, Any]:
-    """The logged train curve, the throughput medians and the summary of one finished run."""
+def read_run(out: Path, log_every: int, profile_steps: int) -> dict[str, Any]:
+    """The logged train curve, the throughput medians, the profile and the summary of one finished run."""
     rows = [r for r in read_csv(out / "metrics.csv") if "loss" in r]
-    steady = rows[1:]  # the first row's window holds the warm-up (main() ensures at least two rows)
+    # The first row's window holds the warm-up (main() ensures at least two rows); a row whose
+    # window holds a profiled step (or the profiler's warm-up step) runs slower.
+    profiled = range(PROFILE_SKIP + 1, PROFILE_SKIP + 2 + profile_steps) if profile_steps else range(0)
+    steady = [r for r in rows[1:] if not any(int(r["step"]) - log_every < s <= int(r["step"]) for s in profiled)]
     summary = json.loads((out / "summary.json").read_text())
     return {
         "steps": [int(r["step"]) for r in rows],
@@ -107,7 +116,23 @@ def read_run(out: Path) -> dict[str, Any]:
         "val_face_acc": summary.get("val_face_acc"),
         "world_size": summary["world_size"],
         "train_wall_s": summary["wall_time_s"],
+        "profile": [json.loads(p.read_text()) for p in sorted((out / PROFILE_DIR).glob("rank*.json"))],
     }
+
+
+def profile_table(runs: dict[str, dict[str, Any]], label: dict[str, str]) -> Table:
+    """Where each rank's profiled step goes: GPU busy share, launches and host time per phase."""
+    phases = list(next(p for r in runs.values() for p in r["profile"])["phases_s"])
+    table = Table(title="profiled steps (per step; phases are host time)")
+    for column in ("run", "rank", "step ms", "GPU busy", "NCCL ms", "launches", *(f"{p} ms" for p in phases)):
+        table.add_column(column, justify="right")
+    for name, run in runs.items():
+        for p in run["profile"]:
+            busy = "-" if p["gpu_busy_frac"] is None else f"{p['gpu_busy_frac']:.0%}"
+            comm = "-" if p["comm_s"] is None else f"{1e3 * p['comm_s']:.1f}"
+            table.add_row(label[name], str(p["rank"]), f"{1e3 * p['step_s']:.1f}", busy, comm, f"{p['launches']:,.0f}",
+                          *(f"{1e3 * p['phases_s'][ph]:.1f}" for ph in phases))
+    return table
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -154,6 +179,7 @@ def main() -> None:
     parser.add_argument("--model-blocks", type=int, nargs=5, default=[4, 4, 8, 4, 4], metavar="N")
     parser.add_argument("--max-faces", type=int, default=800, help="train on the first faces of each mesh")
     parser.add_argument("--eval-meshes", type=int, default=16, help="val meshes of the final evaluation")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled on every rank (0: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more train-iflame overrides")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="loss difference that counts as matching, on top of the rerun's spread")
@@ -194,7 +220,7 @@ def main() -> None:
     for gpus, name in schedule:
         commands[name] = train_command(args, data, work / name, gpus)
         wall[name] = run_training(commands[name], work / name, env, work)
-        runs[name] = read_run(work / name)
+        runs[name] = read_run(work / name, args.log_every, args.profile_steps)
     one, many = (runs[name] for name in names.values())
     if any(r["steps"] != one["steps"] for r in runs.values()):
         raise SystemExit(f"the runs logged different steps: {[r['steps'] for r in runs.values()]}")
@@ -251,6 +277,8 @@ def main() -> None:
     row("time waiting at the sync", "sync_wait_frac", ".2f", "ratio")
     table.add_row("wall time (s)", f"{wall[names[1]]:.1f}", f"{wall[names[args.gpus]]:.1f}", "")
     console.print(table)
+    if any(r["profile"] for r in runs.values()):
+        console.print(profile_table(runs, label))
     verdict = "[green]match[/green]" if result["curves_match"] else "[red]differ[/red]"
     console.print(
         f"loss curves over {len(diffs)} logged rows: max |diff| {max(diffs):.2e}, mean {result['loss_mean_abs_diff']:.2e} "

@@ -32,12 +32,13 @@ class TrainOptions:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gpus: int = 1  # processes on this node; more than 1 launches them through torch.distributed.run
     time_limit_min: float = 0.0  # stop (checkpoint, evaluate) once training has run this long; 0: no limit
+    profile_steps: int = 0  # torch.profiler over this many steps after a warm-up (see meshforge.train.profiling)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "gpus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay", "time_limit_min"):
+        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay", "time_limit_min", "profile_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -82,4 +83,6 @@ TRAIN_FIELD_HELP = {
     "gpus": "Processes on this node (GPUs, or CPU processes with --device cpu), launched by torchrun.",
     "time_limit_min": "Stop after this many minutes of training, as at the last step (checkpoint, evaluation, "
     "curves); --resume continues the schedule. 0: no limit.",
+    "profile_steps": "Profile this many steps (after 10 warm-up steps) on every rank: OUT/profile/ holds each rank's "
+    "trace (Perfetto), top operators and a summary (step time, GPU busy fraction, kernel launches, phases).",
 }

@@ -46,6 +46,7 @@ from meshforge.train.config import TrainConfig, TrainOptions
 from meshforge.train.distributed import DistEnv
 from meshforge.train.logs import MetricsLog, plot_curves
 from meshforge.train.optim import build_optimizers, set_lr
+from meshforge.train.profiling import StepProfiler
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
@@ -184,6 +185,7 @@ class _Run:
         self.last_saved: Path | None = None
         self.last_row: dict[str, float] = {}
         self.val: dict[str, float] = {}
+        self.profile: dict[str, Any] | None = None
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -259,32 +261,38 @@ class _Run:
             model = torch.compile(model)
         model.train()
         batches = _Prefetcher(self.task.batches(env.rank, env.world_size, cfg.seed, self.step))
+        profiler = StepProfiler(self.out_dir, env.rank, cfg.profile_steps, self.device)
         amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
         deadline = time.perf_counter() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
-        with closing(batches), make_progress() if env.is_main else nullcontext() as progress:
+        with closing(batches), closing(profiler), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
             while self.step < cfg.steps:
                 lr = set_lr(self.optimizers, self.step, cfg)
-                batch = to_device(next(batches), self.device)
-                with amp:
+                with profiler.phase("data"):
+                    batch = to_device(next(batches), self.device)
+                with profiler.phase("forward"), amp:
                     loss, metrics = self.task.loss(model, batch)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                # One host sync per step: the check must come before the update, so that a
-                # non-finite loss or gradient never reaches the weights (or a checkpoint).
-                # The clock is averaged like a metric, so every rank takes the same decision to stop.
-                launched = time.perf_counter()
-                values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm, OUT_OF_TIME: launched > deadline})
-                if self.device.type == "cuda":  # on a CPU the host does the work: nothing to wait for
-                    window.add_sync_wait(time.perf_counter() - launched)
+                with profiler.phase("backward"):
+                    loss.backward()
+                with profiler.phase("clip_sync"):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                    # One host sync per step: the check must come before the update, so that a
+                    # non-finite loss or gradient never reaches the weights (or a checkpoint).
+                    # The clock is averaged like a metric, so every rank takes the same decision to stop.
+                    launched = time.perf_counter()
+                    values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm, OUT_OF_TIME: launched > deadline})
+                    if self.device.type == "cuda":  # on a CPU the host does the work: nothing to wait for
+                        window.add_sync_wait(time.perf_counter() - launched)
                 out_of_time = values.pop(OUT_OF_TIME) > 0
                 if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                     self._stop_non_finite(values, log)
-                for opt in self.optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                with profiler.phase("optimizer"):
+                    for opt in self.optimizers:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                profiler.step()
                 self.step += 1
                 window.add(values)
                 last = self.step == cfg.steps or out_of_time
@@ -316,6 +324,7 @@ class _Run:
                     progress.update(bar, completed=self.step, description=f"train loss {values['loss']:.4f}")
                 if last:
                     break
+        self.profile = profiler.summary
 
     def _reduce(self, values: dict[str, Any]) -> dict[str, float]:
         """Means over ranks (sums for ``tokens``) as Python floats."""
@@ -395,6 +404,8 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
             **run.last_row,
             **{f"val_{k}": v for k, v in run.val.items()},
         }
+        if run.profile is not None:
+            summary["profile"] = run.profile
         if env.is_main:
             if log is not None and log.rows:
                 plot_curves(out_dir / METRICS_CSV, out_dir / CURVES_PNG)

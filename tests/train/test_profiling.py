@@ -1,0 +1,36 @@
+import gzip
+import json
+
+import pytest
+import torch
+
+from meshforge.train.profiling import PHASES, _union_length
+from meshforge.train.trainer import train
+from tests.train.toy import ToyTask, toy_config
+
+torch.set_num_threads(1)
+
+
+def test_union_length_counts_overlapping_kernels_once():
+    assert _union_length([]) == 0
+    assert _union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
+
+
+def test_profiled_run_writes_trace_operators_and_a_per_step_summary(tmp_path):
+    summary = train(ToyTask(batch_size=8), toy_config(steps=16, profile_steps=3), tmp_path, device="cpu")
+    profile = summary["profile"]
+    assert profile == json.loads((tmp_path / "profile" / "rank0.json").read_text())
+    assert profile["steps"] == 3 and profile["step_s"] > 0
+    assert set(profile["phases_s"]) == set(PHASES)
+    # The phases are host time inside the step, and on a CPU the step is all host time.
+    assert 0 < sum(profile["phases_s"].values()) <= profile["step_s"] * 1.05
+    assert profile["phases_s"]["backward"] > 0 and profile["phases_s"]["optimizer"] > 0
+    assert profile["gpu_busy_frac"] is None and profile["launches"] == 0  # no device on a CPU run
+    trace = json.loads(gzip.open(tmp_path / "profile" / "rank0.trace.json.gz").read())
+    assert any(e.get("name") == "phase:forward" for e in trace["traceEvents"])
+    assert "Self CPU" in (tmp_path / "profile" / "rank0.txt").read_text()
+
+
+def test_a_run_shorter_than_the_window_writes_what_it_profiled(tmp_path):
+    summary = train(ToyTask(batch_size=8), toy_config(steps=13, profile_steps=5), tmp_path, device="cpu")
+    assert summary["profile"]["steps"] == 2  # steps 12 and 13 of the window of 12-16 ran
