@@ -74,7 +74,8 @@ lane_train_then_gpu_tests() {
 }
 
 decoding_tests() {
-  timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/sample/test_decoding.py
+  timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
+    tests/kernels/test_decode_step.py tests/sample/test_decoding.py
 }
 
 iflame_vs_full() {
@@ -96,10 +97,12 @@ lane_direct3d() {
 
 ddp() {  # the same global batch on 1 and 2 GPUs
   ( export CUDA_VISIBLE_DEVICES=0,1
-    timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 --steps 60 ) >"$LOGS/ddp.log" 2>&1
+    timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp" --batch-size 64 --steps 80 ) >"$LOGS/ddp.log" 2>&1
   for run in gpus1 gpus2 gpus1_rerun; do
     mkdir -p "benchmarks/results/iflame_ddp_runs/$run"
-    cp "$WORK/ddp/$run"/{summary.json,metrics.csv,curves.png,config.yaml} "benchmarks/results/iflame_ddp_runs/$run/" 2>/dev/null
+    cp -r "$WORK/ddp/$run"/{summary.json,metrics.csv,curves.png,config.yaml,profile} "benchmarks/results/iflame_ddp_runs/$run/" 2>/dev/null
+    rm -f "benchmarks/results/iflame_ddp_runs/$run"/profile/*.trace.json.gz  # traces are megabytes: in $OUT only
+    cp "$WORK/ddp/$run/profile/rank0.trace.json.gz" "$OUT/trace_${run}_rank0.json.gz" 2>/dev/null
   done
 }
 
@@ -125,9 +128,9 @@ case $phase in
     lane iflame 0 lane_iflame_figures
     lane direct3d 1 lane_direct3d
     ;;
-  iflame)  # the iFlame figures alone: iflame_vs_full (GPU 0) beside decoding's GPU tests, then ddp
+  iflame)  # the iFlame figures alone: iflame_vs_full (GPU 0) beside all GPU tests, then ddp
     lane iflame 0 iflame_vs_full
-    ( export CUDA_VISIBLE_DEVICES=1; decoding_tests ) >"$LOGS/gpu-tests.log" 2>&1
+    ( export CUDA_VISIBLE_DEVICES=1; timed python3 -m pytest -m gpu -q -p no:cacheprovider tests ) >"$LOGS/gpu-tests.log" 2>&1
     wait
     ddp
     ;;
@@ -140,7 +143,8 @@ for log in "$LOGS"/*.log; do echo "=== $log"; tail -n 25 "$log"; done
 
 # Light run outputs only (no checkpoints): curves, metrics, summaries, sample grids and stats.
 tar -czf "$OUT/results.tgz" benchmarks/results "$LOGS" \
-  $(cd / && find "$WORK" \( -name '*.png' -o -name '*.csv' -o -name '*.json' -o -name 'config.yaml' \) \
+  $(cd / && find "$WORK" \( -name '*.png' -o -name '*.csv' -o -name '*.json' -o -name 'config.yaml' \
+      -o -path '*/profile/*.txt' \) \
       -not -path '*/latents/*' -not -path '*/tokens/*' -not -path '*/data/*' -not -path '*/synth/*' 2>/dev/null) \
   2>/dev/null
 ls -la "$OUT"

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from meshforge.kernels.rotary import apply_rotary
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation with a learned gain, computed in float32 (bf16-safe)."""
@@ -75,11 +77,5 @@ class Rotary(nn.Module):
             return self.cos[positions], self.sin[positions]
         return self.cos[start : start + length], self.sin[start : start + length]
 
-    @staticmethod
-    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate ``x [B, T, ..., D]`` by tables ``[T, D]`` (from :meth:`tables`)."""
-        table_shape = (x.shape[1],) + (1,) * (x.ndim - 3) + (x.shape[-1],)
-        x_float = x.float()
-        first, second = x_float.chunk(2, dim=-1)
-        rotated_half = torch.cat((-second, first), dim=-1)
-        return torch.addcmul(x_float * cos.view(table_shape), rotated_half, sin.view(table_shape)).to(x.dtype)
+    # Rotate ``x [B, T, ..., D]`` by tables ``[T, D]`` (from :meth:`tables`).
+    rotate = staticmethod(apply_rotary)

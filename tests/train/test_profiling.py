@@ -26,7 +26,7 @@ def test_profiled_run_writes_trace_operators_and_a_per_step_summary(tmp_path):
     assert 0 < sum(profile["phases_s"].values()) <= profile["step_s"] * 1.05
     assert profile["phases_s"]["backward"] > 0 and profile["phases_s"]["optimizer"] > 0
     assert profile["gpu_busy_frac"] is None and profile["launches"] == 0  # no device on a CPU run
-    trace = json.loads(gzip.open(tmp_path / "profile" / "rank0.trace.json.gz").read())
+    trace = json.loads(gzip.decompress((tmp_path / "profile" / "rank0.trace.json.gz").read_bytes()))
     assert any(e.get("name") == "phase:forward" for e in trace["traceEvents"])
     assert "Self CPU" in (tmp_path / "profile" / "rank0.txt").read_text()
 

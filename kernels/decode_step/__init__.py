@@ -1,0 +1,84 @@
+"""One decoding position of an attention block, from its ``qkv`` projection to what attention reads.
+
+A decoding step of iFlame is launch-bound: at batch 1-16 a block's dozens of tiny kernels cost
+more than their arithmetic. These two ops fuse everything between a block's ``qkv`` GEMM and its
+output projection that does not need the whole K/V cache:
+
+- :func:`linear_decode_step` (linear-attention blocks): rotate ``q, k``, advance the per-head state
+  ``S <- exp(-s) S + k^T v`` in place, read ``scale * q S`` and apply the per-head output RMSNorm;
+- :func:`rotary_kv_append` (full-attention blocks): rotate ``q, k``, write ``k, v`` into the static
+  K/V cache at the step's position (read from the device) and return the rotated ``q`` for
+  :func:`meshforge.kernels.decode_attention.decode_attention`.
+
+Each has a PyTorch reference (``*_reference``: the CPU path, and the definition the tests hold the
+fused form to) built from the same pieces the training forward pass uses, and a Triton kernel of
+one program per (sequence, head) in :mod:`meshforge.kernels.decode_step.fused`, used on CUDA when
+the head width is a power of two. The fused kernels round where the references round (the
+rotation and the attention output to the activations' dtype), so both agree up to the order of
+float32 sums. Shapes: ``qkv [B, 3, H, D]`` (the GEMM output viewed as q, k, v), rotary tables
+``cos, sin [1, D]`` float32, states ``[B, H, D, D]`` float32, caches ``[B, H, L_max, D]``.
+"""
+
+from __future__ import annotations
+
+from meshforge.kernels.linear_attention import linear_attention_step
+from meshforge.kernels.rotary import apply_rotary
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def _rotated_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    q, k = apply_rotary(qkv[:, None, :2], cos, sin)[:, 0].unbind(1)  # one rotation for both
+    return q, k, qkv[:, 2]
+
+
+def linear_decode_step_reference(
+    qkv: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, state: Tensor, norm_weight: Tensor, eps: float
+) -> Tensor:
+    """``qkv [B, 3, H, D]`` -> the block's normalised attention output ``[B, H, D]``; ``state`` advances in place."""
+    q, k, v = _rotated_qkv(qkv, cos, sin)
+    out = linear_attention_step(q, k, v, decay, state)
+    return F.rms_norm(out.float(), (out.shape[-1],), norm_weight.float(), eps).to(out.dtype)
+
+
+def rotary_kv_append_reference(
+    qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor
+) -> Tensor:
+    """Write the rotated ``k`` and ``v`` of ``qkv [B, 3, H, D]`` at position ``index`` (``[1]``); the rotated ``q [B, H, D]``."""
+    q, k, v = _rotated_qkv(qkv, cos, sin)
+    k_cache.index_copy_(2, index, k[:, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, index, v[:, :, None].to(v_cache.dtype))
+    return q
+
+
+def _fusable(qkv: Tensor) -> bool:
+    head_dim = qkv.shape[-1]
+    return qkv.is_cuda and head_dim >= 2 and head_dim & (head_dim - 1) == 0 and qkv.is_contiguous()
+
+
+def linear_decode_step(
+    qkv: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, state: Tensor, norm_weight: Tensor, eps: float
+) -> Tensor:
+    """:func:`linear_decode_step_reference`, as one Triton kernel on CUDA."""
+    if _fusable(qkv):
+        from meshforge.kernels.decode_step.fused import linear_decode_step_triton
+
+        return linear_decode_step_triton(qkv, cos, sin, decay, state, norm_weight, eps)
+    return linear_decode_step_reference(qkv, cos, sin, decay, state, norm_weight, eps)
+
+
+def rotary_kv_append(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor) -> Tensor:
+    """:func:`rotary_kv_append_reference`, as one Triton kernel on CUDA."""
+    if _fusable(qkv):
+        from meshforge.kernels.decode_step.fused import rotary_kv_append_triton
+
+        return rotary_kv_append_triton(qkv, cos, sin, k_cache, v_cache, index)
+    return rotary_kv_append_reference(qkv, cos, sin, k_cache, v_cache, index)
+
+
+__all__ = [
+    "linear_decode_step",
+    "linear_decode_step_reference",
+    "rotary_kv_append",
+    "rotary_kv_append_reference",
+]

@@ -1,0 +1,21 @@
+"""Rotary position embedding, rotate-half convention: the one definition of the rotation.
+
+``x * cos + rotate_half(x) * sin`` with full-width tables, where ``rotate_half`` maps the halves
+``(x1, x2)`` of the last axis to ``(-x2, x1)``. Computed in float32 and returned in ``x.dtype``. The
+tables come from :class:`meshforge.models.layers.Rotary`; the fused decoding kernels
+(:mod:`meshforge.kernels.decode_step`) apply the same rotation in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, T, ..., D]`` by tables ``cos, sin [T, D]`` (positions on axis 1, any head axes after it)."""
+    table_shape = (x.shape[1],) + (1,) * (x.ndim - 3) + (x.shape[-1],)
+    x_float = x.float()
+    first, second = x_float.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    return torch.addcmul(x_float * cos.view(table_shape), rotated_half, sin.view(table_shape)).to(x.dtype)
