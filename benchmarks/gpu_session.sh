@@ -9,9 +9,9 @@
 #                                            # from those runs), SS-VAE figures, recipes/iflame_gpu.yaml;
 #                                            # lane B: recipes/direct3d_gpu.yaml, voxelisation speed (~8 min)
 #   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 (and 1 again) on both GPUs (~3 min)
-#   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside decoding's GPU tests, then ddp (~6 min)
-#   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 (~5 min on a fresh machine: the first
-#                                            # run compiles fla's kernels for ~100 s; 250 s cut the 2-GPU run)
+#   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside all GPU tests, then ddp (~8 min)
+#   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 with gradient checkpointing, where a
+#                                            # step is GPU-bound (~5 min on a fresh machine: fla compiles ~100 s)
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
 # (trainers checkpoint) at BUDGET_S seconds, so results always get packed: benchmarks/results/ and,
@@ -109,8 +109,14 @@ ddp() {  # the same global batch on 1 and 2 GPUs
 ddp_compute_bound() {  # the same comparison where a step is compute-bound: 128 sequences per GPU
   ( export CUDA_VISIBLE_DEVICES=0,1
     timed python3 benchmarks/iflame_ddp.py --data "$WORK/tokens" --out "$WORK/ddp-large" --batch-size 256 \
-      --steps 36 --log-every 4 --max-faces 200 --no-rerun --set model.grad_checkpoint=true \
+      --steps 40 --log-every 4 --max-faces 200 --no-rerun --set model.grad_checkpoint=true \
       --result benchmarks/results/iflame_ddp_large.json ) >"$LOGS/ddp-large.log" 2>&1
+  for run in gpus1 gpus2; do
+    mkdir -p "benchmarks/results/iflame_ddp_large_runs/$run"
+    cp -r "$WORK/ddp-large/$run"/{summary.json,metrics.csv,curves.png,config.yaml,profile} \
+      "benchmarks/results/iflame_ddp_large_runs/$run/" 2>/dev/null
+    rm -f "benchmarks/results/iflame_ddp_large_runs/$run"/profile/*.trace.json.gz
+  done
 }
 
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
