@@ -22,6 +22,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meshforge.errors import MeshforgeError
 
@@ -53,6 +55,18 @@ def has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+# Every SDPA kernel but cuDNN's, which builds an execution plan for each new shape: meshforge's
+# attention sees a new shape at nearly every call (bucketed token lengths, sparse latents and
+# windows of varying sizes, a growing K/V length), and on an H200 a plan cost ~15 ms of host time.
+_ANY_SHAPE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` restricted to kernels that take any shape as it comes."""
+    with sdpa_kernel(_ANY_SHAPE_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def progress_enabled() -> bool:

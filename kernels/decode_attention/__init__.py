@@ -23,21 +23,15 @@ the result is ``[B, H, D]`` in ``q.dtype``, softmax scale ``D ** -0.5``, accumul
 from __future__ import annotations
 
 from torch import Tensor
-from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# The reference attends over a new key length at every step. cuDNN's attention builds an execution
-# plan per shape (tens of ms, cached per shape), which made a first generation ~8x slower on an
-# H200; the flash and memory-efficient kernels take any length as it comes.
-_REFERENCE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from meshforge.runtime import sdpa
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
     """The first ``length`` cached positions through SDPA (reads ``length`` on the host)."""
     n = int(length)
-    with sdpa_kernel(_REFERENCE_BACKENDS):
-        out = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n])
-    return out[:, :, 0]
+    # A new key length at every step: with cuDNN's per-shape plans a first generation ran ~8x slower (H200).
+    return sdpa(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n])[:, :, 0]
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:

@@ -3,9 +3,9 @@ is :mod:`meshforge.kernels.decode_attention`).
 
 Tensors are ``[B, T, H, D]`` (the layout linear attention and flash-attn use). Whole sequences
 go to flash-attn when it is installed and the inputs are half precision on CUDA, otherwise to
-``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` restricted to its flash,
-memory-efficient and math kernels. Not cuDNN's: it builds an execution plan for every new shape,
-and training batches come in ~60 bucketed lengths; on an H200 that cost ~15 ms of host time per
+``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` without its cuDNN kernel
+(:func:`meshforge.runtime.sdpa`): cuDNN builds an execution plan for every new shape, training
+batches come in ~60 bucketed lengths, and on an H200 the plans took ~15 ms of host time per
 full-attention call, half of a reference iFlame training step (``--profile-steps`` showed it).
 flash-attn is imported on first use only: importing it is slow and it is an optional dependency.
 """
@@ -17,12 +17,8 @@ from functools import cache
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meshforge.runtime import has_module
-
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from meshforge.runtime import has_module, sdpa
 
 
 @cache
@@ -40,6 +36,4 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         flash = _flash_attn_func()
         if flash is not None:
             return flash(q, k, v, causal=True)
-    with sdpa_kernel(_SDPA_BACKENDS):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-    return out.transpose(1, 2)
+    return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)

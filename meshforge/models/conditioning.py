@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from meshforge.errors import InputError, MeshforgeError
+from meshforge.runtime import sdpa
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -210,7 +211,7 @@ class ViTAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return self.proj(sdpa(q, k, v).transpose(1, 2).reshape(b, n, d))
 
 
 class ViTMlp(nn.Module):

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
+from meshforge.runtime import sdpa
 from meshforge.sparse.attention import sinusoidal_position_encoding, window_attention
 from meshforge.sparse.tensor import SparseTensor, Windows
 
@@ -138,7 +139,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Sparse
     max_len = int(counts.max()) if len(counts) else 0
     padded = q.new_zeros(x.batch_size, max_len, *q.shape[1:])
     padded[b, slot] = q
-    out = F.scaled_dot_product_attention(
+    out = sdpa(
         padded.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]
     )
     return out.transpose(1, 2)[b, slot]

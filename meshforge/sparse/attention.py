@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from meshforge.runtime import has_module
+from meshforge.runtime import has_module, sdpa
 from meshforge.sparse.tensor import SparseTensor, Windows
 
 
@@ -53,7 +53,7 @@ def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Win
 
     valid = torch.arange(windows.max_len, device=q.device)[None, :] < lengths[:, None]
     # Padded query rows see their window's real keys (never an empty row), and are dropped below.
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
+    out = sdpa(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
     return out.transpose(1, 2)[windows.window_ids, slot]
 
 
