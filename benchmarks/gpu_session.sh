@@ -12,13 +12,16 @@
 #   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside all GPU tests, then ddp (~8 min)
 #   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 with gradient checkpointing, where a
 #                                            # step is GPU-bound (~5 min on a fresh machine: fla compiles ~100 s)
+#   bash benchmarks/gpu_session.sh retrain-interleaved  # the interleaved run of the face-acc pair alone (~3 min)
+#
+# Several phases run one after the other in one call: gpu_session.sh ddp-large retrain-interleaved.
 #
 # Lanes run side by side, one GPU each (CUDA_VISIBLE_DEVICES). Every command is stopped by SIGINT
 # (trainers checkpoint) at BUDGET_S seconds, so results always get packed: benchmarks/results/ and,
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: gpu_session.sh training|figures|ddp|iflame|ddp-large}
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -120,6 +123,7 @@ ddp_compute_bound() {  # the same comparison where a step is compute-bound: 128 
 }
 
 iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
+for phase in "$@"; do
 case $phase in
   training)
     lane interleaved 0 lane_train interleaved
@@ -142,9 +146,12 @@ case $phase in
     ;;
   ddp) ddp ;;
   ddp-large) ddp_compute_bound ;;
+  retrain-interleaved)  # the interleaved run of the face-acc pair again, after a change to the model
+    ( export CUDA_VISIBLE_DEVICES=0; lane_train interleaved ) >"$LOGS/retrain-interleaved.log" 2>&1 ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 wait
+done
 for log in "$LOGS"/*.log; do echo "=== $log"; tail -n 25 "$log"; done
 
 # Light run outputs only (no checkpoints): curves, metrics, summaries, sample grids and stats.

@@ -110,7 +110,7 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 
 def summarize(events: Any, rank: int = 0) -> dict[str, Any]:
     """Per-step figures of a profiled window (see the module docstring), from ``prof.events()``."""
-    forwards = [e.time_range.start for e in events if e.name == "phase:forward"]
+    forwards = [e.time_range.start for e in events if e.name == "phase:forward" and e.device_type == DeviceType.CPU]
     # A run stopped inside the window leaves a last, partial interval with no step in it.
     steps = [
         e for e in events
@@ -120,7 +120,13 @@ def summarize(events: Any, rank: int = 0) -> dict[str, Any]:
     n = max(len(steps), 1)
     window_us = sum(e.time_range.elapsed_us() for e in steps)
     first, end = (min(e.time_range.start for e in steps), max(e.time_range.end for e in steps)) if steps else (0, 0)
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and first <= e.time_range.start < end]
+    # Device-side events are kernels, copies and memsets, plus the GPU shadows of record_function
+    # ranges (user annotations), which span whole phases and are not work.
+    kernels = [
+        e for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        and first <= e.time_range.start < end
+    ]
     phases = {name: 0.0 for name in PHASES}
     for e in events:
         if e.device_type == DeviceType.CPU and e.name.startswith("phase:"):

@@ -1,10 +1,12 @@
 import gzip
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
-from meshforge.train.profiling import PHASES, _union_length
+from meshforge.train.profiling import PHASES, _union_length, summarize
 from meshforge.train.trainer import train
 from tests.train.toy import ToyTask, toy_config
 
@@ -14,6 +16,29 @@ torch.set_num_threads(1)
 def test_union_length_counts_overlapping_kernels_once():
     assert _union_length([]) == 0
     assert _union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
+
+
+def _event(name, start, end, device=DeviceType.CPU, annotation=False):
+    span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+    return SimpleNamespace(name=name, device_type=device, time_range=span, is_user_annotation=annotation)
+
+
+def test_summary_counts_kernels_not_the_gpu_shadows_of_annotations():
+    gpu = DeviceType.CUDA
+    events = [
+        _event("ProfilerStep#1", 0, 100), _event("phase:forward", 10, 40), _event("phase:backward", 40, 90),
+        _event("cudaLaunchKernel", 12, 13), _event("cudaLaunchKernel", 41, 42),
+        _event("gemm", 20, 50, gpu), _event("ncclDevKernel_AllReduce", 45, 70, gpu),
+        _event("phase:forward", 15, 95, gpu, annotation=True),  # spans the phase on the GPU timeline
+        _event("ProfilerStep#2", 100, 130),  # the partial interval of a run stopped in the window
+        _event("phase:forward", 110, 120, gpu, annotation=True),  # a late GPU shadow makes it no step
+        _event("late_kernel", 105, 120, gpu),
+    ]
+    summary = summarize(events)
+    assert summary["steps"] == 1 and summary["step_s"] == 100e-6
+    assert summary["gpu_busy_s"] == 50e-6 and summary["gpu_busy_frac"] == 0.5  # union of 20-50 and 45-70
+    assert summary["comm_s"] == 25e-6 and summary["launches"] == 2
+    assert summary["phases_s"]["forward"] == 30e-6 and summary["phases_s"]["backward"] == 50e-6
 
 
 def test_profiled_run_writes_trace_operators_and_a_per_step_summary(tmp_path):
