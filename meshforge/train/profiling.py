@@ -45,7 +45,7 @@ class StepProfiler:
     """
 
     def __init__(self, out_dir: Path, rank: int, steps: int, device: torch.device, skip: int = PROFILE_SKIP) -> None:
-        self.out_dir, self.rank, self.steps = Path(out_dir) / PROFILE_DIR, rank, steps
+        self.out_dir, self.rank = Path(out_dir) / PROFILE_DIR, rank
         self.summary: dict[str, Any] | None = None
         self._profiler: profile | None = None
         if steps > 0:
