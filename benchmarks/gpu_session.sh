@@ -13,9 +13,7 @@
 #   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 with gradient checkpointing, where a
 #                                            # step is GPU-bound (~5 min on a fresh machine: fla compiles ~100 s)
 #   bash benchmarks/gpu_session.sh retrain-interleaved  # the interleaved run of the face-acc pair alone (~3 min)
-#   bash benchmarks/gpu_session.sh iflame-recipe        # recipes/iflame_gpu.yaml alone (~3 min); its 45 s time
-#                                            # limit includes fla's ~100 s first compile on a fresh machine:
-#                                            # run it after a phase that trained iFlame
+#   bash benchmarks/gpu_session.sh iflame-recipe        # recipes/iflame_gpu.yaml alone (~4 min on a fresh machine)
 #
 # Several phases run one after the other in one call: gpu_session.sh ddp-large retrain-interleaved.
 #
@@ -97,7 +95,7 @@ lane_iflame_figures() {  # decoding's GPU tests first: the benchmark times the s
 }
 
 iflame_recipe() {
-  $CLI --device cuda run recipes/iflame_gpu.yaml --out "$WORK/iflame-cli" --set train-iflame.time_limit_min=0.75
+  $CLI --device cuda run recipes/iflame_gpu.yaml --out "$WORK/iflame-cli"
 }
 
 lane_direct3d() {
