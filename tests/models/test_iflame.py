@@ -128,6 +128,14 @@ def test_lengths_must_be_whole_faces():
         IFlameConfig(blocks=(1, 1, 1, 1))
 
 
+def test_linear_attention_output_norm_takes_its_eps_from_the_config():
+    cfg = IFlameConfig(dim=32, n_heads=2, blocks=(1, 1, 1, 1, 1), attention="linear", max_seq_len=81,
+                       linear_norm_eps=1e-4)
+    assert {block.attn.out_norm.eps for stage in IFlame(cfg).stages for block in stage} == {1e-4}
+    with pytest.raises(ValueError, match="linear_norm_eps"):
+        IFlameConfig(linear_norm_eps=0.0)
+
+
 def test_weights_exclude_derived_buffers():
     state = model("interleaved").state_dict()
     assert not any(name.startswith("rope.") or name.endswith("slopes") for name in state)
