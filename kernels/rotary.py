@@ -19,3 +19,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     first, second = x_float.chunk(2, dim=-1)
     rotated_half = torch.cat((-second, first), dim=-1)
     return torch.addcmul(x_float * cos.view(table_shape), rotated_half, sin.view(table_shape)).to(x.dtype)
+
+
+def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv [B, T, 3, H, D]`` (a fused projection's output) -> rotated ``q, k`` and ``v``, each ``[B, T, H, D]``;
+    q and k are rotated in one pass."""
+    q, k = apply_rotary(qkv[:, :, :2], cos, sin).unbind(2)
+    return q, k, qkv[:, :, 2]

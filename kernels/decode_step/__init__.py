@@ -22,14 +22,13 @@ float32 sums. Shapes: ``qkv [B, 3, H, D]`` (the GEMM output viewed as q, k, v), 
 from __future__ import annotations
 
 from meshforge.kernels.linear_attention import linear_attention_step
-from meshforge.kernels.rotary import apply_rotary
+from meshforge.kernels.rotary import rotate_qk
 from torch import Tensor
 from torch.nn import functional as F
 
 
 def _rotated_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    q, k = apply_rotary(qkv[:, None, :2], cos, sin)[:, 0].unbind(1)  # one rotation for both
-    return q, k, qkv[:, 2]
+    return tuple(t[:, 0] for t in rotate_qk(qkv[:, None], cos, sin))  # one position: T = 1
 
 
 def linear_decode_step_reference(

@@ -22,22 +22,31 @@ def _load_rotated(ptr, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF: tl.constexpr)
 
 
 @triton.jit
+def _load_head(qkv_ptr, cos_ptr, sin_ptr, b, h, stride_b, stride_part, stride_h, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """Sequence ``b``, head ``h`` of ``qkv``: the rotated halves of q and k, and v (all float32)."""
+    half = tl.arange(0, HALF)
+    cos_lo, cos_hi = tl.load(cos_ptr + half), tl.load(cos_ptr + HALF + half)
+    sin_lo, sin_hi = tl.load(sin_ptr + half), tl.load(sin_ptr + HALF + half)
+    base = qkv_ptr + b * stride_b + h * stride_h
+    q_lo, q_hi = _load_rotated(base, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF)
+    k_lo, k_hi = _load_rotated(base + stride_part, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF)
+    v = tl.load(base + 2 * stride_part + tl.arange(0, HEAD_DIM)).to(tl.float32)
+    return q_lo, q_hi, k_lo, k_hi, v
+
+
+@triton.jit
 def _linear_step_kernel(
     qkv_ptr, cos_ptr, sin_ptr, decay_ptr, state_ptr, weight_ptr, out_ptr,
     n_heads, stride_b, stride_part, stride_h, scale, eps,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
 ):
     seq_head = tl.program_id(0)
-    b = seq_head // n_heads
     h = seq_head % n_heads
     half = tl.arange(0, HALF)
     d = tl.arange(0, HEAD_DIM)
-    cos_lo, cos_hi = tl.load(cos_ptr + half), tl.load(cos_ptr + HALF + half)
-    sin_lo, sin_hi = tl.load(sin_ptr + half), tl.load(sin_ptr + HALF + half)
-    base = qkv_ptr + b * stride_b + h * stride_h
-    q_lo, q_hi = _load_rotated(base, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF)
-    k_lo, k_hi = _load_rotated(base + stride_part, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF)
-    v = tl.load(base + 2 * stride_part + d).to(tl.float32)
+    q_lo, q_hi, k_lo, k_hi, v = _load_head(
+        qkv_ptr, cos_ptr, sin_ptr, seq_head // n_heads, h, stride_b, stride_part, stride_h, HEAD_DIM, HALF
+    )
     decay = tl.load(decay_ptr + h)
 
     rows_lo = state_ptr + seq_head.to(tl.int64) * HEAD_DIM * HEAD_DIM + half[:, None] * HEAD_DIM + d[None, :]
@@ -65,12 +74,7 @@ def _kv_append_kernel(
     h = seq_head % n_heads
     half = tl.arange(0, HALF)
     d = tl.arange(0, HEAD_DIM)
-    cos_lo, cos_hi = tl.load(cos_ptr + half), tl.load(cos_ptr + HALF + half)
-    sin_lo, sin_hi = tl.load(sin_ptr + half), tl.load(sin_ptr + HALF + half)
-    base = qkv_ptr + b * stride_b + h * stride_h
-    q_lo, q_hi = _load_rotated(base, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF)
-    k_lo, k_hi = _load_rotated(base + stride_part, half, cos_lo, cos_hi, sin_lo, sin_hi, HALF)
-    v = tl.load(base + 2 * stride_part + d)
+    q_lo, q_hi, k_lo, k_hi, v = _load_head(qkv_ptr, cos_ptr, sin_ptr, b, h, stride_b, stride_part, stride_h, HEAD_DIM, HALF)
 
     slot = b.to(tl.int64) * stride_cb + h * stride_ch + tl.load(index_ptr).to(tl.int64) * stride_cn
     cache_dtype = k_ptr.dtype.element_ty

@@ -51,6 +51,7 @@ from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
 from meshforge.kernels.decode_attention import decode_attention
 from meshforge.kernels.decode_step import linear_decode_step, rotary_kv_append
 from meshforge.kernels.linear_attention import decay_slopes, linear_attention
+from meshforge.kernels.rotary import rotate_qk
 from meshforge.models.attention import causal_attention
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 
@@ -206,13 +207,9 @@ class Attention(nn.Module):
             self.register_buffer("slopes", decay_slopes(cfg.n_heads), persistent=False)
             self.out_norm = RMSNorm(cfg.head_dim, eps=cfg.linear_norm_eps)
 
-    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [B, T, 3, H, D]
-        q, k = Rotary.rotate(qkv[:, :, :2], cos, sin).unbind(2)  # one rotation for both
-        return q, k, qkv[:, :, 2]  # [B, T, H, D] each
-
     def forward(self, x: Tensor, rope: Rotary) -> Tensor:
-        q, k, v = self._qkv(x, *rope.tables(0, x.shape[1]))
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [B, T, 3, H, D]
+        q, k, v = rotate_qk(qkv, *rope.tables(0, x.shape[1]))
         if self.full:
             out = causal_attention(q, k, v)
         else:

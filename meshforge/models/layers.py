@@ -6,8 +6,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from meshforge.kernels.rotary import apply_rotary
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation with a learned gain, computed in float32 (bf16-safe)."""
@@ -44,13 +42,11 @@ class SwiGLU(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embedding tables for positions ``0 .. max_len-1`` (rotate-half convention).
 
-    Inputs are ``[B, T, ..., D]`` (positions on axis 1, any head axes after it: iFlame rotates
-    ``q`` and ``k`` stacked as ``[B, T, 2, H, D]`` in one pass); the rotation is computed in float32
-    and returned in the input's dtype, as ``x * cos + rotate_half(x) * sin`` with full-width tables
-    (a handful of element-wise kernels whatever the number of heads: decoding is launch-bound). The tables
-    are buffers that are not saved with the weights: they are a pure function of the config.
-    Rotate positions ``start .. start+T-1`` with ``Rotary.rotate(x, *rope.tables(start, T))``; a
-    level of a decoding step looks its tables up once for all its blocks.
+    The rotation itself is :func:`meshforge.kernels.rotary.apply_rotary` (full-width tables, float32
+    inside): rotate positions ``start .. start+T-1`` of ``x [B, T, ..., D]`` with
+    ``apply_rotary(x, *rope.tables(start, T))``; a level of a decoding step looks its tables up once
+    for all its blocks. The tables are buffers that are not saved with the weights: they are a pure
+    function of the config.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float) -> None:
@@ -76,6 +72,3 @@ class Rotary(nn.Module):
             positions = start if length == 1 else start + torch.arange(length, device=start.device)
             return self.cos[positions], self.sin[positions]
         return self.cos[start : start + length], self.sin[start : start + length]
-
-    # Rotate ``x [B, T, ..., D]`` by tables ``[T, D]`` (from :meth:`tables`).
-    rotate = staticmethod(apply_rotary)

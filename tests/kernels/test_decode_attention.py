@@ -1,19 +1,14 @@
 """Decoding attention over a static K/V cache: the Triton split-K kernel against the SDPA reference.
 
-On a CPU-only machine the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set
-before the kernel module is imported) at small sizes; the GPU test runs it compiled at the
+On a CPU-only machine the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set by
+this folder's conftest) at small sizes; the GPU test runs it compiled at the
 reference model's decoding size in bf16.
 """
 
 import math
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+import torch
 from meshforge.kernels.decode_attention import decode_attention, decode_attention_reference
 from meshforge.kernels.decode_attention.split_k import BLOCK_N, decode_attention_triton, split_size
 

@@ -1,7 +1,7 @@
 """The fused decoding-step kernels against their PyTorch references.
 
-On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, set
-before the kernel module is imported) at small sizes; the GPU test runs them compiled at the
+On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, set by
+this folder's conftest) at small sizes; the GPU test runs them compiled at the
 reference model's decoding size in bf16. Tolerances: float32 agrees to the order of float32 sums
 (1e-5). In bf16 both forms round at the same places, but fused multiply-adds can put a value on
 the other side of a rounding boundary, and the interpreter's float32 -> bf16 conversion truncates
@@ -9,14 +9,8 @@ instead of rounding to nearest: one bf16 ulp (2^-7 relative) per rounding. A lin
 output is RMS-normalised (values of order 1) after three roundings: 2^-5 absolute.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from meshforge.kernels.decode_step import (
     linear_decode_step,
     linear_decode_step_reference,

@@ -1,18 +1,12 @@
 """Spatial Sparse Attention: the block layout, the pooling, and the Triton kernels against the reference.
 
-On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1`` is set
-here, before anything imports the kernel module: the op imports it lazily) at small sizes; GPU
+On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, set by
+this folder's conftest before anything imports the kernel module) at small sizes; GPU
 tests run the compiled kernels at full size in bf16.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from meshforge.kernels.ssa import (
     SSAConfig,
     build_layout,

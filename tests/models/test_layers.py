@@ -1,6 +1,7 @@
 """Shared transformer layers: rotary embeddings."""
 
 import torch
+from meshforge.kernels.rotary import apply_rotary
 
 from meshforge.models.layers import Rotary
 
@@ -17,8 +18,8 @@ def test_rotary_rotates_each_half_pair_by_its_angle():
     pairs = torch.complex(x[..., : dim // 2].double(), x[..., dim // 2 :].double())
     turned = pairs * torch.polar(torch.ones_like(angles), angles)[None, :, None, None]
     want = torch.cat((turned.real, turned.imag), dim=-1).float()
-    torch.testing.assert_close(Rotary.rotate(x, *rope.tables(start, 5)), want, rtol=1e-5, atol=1e-5)
-    one = Rotary.rotate(x[:, 2:3], *rope.tables(torch.tensor([start + 2]), 1))
+    torch.testing.assert_close(apply_rotary(x, *rope.tables(start, 5)), want, rtol=1e-5, atol=1e-5)
+    one = apply_rotary(x[:, 2:3], *rope.tables(torch.tensor([start + 2]), 1))
     torch.testing.assert_close(one, want[:, 2:3], rtol=1e-5, atol=1e-5)
 
 
@@ -27,7 +28,7 @@ def test_rotary_scores_depend_on_the_distance_only():
     g = torch.Generator().manual_seed(1)
     q, k = (torch.randn(1, 1, 1, 16, generator=g) for _ in range(2))
     def rotated(x, position):
-        return Rotary.rotate(x, *rope.tables(position, 1))
+        return apply_rotary(x, *rope.tables(position, 1))
 
     score = [(rotated(q, a) * rotated(k, b)).sum().item() for a, b in ((3, 0), (50, 47), (120, 117))]
     assert max(score) - min(score) < 1e-4
