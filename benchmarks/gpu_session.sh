@@ -9,11 +9,13 @@
 #                                            # from those runs), SS-VAE figures, recipes/iflame_gpu.yaml;
 #                                            # lane B: recipes/direct3d_gpu.yaml, voxelisation speed (~8 min)
 #   bash benchmarks/gpu_session.sh ddp       # train-iflame --gpus 2 vs 1 (and 1 again) on both GPUs (~3 min)
-#   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside all GPU tests, then ddp (~8 min)
+#   bash benchmarks/gpu_session.sh iflame    # iFlame vs full beside all GPU tests, then ddp (6.5 min)
 #   bash benchmarks/gpu_session.sh ddp-large # ddp at a global batch of 256 with gradient checkpointing, where a
-#                                            # step is GPU-bound (~5 min on a fresh machine: fla compiles ~100 s)
-#   bash benchmarks/gpu_session.sh retrain-interleaved  # the interleaved run of the face-acc pair alone (~3 min)
-#   bash benchmarks/gpu_session.sh iflame-recipe        # recipes/iflame_gpu.yaml alone (~4 min on a fresh machine)
+#                                            # step is GPU-bound (3.5 min on a fresh machine, fla's ~100 s of
+#                                            # compiling included)
+#   bash benchmarks/gpu_session.sh retrain-interleaved  # the interleaved run of the face-acc pair alone (~1 min
+#                                            # after another iFlame phase)
+#   bash benchmarks/gpu_session.sh iflame-recipe        # recipes/iflame_gpu.yaml alone
 #
 # Several phases run one after the other in one call: gpu_session.sh ddp-large retrain-interleaved.
 #

@@ -1,7 +1,7 @@
 """Stepping an iFlame model through a generation: eagerly, or by replaying CUDA graphs.
 
 Eager decoding launches every kernel of a step from Python, a few hundred small launches per token
-for the reference model, so the GPU spends most of a step waiting for the host (5-7 ms a step on an
+for the reference model, so the GPU spends most of a step waiting for the host (about 5 ms a step on an
 H200 at batch 1-16; replayed: 0.5 ms at batch 1). :class:`GraphDecoder` captures :meth:`IFlame.step` once per position
 within a face and replays the graph of each step's phase instead: one launch per token. Nine graphs
 suffice because a step's kernels depend on the position modulo 9 only (which levels run, which
