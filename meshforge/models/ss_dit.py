@@ -225,9 +225,9 @@ class CrossAttention(nn.Module):
 # Blocks
 
 
-def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """AdaLN: per-item shift and scale ``[B, dim]`` applied to the tokens ``h [N, dim]`` of each item."""
-    return h * (1 + scale[batch]) + shift[batch]
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x: SparseTensor) -> torch.Tensor:
+    """AdaLN: per-item shift and scale ``[B, dim]`` applied to the tokens ``h [N, dim]`` of each item of ``x``."""
+    return h * (1 + x.broadcast_items(scale)) + x.broadcast_items(shift)
 
 
 class DiTBlock(nn.Module):
@@ -249,13 +249,12 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: SparseTensor, c: torch.Tensor, cond: Cond | None) -> SparseTensor:
-        batch = x.coords[:, 0].long()
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=-1)
         h = x.feats
-        h = h + gate1[batch] * self.attn(x.replace(modulate(self.norm1(h), shift1, scale1, batch)))
+        h = h + x.broadcast_items(gate1) * self.attn(x.replace(modulate(self.norm1(h), shift1, scale1, x)))
         if self.cross is not None:
             h = h + self.cross(x, self.norm2(h), cond)
-        h = h + gate2[batch] * self.mlp(modulate(self.norm3(h), shift2, scale2, batch))
+        h = h + x.broadcast_items(gate2) * self.mlp(modulate(self.norm3(h), shift2, scale2, x))
         return x.replace(h)
 
 
@@ -292,7 +291,6 @@ class SSDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: SparseTensor, t: torch.Tensor, cond: Cond | None = None) -> SparseTensor:
-        batch = x.coords[:, 0].long()
         h = self.in_embed(x.feats) + sinusoidal_position_encoding(x.coords[:, 1:], self.config.dim).to(x.feats.dtype)
         c = self.t_embed(t)
         if self.cond_embed is not None:
@@ -301,7 +299,7 @@ class SSDiT(nn.Module):
         for block in self.blocks:
             h = block(h, c, cond)
         shift, scale = self.out_modulation(F.silu(c)).chunk(2, dim=-1)
-        return x.replace(self.head(modulate(self.out_norm(h.feats), shift, scale, batch)))
+        return x.replace(self.head(modulate(self.out_norm(h.feats), shift, scale, x)))
 
 
 # ---------------------------------------------------------------------------------------------

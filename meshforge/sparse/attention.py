@@ -57,10 +57,25 @@ def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Win
     return out.transpose(1, 2)[windows.window_ids, slot]
 
 
+def _sdpa_per_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:
+    bounds = windows.cu_seqlens.tolist()
+    outs = [sdpa(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+            for a, b in itertools.pairwise(bounds)]
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+# Up to this many windows (full attention over the items of a batch), one call per window: without a
+# padding mask SDPA can run its flash kernel, whereas a mask sends it to the memory-efficient one, which
+# on an H200 at 123k tokens took ~3x as long as flash (0.66 s vs 0.2 s forward per call).
+FEW_WINDOWS = 8
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:
     """Softmax attention within each window; ``q, k, v``: ``[N, heads, head_dim]`` in window order."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and has_module("flash_attn"):
         return _flash_varlen(q, k, v, windows)
+    if windows.count <= FEW_WINDOWS:
+        return _sdpa_per_window(q, k, v, windows)
     return _padded_sdpa(q, k, v, windows)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 Shape3 = tuple[int, int, int]
 
@@ -135,6 +136,26 @@ def window_partition(coords: torch.Tensor, spatial_shape: Shape3, window: int, s
 # The tensor
 
 
+class _BroadcastItems(torch.autograd.Function):
+    """``values[batch]`` whose backward sums each item's rows as one GEMM with the one-hot item matrix.
+
+    The backward of plain indexing (``index_put_`` with accumulate) walks the duplicates of an index
+    one after another: with all N voxels pointing at B rows, on an H200 at 123k tokens and B = 1
+    that took 75 ms per call and 87% of an SS-DiT training step. ``one_hot^T @ grad`` reads the
+    gradient once, with the matmul's fp32 accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, batch: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(one_hot)
+        return values.index_select(0, batch)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (one_hot,) = ctx.saved_tensors
+        return one_hot.to(grad.dtype).t() @ grad, None, None
+
+
 @dataclass(eq=False)
 class SparseTensor:
     """Features on the active voxels of ``batch_size`` grids of ``spatial_shape``; rows grouped by batch.
@@ -216,6 +237,12 @@ class SparseTensor:
     def keys(self) -> torch.Tensor:
         """int64 [N] keys of the voxels (:func:`coord_keys`)."""
         return self._cached("keys", lambda: coord_keys(self.coords, self.spatial_shape))
+
+    def broadcast_items(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-item rows ``values [batch_size, C]`` repeated for the voxels of each item: ``[N, C]``."""
+        batch = self._cached("batch_index", lambda: self.coords[:, 0].long())
+        one_hot = self._cached(("batch_one_hot", values.dtype), lambda: F.one_hot(batch, self.batch_size).to(values.dtype))
+        return _BroadcastItems.apply(values, batch, one_hot)
 
     def windows(self, window: int, shift: int = 0) -> Windows:
         return self._cached(("windows", window, shift), lambda: window_partition(self.coords, self.spatial_shape, window, shift))

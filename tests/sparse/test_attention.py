@@ -45,6 +45,20 @@ def test_padded_sdpa_matches_per_window_loop():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_few_windows_run_unmasked_one_by_one_and_match_the_loop():
+    """Full attention over a batch's items (few windows) takes the per-window path."""
+    from meshforge.models.ss_dit import batch_windows
+    from meshforge.sparse.attention import FEW_WINDOWS
+
+    x = random_tensor(3, sizes=(70, 0, 33))
+    windows = batch_windows(x)
+    assert 0 < windows.count <= FEW_WINDOWS
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(len(x), 2, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(window_attention(q, k, v, windows), window_attention_reference(q, k, v, windows),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_windows_are_independent():
     """Changing the voxels of one window leaves every other window's output unchanged."""
     torch.manual_seed(1)

@@ -102,3 +102,19 @@ def test_replace_shares_the_cache_and_to_keeps_int_coords():
         x.replace(x.feats[:-1])
     with pytest.raises(ValueError):
         SparseTensor(x.feats, x.coords[:, :3], x.spatial_shape, x.batch_size)
+
+
+def test_broadcast_items_equals_indexing_forward_and_backward():
+    """The one-hot GEMM backward sums each item's rows exactly as indexing's backward does
+    (float64: the two sum the same terms in another order, ~1e-15 apart)."""
+    x = random_tensor(5, sizes=(40, 0, 25, 7)).to(torch.float64)
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(x.batch_size, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(len(x), 6, generator=g, dtype=torch.float64)
+    out = x.broadcast_items(values)
+    expected = values[x.coords[:, 0].long()]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    (ours,) = torch.autograd.grad(out, values, grad)
+    (theirs,) = torch.autograd.grad(expected, values, grad)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ours[1], torch.zeros(6, dtype=torch.float64))  # the empty item gets no gradient
