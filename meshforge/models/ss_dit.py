@@ -50,6 +50,9 @@ class SSDiTConfig:
     ssa_block_cmp: int = 4  # m_cmp: compression blocks of m_cmp^3 voxels
     ssa_block_slc: int = 8  # m_slc: selection blocks (a multiple of m_cmp)
     ssa_topk: int = 8  # selection blocks each query attends to
+    # Queries sharing one top-k selection (SSAConfig.query_tile; the paper selects per query):
+    # smaller tiles follow each query's own choice more closely (benchmarks/ssa_selection.py).
+    ssa_query_tile: int = 64
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "heads", "kv_heads", "window", "ssa_block_cmp", "ssa_block_slc", "ssa_topk"):
@@ -63,6 +66,8 @@ class SSDiTConfig:
             raise ValueError(f"ssa_block_slc {self.ssa_block_slc} must be a multiple of ssa_block_cmp {self.ssa_block_cmp}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.ssa_query_tile < 16 or self.ssa_query_tile & (self.ssa_query_tile - 1):
+            raise ValueError(f"ssa_query_tile must be a power of two >= 16, got {self.ssa_query_tile}")
 
     @property
     def head_dim(self) -> int:
@@ -165,22 +170,28 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.heads * hd, cfg.dim)
         if cfg.attention == "ssa":
             self.ssa = SSAConfig(block_cmp=cfg.ssa_block_cmp, block_slc=cfg.ssa_block_slc, topk=cfg.ssa_topk,
-                                 window=cfg.window, shift=self.shift)
+                                 window=cfg.window, shift=self.shift, query_tile=cfg.ssa_query_tile)
             self.gates = nn.Linear(cfg.dim, 3 * cfg.heads)  # sigmoid weights of the three branches
             # Intra-block position encoding of the compression branch's keys and values, k_cmp =
             # mean over the block of (k + PE); the paper's extra sparse conv before the mean is left out.
             self.cmp_pe_k = nn.Parameter(torch.randn(cfg.ssa_block_cmp**3, cfg.kv_heads, hd) * 0.02)
             self.cmp_pe_v = nn.Parameter(torch.randn(cfg.ssa_block_cmp**3, cfg.kv_heads, hd) * 0.02)
 
-    def forward(self, x: SparseTensor) -> torch.Tensor:
+    def project(self, x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[N, heads, D]`` and keys, values ``[N, kv_heads, D]``, queries and keys RMS-normalised."""
         cfg, n = self.cfg, len(x)
         k, v = self.kv(x.feats).view(n, 2, cfg.kv_heads, cfg.head_dim).unbind(1)
         # The norms return their input's dtype (bf16 under CUDA autocast, like v): the SSA kernels
         # and flash-attn are not autocast-aware and need one dtype for all three.
-        q = self.q_norm(self.q(x.feats).view(n, cfg.heads, cfg.head_dim))
-        k = self.k_norm(k)
+        return self.q_norm(self.q(x.feats).view(n, cfg.heads, cfg.head_dim)), self.k_norm(k), v
+
+    def forward(self, x: SparseTensor) -> torch.Tensor:
+        cfg, n = self.cfg, len(x)
+        q, k, v = self.project(x)
         if cfg.attention == "ssa":
-            out = self._ssa(q, k, v, x)
+            gates, layout, k_cmp, v_cmp = self.ssa_operands(k, v, x)
+            out = spatial_sparse_attention(q, k, v, gates, x.coords, x.batch_offsets, self.ssa, k_cmp, v_cmp,
+                                           layout=layout)
         else:
             groups = cfg.heads // cfg.kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -193,16 +204,16 @@ class SelfAttention(nn.Module):
                 out[windows.perm] = grouped
         return self.proj(out.reshape(n, -1))
 
-    def _ssa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: SparseTensor) -> torch.Tensor:
-        gates = torch.sigmoid(self.gates(x.feats).view(len(x), self.cfg.heads, 3))
+    def ssa_operands(self, k: torch.Tensor, v: torch.Tensor, x: SparseTensor):
+        """SSA's other inputs: branch gates ``[N, heads, 3]``, the block layout, compressed keys and values."""
+        gates = torch.sigmoid(self.gates(x.feats).view(len(x), self.cfg.heads, 3)).to(k.dtype)
         # The block layout depends only on the coordinates: built once, shared by every layer.
         key = ("ssa-layout", self.ssa)
         if key not in x.cache:
             x.cache[key] = build_layout(x.coords, x.batch_offsets, self.ssa)
         layout = x.cache[key]
         k_cmp, v_cmp = compress_kv(k, v, layout, self.cmp_pe_k.to(k.dtype), self.cmp_pe_v.to(v.dtype))
-        return spatial_sparse_attention(q, k, v, gates.to(q.dtype), x.coords, x.batch_offsets, self.ssa, k_cmp, v_cmp,
-                                        layout=layout)
+        return gates, layout, k_cmp, v_cmp
 
 
 class CrossAttention(nn.Module):

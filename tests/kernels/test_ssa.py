@@ -16,7 +16,12 @@ from meshforge.kernels.ssa import (
     ssa_reference,
 )
 from meshforge.kernels.ssa import ssa as ssa_module
-from meshforge.kernels.ssa.reference import block_scores_reference, compress_reference, masked_attention
+from meshforge.kernels.ssa.reference import (
+    block_scores_reference,
+    compress_reference,
+    masked_attention,
+    tile_sharing_error,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -271,3 +276,50 @@ def test_gpu_full_selection_equals_flash_attention():
     out, _ = ssa_module.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
     dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
     assert rel_err(out, dense[0].transpose(0, 1)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token selection (the paper's) against the tile-shared one
+
+
+def test_per_token_selection_is_each_querys_own_top_k():
+    coords, cu = batch_coords([(900, 24)], seed=7)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, topk=3, window=4, query_tile=16)
+    layout = build_layout(coords, cu, cfg)
+    q, k, v, gates = (t.detach().cpu() for t in random_inputs(len(coords), 4, 2, 8, seed=7, device="cpu"))
+    k_cmp, v_cmp = compress_reference(k, layout), compress_reference(v, layout)
+    _, selection = ssa_reference(q, k, v, gates, layout, k_cmp, v_cmp, per_token=True)
+    _, probs = masked_attention(q, k_cmp, v_cmp, torch.ones(1, len(q), len(k_cmp), dtype=torch.bool), 8**-0.5)
+    for i in (0, 123, len(q) - 1):  # the definition, one query at a time
+        per_block = torch.zeros(2, int(layout.slc_cu[-1]))
+        for c in range(len(k_cmp)):
+            per_block[:, layout.cmp_slc[c]] += probs[:, i, c].reshape(2, 2).sum(1)
+        assert torch.equal(selection[i], per_block.topk(3, dim=-1).indices.sort(dim=-1).values)
+
+
+def test_tile_sharing_error_matches_the_reference_outputs():
+    """The study's per-token and tile-shared outputs are the reference's (all rows sampled)."""
+    coords, cu = batch_coords([(700, 24)], seed=8)
+    base = SSAConfig(block_cmp=2, block_slc=4, topk=3, window=4)
+    layouts = {t: build_layout(coords, cu, SSAConfig(**{**base.__dict__, "query_tile": t})) for t in (16, 64)}
+    q, k, v, gates = (t.detach().cpu() for t in random_inputs(len(coords), 4, 2, 8, seed=8, device="cpu"))
+    k_cmp, v_cmp = compress_reference(k, layouts[64]), compress_reference(v, layouts[64])
+    study = tile_sharing_error(q, k, v, gates, layouts, torch.arange(len(q)), k_cmp, v_cmp, chunk=100)
+    token, _ = ssa_reference(q, k, v, gates, layouts[64], k_cmp, v_cmp, per_token=True)
+    for size, layout in layouts.items():
+        shared, _ = ssa_reference(q, k, v, gates, layout, k_cmp, v_cmp)
+        # Same selections, same float32 attention: only the chunking of the queries differs.
+        assert study[size]["out_rel_err"] == pytest.approx(rel_err(shared, token), rel=1e-4, abs=1e-6)
+        assert 0 < study[size]["overlap"] < 1
+    assert study[16]["overlap"] > study[64]["overlap"]  # smaller tiles agree more with each query
+
+
+def test_tile_sharing_costs_nothing_when_every_block_is_selected():
+    coords, cu = batch_coords([(300, 16)], seed=9)
+    base = SSAConfig(block_cmp=2, block_slc=4, topk=10_000, window=4)
+    layouts = {t: build_layout(coords, cu, SSAConfig(**{**base.__dict__, "query_tile": t})) for t in (16, 32)}
+    q, k, v, gates = (t.detach().cpu() for t in random_inputs(len(coords), 2, 2, 8, seed=9, device="cpu"))
+    k_cmp, v_cmp = compress_reference(k, layouts[32]), compress_reference(v, layouts[32])
+    study = tile_sharing_error(q, k, v, gates, layouts, torch.arange(len(q)), k_cmp, v_cmp)
+    for size in layouts:
+        assert study[size] == {"overlap": 1.0, "slc_rel_err": 0.0, "out_rel_err": 0.0}

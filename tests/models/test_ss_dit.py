@@ -203,6 +203,9 @@ def test_configs_validate():
         from_dict(SSDiTConfig, {"heads": 6, "kv_heads": 4})
     with pytest.raises(ConfigError, match="ssa_block_slc"):
         from_dict(SSDiTConfig, {"ssa_block_cmp": 4, "ssa_block_slc": 6})
+    with pytest.raises(ConfigError, match="ssa_query_tile"):
+        from_dict(SSDiTConfig, {"ssa_query_tile": 48})
+    assert from_dict(SSDiTConfig, {"ssa_query_tile": 16}).ssa_query_tile == 16
     with pytest.raises(ConfigError, match="structure_patch"):
         from_dict(LatentFlowConfig, {"resolution": 10, "structure_patch": 4})
 
