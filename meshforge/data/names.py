@@ -52,12 +52,13 @@ def file_names(files: list[Path], base: Path) -> dict[Path, str]:
     rel = {p: Path(p).relative_to(base) for p in files}
     plain = {p: r.with_suffix("").as_posix() for p, r in rel.items()}
     cleaned = {p: _clean(name) for p, name in plain.items()}
-    counts = Counter(cleaned.values())
+    # Only files that differ by suffix alone share a plain name; a changed name is suffixed anyway.
+    counts = Counter(plain.values())
     folders = {name.rsplit("/", 1)[0] for name in cleaned.values() if "/" in name}
     out = {}
     for p in files:
         name = cleaned[p]
-        shared = counts[name] > 1 or (p.suffix.lower() in COLLECTION_SUFFIXES and name in folders)
+        shared = counts[plain[p]] > 1 or (p.suffix.lower() in COLLECTION_SUFFIXES and name in folders)
         out[p] = _unique(name, plain[p], rel[p].as_posix(), shared)
     return out
 

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ from meshforge.data.meshio import (
 )
 from meshforge.data.names import file_names, mesh_name
 from meshforge.data.shards import assign_splits, is_val, split_key
-from meshforge.errors import InputError, MeshforgeError
+from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json, hash_path, remove_stale_temporaries
 from meshforge.runtime import console, resolve_device
 from meshforge.sparse.marching_cubes import CORNER_OFFSETS, complete_cubes, grid_keys
@@ -579,8 +578,7 @@ def _mesh_path(out: Path, split: str, name: str) -> Path:
     return out / split / f"{name}.npz"
 
 
-# What reading a damaged .npz raises: a truncated zip, a member cut short, a missing key.
-_DAMAGED = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+_DAMAGED = (*READ_ERRORS, KeyError)  # an .npz cut short may also lack a member
 
 
 def _finished(out: Path, name: str, source: str, digest: str) -> MeshResult | None:
