@@ -59,7 +59,9 @@ def remove_stale_temporaries(folder: Path | str) -> int:
     stale = [
         p
         for p in folder.rglob(".*")
-        if p.name.endswith((".tmp", ".old")) and not any(q.name.startswith(".") for q in p.relative_to(folder).parents if q.name)
+        if p.name.endswith((".tmp", ".old"))
+        # not inside a hidden folder: .git, or a temporary folder that goes as a whole
+        and not any(q.name.startswith(".") for q in p.relative_to(folder).parents if q.name)
     ]
     for p in stale:
         if p.is_dir() and not p.is_symlink():

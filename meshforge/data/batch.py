@@ -44,7 +44,9 @@ class BatchFailed(MeshforgeError):
 
     def __init__(self, path: str, reason: str, finished: int):
         self.path, self.reason, self.finished = path, reason, finished
-        super().__init__(f"{path}: {reason} (a failure of the job, not of this input; {finished} items had finished)")
+        super().__init__(
+            f"{path}: {reason} (a failure of the job, not of this input; {finished} items had finished)"
+        )
 
 
 @dataclass
@@ -110,7 +112,10 @@ def _pool_results(
         # A worker died outright (killed for memory, a crash in native code). Which of the items in
         # flight it held is unknown, so none of them can be called a bad input: the job fails,
         # naming the first item that did not come back.
-        yield _FAIL, f"a worker process died while this or a following item was in flight ({failure_reason(exc)})"
+        yield (
+            _FAIL,
+            f"a worker process died while this or a following item was in flight ({failure_reason(exc)})",
+        )
 
 
 def run_batch(

@@ -712,8 +712,10 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
 
     Each mesh is written as soon as it is done (atomically), and a re-run skips meshes already on
     disk from the same input bytes (each file records its input's hash), so an interrupted run
-    resumes where it stopped and an edited input is redone. ``manifest.json`` is written last and
-    lists exactly the meshes of the current inputs.
+    resumes where it stopped and an edited input (or a damaged output) is redone. ``manifest.json``
+    is written last and lists exactly the meshes of the current inputs. A failure that is not about
+    an input (a full disk) stops the run with a one-line error and no manifest, keeping every mesh
+    finished so far for the next run.
     """
     started = time.perf_counter()
     root = Path(cfg.input)
@@ -744,7 +746,9 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
             files, fn, workers=workers, description=f"sdf-voxelize R={cfg.resolution} ({device.type})"
         )
     except BatchFailed as exc:
-        raise MeshforgeError(f"{exc}; meshes finished so far are kept in {cfg.out}: re-run to resume") from exc
+        raise MeshforgeError(
+            f"{exc}; meshes finished so far are kept in {cfg.out}: re-run to resume"
+        ) from exc
     skipped = list(batch.skipped)
     meshes: list[MeshResult] = []
     for _, result in batch.done:
@@ -810,7 +814,9 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
     }
 
 
-def _voxelize_item(path: Path, names: dict[Path, str], cfg: SdfConfig, device: str, threads: int) -> FileResult:
+def _voxelize_item(
+    path: Path, names: dict[Path, str], cfg: SdfConfig, device: str, threads: int
+) -> FileResult:
     return voxelize_file(path, names[path], cfg, device, threads)
 
 
@@ -852,7 +858,8 @@ class SparseSDFDataset:
         except _DAMAGED as exc:
             # A re-run of sdf-voxelize redoes exactly the damaged files (see _finished).
             raise InputError(
-                path, f"missing or damaged ({type(exc).__name__}: {exc}); re-run `meshforge sdf-voxelize` to redo it"
+                path,
+                f"missing or damaged ({type(exc).__name__}: {exc}); re-run `meshforge sdf-voxelize` to redo it",
             ) from None
 
     def __getitem__(self, i: int) -> SparseSDF:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from rich.markup import escape
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -371,17 +372,16 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
             for step_dir, problem in damaged:
                 # Newer than the one resumed from, so this run rewrites that step anyway; kept, it
                 # would count against keep_checkpoints and shadow the good one.
-                console.print(f"[yellow]{step_dir.name} is damaged ({problem}): resuming from {previous.name}, "
-                              "removing it[/yellow]")
+                console.print(f"[yellow]{step_dir.name} is damaged ({escape(problem)}): resuming from "
+                              f"{previous.name}, removing it[/yellow]")
                 shutil.rmtree(step_dir, ignore_errors=True)
         if previous is not None:
             run.restore(previous)
         else:
-            if not resume and any(checkpoints.glob("step_*")):
-                if env.is_main:
-                    console.print(f"[yellow]starting afresh in {out_dir}: removing its earlier checkpoints "
-                                  "(pass --resume to continue them)[/yellow]")
-                    shutil.rmtree(checkpoints)
+            if env.is_main and not resume and any(checkpoints.glob("step_*")):
+                console.print(f"[yellow]starting afresh in {out_dir}: removing its earlier checkpoints "
+                              "(pass --resume to continue them)[/yellow]")
+                shutil.rmtree(checkpoints)
             seed_everything(cfg.seed + env.rank)  # ranks draw different random numbers (dropout, noise)
 
         log = None
