@@ -20,6 +20,7 @@ from meshforge.data.shards import TokenDataset, split_key
 from meshforge.data.synth import generate, mesh_bytes, synth_mesh
 from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
 from meshforge.errors import InputError, MeshforgeError
+from meshforge.runs import load_recipe, run_recipe
 
 
 def one_line(exc: BaseException) -> str:
@@ -98,6 +99,18 @@ def test_a_full_disk_fails_sdf_voxelize_and_a_rerun_completes_the_dataset(shapes
     assert again["meshes"] == N_SHAPES and again["skipped"] == 0
     assert again["resumed"] == kept and again["computed"] == N_SHAPES - kept
     assert json.loads((out / "manifest.json").read_text())["skipped"] == []
+
+
+def test_a_recipe_does_not_mark_a_step_stopped_by_a_full_disk_as_done(shapes, tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"steps:\n  - stage: sdf-voxelize\n    id: sdf\n    input: {shapes}\n    out: sdf\n"
+                      "    resolution: 8\n    band: 2.0\n    workers: 1\n")
+    run_dir = tmp_path / "run"
+    with disk_full_after(monkeypatch, outputs=1), pytest.raises(MeshforgeError, match="step 'sdf' failed"):
+        run_recipe(load_recipe(recipe), run_dir, device="cpu")
+    assert json.loads((run_dir / "manifests/sdf.json").read_text())["status"] == "failed"
+    assert [r["status"] for r in run_recipe(load_recipe(recipe), run_dir, device="cpu")] == ["done"]
+    assert len(SparseSDFDataset(run_dir / "sdf", "train")) + len(SparseSDFDataset(run_dir / "sdf", "val")) == N_SHAPES
 
 
 def test_a_failure_that_is_not_about_an_input_fails_tokenize_and_leaves_the_dataset(shapes, tmp_path, monkeypatch):

@@ -23,6 +23,10 @@ META = {"kind": "toy", "model_config": {"vocab": 13, "width": 16}}
 REPO = Path(__file__).resolve().parents[2]
 
 
+def short_run(steps):
+    return toy_config(steps=steps, checkpoint_every=1, keep_checkpoints=3, log_every=1)
+
+
 def save(out, step, keep=3):
     model = ToyModel(ToyConfig())
     return save_checkpoint(out, step=step, model=model, meta=META, state={"note": torch.tensor([step])}, keep=keep)
@@ -104,28 +108,26 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 
 
 def test_resume_falls_back_to_the_newest_intact_step_and_keeps_at_most_keep(tmp_path, capsys):
-    cfg = toy_config(steps=30, keep_checkpoints=3)
-    train(ToyTask(batch_size=8), cfg, tmp_path, device="cpu")
-    assert step_folders(tmp_path) == ["step_0000010", "step_0000020", "step_0000030"]
-    truncate(tmp_path / "checkpoints/step_0000030/state.pt")
+    train(ToyTask(batch_size=8), short_run(steps=3), tmp_path, device="cpu")
+    assert step_folders(tmp_path) == ["step_0000001", "step_0000002", "step_0000003"]
+    truncate(tmp_path / "checkpoints/step_0000003/state.pt")
     capsys.readouterr()
-    summary = train(ToyTask(batch_size=8), toy_config(steps=40, keep_checkpoints=3), tmp_path, device="cpu",
-                    resume=True)
-    assert summary["resumed_from"] == 20 and summary["last_step"] == 40
+    summary = train(ToyTask(batch_size=8), short_run(steps=4), tmp_path, device="cpu", resume=True)
+    assert summary["resumed_from"] == 2 and summary["last_step"] == 4
     err = " ".join(capsys.readouterr().err.split())  # rich wraps at the terminal width
-    assert err.count("damaged") == 1 and "step_0000030 is damaged (state.pt has" in err
-    assert step_folders(tmp_path) == ["step_0000020", "step_0000030", "step_0000040"]
-    assert resumable_checkpoint(tmp_path) == (tmp_path / "checkpoints/step_0000040", [])
+    assert err.count("damaged") == 1 and "step_0000003 is damaged (state.pt has" in err
+    assert step_folders(tmp_path) == ["step_0000002", "step_0000003", "step_0000004"]
+    assert resumable_checkpoint(tmp_path) == (tmp_path / "checkpoints/step_0000004", [])
 
 
 def test_resume_with_nothing_intact_left_is_one_line(tmp_path):
-    train(ToyTask(batch_size=8), toy_config(steps=20), tmp_path, device="cpu")
+    train(ToyTask(batch_size=8), short_run(steps=2), tmp_path, device="cpu")
     for step_dir in (tmp_path / "checkpoints").glob("step_*"):
         truncate(step_dir / "model.safetensors")
     with pytest.raises(MeshforgeError) as caught:
-        train(ToyTask(batch_size=8), toy_config(steps=30), tmp_path, device="cpu", resume=True)
+        train(ToyTask(batch_size=8), short_run(steps=3), tmp_path, device="cpu", resume=True)
     message = str(caught.value)
-    assert "no intact checkpoint" in message and "step_0000010" in message and "\n" not in message
+    assert "no intact checkpoint" in message and "step_0000001" in message and "\n" not in message
 
 
 # A training run whose third checkpoint write stalls half-way, so that the test can SIGKILL it there.
@@ -150,7 +152,8 @@ def stalling_save(obj, path):
         time.sleep(600)
 
 checkpoint.torch.save = stalling_save
-train(ToyTask(batch_size=8), toy_config(steps=30, keep_checkpoints=2), Path(sys.argv[1]), device="cpu")
+cfg = toy_config(steps=3, checkpoint_every=1, keep_checkpoints=2)
+train(ToyTask(batch_size=8), cfg, Path(sys.argv[1]), device="cpu")
 """
 
 
@@ -170,10 +173,11 @@ def test_a_writer_killed_mid_checkpoint_leaves_a_run_that_resumes(tmp_path):
         proc.kill()
         proc.wait()
         proc.stderr.close()
-    assert latest_checkpoint(out).name == "step_0000020"
-    assert len(hidden_leftovers(out)) == 1  # the half-written step_0000030 under its temporary name
+    assert latest_checkpoint(out).name == "step_0000002"
+    assert len(hidden_leftovers(out)) == 1  # the half-written step_0000003 under its temporary name
 
-    summary = train(ToyTask(batch_size=8), toy_config(steps=30, keep_checkpoints=2), out, device="cpu", resume=True)
-    assert summary["resumed_from"] == 20
-    assert step_folders(out) == ["step_0000020", "step_0000030"] and hidden_leftovers(out) == []
-    assert load_model(out, "cpu")[2]["step"] == 30
+    cfg = toy_config(steps=3, checkpoint_every=1, keep_checkpoints=2)
+    summary = train(ToyTask(batch_size=8), cfg, out, device="cpu", resume=True)
+    assert summary["resumed_from"] == 2
+    assert step_folders(out) == ["step_0000002", "step_0000003"] and hidden_leftovers(out) == []
+    assert load_model(out, "cpu")[2]["step"] == 3
