@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from meshforge.data.meshio import COLLECTION_SUFFIXES
+from meshforge.errors import MeshforgeError
 
 # Far below the 255 bytes most file systems allow per component, leaving room for the hash
 # suffix and the ``.npz`` of the stored file.
@@ -60,6 +61,11 @@ def file_names(files: list[Path], base: Path) -> dict[Path, str]:
         name = cleaned[p]
         shared = counts[plain[p]] > 1 or (p.suffix.lower() in COLLECTION_SUFFIXES and name in folders)
         out[p] = _unique(name, plain[p], rel[p].as_posix(), shared)
+    # Only a file literally named like another's suffixed name (or a hash collision) gets here.
+    first: dict[str, Path] = {}
+    for p, name in out.items():
+        if first.setdefault(name, p) != p:
+            raise MeshforgeError(f"{p}: has the dataset name {name!r} of {first[name]}; rename one of them")
     return out
 
 

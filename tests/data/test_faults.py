@@ -225,6 +225,9 @@ def test_names_are_unique_safe_and_stable():
     assert all(len(n) < 120 and n.isascii() and not n.startswith(("-", ".")) for n in names.values())
     assert file_names(list(reversed(files)), base) == names  # order does not matter
     assert member_name("set", "m n") != member_name("set", "m_n") == "set/m_n"
+    impostor = base / f"{names[base / 'a b.obj']}.obj"  # a file literally named like a suffixed name
+    with pytest.raises(MeshforgeError, match="rename one of them"):
+        file_names([*files, impostor], base)
 
 
 def test_sdf_voxelize_keeps_every_mesh_of_hostile_names(hostile, tmp_path):
