@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
+
+# What numpy, json and zip readers raise on a truncated or otherwise damaged file (a missing file
+# is an OSError too): loaders turn these into an InputError naming the file.
+READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zipfile.BadZipFile)
 
 
 class MeshforgeError(Exception):

@@ -47,6 +47,30 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: Path | str) -> int:
+    """Delete what :func:`atomic_path` leaves under ``folder`` when its process is killed mid-write
+    (``.NAME.XXXX.tmp`` and ``.NAME.old``); returns how many were removed.
+
+    Only call this when no other process is writing into ``folder``: their temporaries look the same.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [
+        p
+        for p in folder.rglob(".*")
+        if p.name.endswith((".tmp", ".old"))
+        # not inside a hidden folder: .git, or a temporary folder that goes as a whole
+        and not any(q.name.startswith(".") for q in p.relative_to(folder).parents if q.name)
+    ]
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)

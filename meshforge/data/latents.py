@@ -30,7 +30,7 @@ import torch
 
 from meshforge.data.sdf import SPLITS, SparseSDFDataset
 from meshforge.data.tokenize import _label_for, _labels
-from meshforge.errors import InputError, MeshforgeError
+from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json
 from meshforge.runtime import console, track
 
@@ -67,12 +67,15 @@ class LatentDataset:
             raise InputError(self.root, "not a latent dataset (create one with `meshforge train-dit --data SDF_DATASET --vae VAE`)")
         self.manifest = json.loads((self.root / MANIFEST).read_text())
         folder = self.root / split
-        self.coords = np.load(folder / "coords.npy", mmap_mode="r")
-        self.feats = np.load(folder / "feats.npy", mmap_mode="r")
-        self.index = np.load(folder / "index.npy")
-        self.names: list[str] = json.loads((folder / "names.json").read_text())
-        self.labels: list[str | None] = json.loads((folder / "labels.json").read_text())
-        self.images = np.load(folder / "images.npy", mmap_mode="r") if self.views else None
+        try:
+            self.coords = np.load(folder / "coords.npy", mmap_mode="r")
+            self.feats = np.load(folder / "feats.npy", mmap_mode="r")
+            self.index = np.load(folder / "index.npy")
+            self.names: list[str] = json.loads((folder / "names.json").read_text())
+            self.labels: list[str | None] = json.loads((folder / "labels.json").read_text())
+            self.images = np.load(folder / "images.npy", mmap_mode="r") if self.views else None
+        except READ_ERRORS as exc:
+            raise InputError(folder, f"incomplete or damaged latent dataset split ({type(exc).__name__}: {exc})") from None
 
     @property
     def resolution(self) -> int:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -59,7 +58,7 @@ import numpy as np
 import torch
 
 from meshforge.config import from_dict, load_yaml, save_config, to_dict
-from meshforge.data.batch import Skip, run_batch
+from meshforge.data.batch import BatchFailed, Skip, run_batch
 from meshforge.data.canonical import normalize_vertices
 from meshforge.data.meshio import (
     COLLECTION_SUFFIXES,
@@ -68,9 +67,10 @@ from meshforge.data.meshio import (
     load_collection,
     load_mesh_file,
 )
+from meshforge.data.names import file_names, mesh_name
 from meshforge.data.shards import assign_splits, is_val, split_key
-from meshforge.errors import InputError, MeshforgeError
-from meshforge.io import atomic_path, atomic_write_json, hash_path
+from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
+from meshforge.io import atomic_path, atomic_write_json, hash_path, remove_stale_temporaries
 from meshforge.runtime import console, resolve_device
 from meshforge.sparse.marching_cubes import CORNER_OFFSETS, complete_cubes, grid_keys
 
@@ -574,14 +574,11 @@ class MeshResult:
     resumed: bool  # already on disk from an earlier run
 
 
-def _safe(name: str) -> str:
-    """A relative path of safe characters (collection member names come from user data)."""
-    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p).strip(".") or "_" for p in Path(name).as_posix().split("/")]
-    return "/".join(parts)
-
-
 def _mesh_path(out: Path, split: str, name: str) -> Path:
     return out / split / f"{name}.npz"
+
+
+_DAMAGED = (*READ_ERRORS, KeyError)  # an .npz cut short may also lack a member
 
 
 def _finished(out: Path, name: str, source: str, digest: str) -> MeshResult | None:
@@ -589,19 +586,22 @@ def _finished(out: Path, name: str, source: str, digest: str) -> MeshResult | No
     for split in SPLITS:
         path = _mesh_path(out, split, name)
         if path.is_file():
-            with np.load(path) as data:
-                if str(data["source_hash"]) != digest:
-                    return None  # the input changed since: voxelise it again
-                return MeshResult(
-                    name,
-                    source,
-                    split,
-                    str(data["split_key"]),
-                    len(data["sdf"]),
-                    int(data["sharp"].sum()),
-                    len(data["faces"]),
-                    resumed=True,
-                )
+            try:
+                with np.load(path) as data:
+                    if str(data["source_hash"]) != digest:
+                        return None  # the input changed since: voxelise it again
+                    return MeshResult(
+                        name,
+                        source,
+                        split,
+                        str(data["split_key"]),
+                        len(data["sdf"]),
+                        int(data["sharp"].sum()),
+                        len(data["faces"]),
+                        resumed=True,
+                    )
+            except _DAMAGED:
+                return None  # damaged on disk since it was written (writes are atomic): redo it
     return None
 
 
@@ -667,11 +667,11 @@ def voxelize_file(path: Path, name: str, cfg: SdfConfig, device: str, threads: i
     members, problems = load_collection(path, strict=False)
     results, skipped = [], [Skip(f"{path}#{member}", problem) for member, problem in problems]
     for raw in members:
-        member = raw.name.split("/", 1)[-1]
-        where, mesh_name = f"{path}#{member}", f"{name}/{_safe(member)}"
+        where = f"{path}#{raw.name.split('/', 1)[1]}" if "/" in raw.name else str(path)
+        member = mesh_name(name, raw.name)
         try:
-            done = _finished(cfg.out, mesh_name, where, digest)
-            results.append(done or _voxelize_mesh(raw, mesh_name, where, digest, cfg, dev))
+            done = _finished(cfg.out, member, where, digest)
+            results.append(done or _voxelize_mesh(raw, member, where, digest, cfg, dev))
         except InputError as exc:
             skipped.append(Skip(where, exc.problem))
     if not results:
@@ -680,17 +680,6 @@ def voxelize_file(path: Path, name: str, cfg: SdfConfig, device: str, threads: i
             path, f"no usable mesh among {len(members) + len(problems)} in the collection (first: {first})"
         )
     return FileResult(results, skipped)
-
-
-def _stem(path: Path, base: Path) -> str:
-    return _safe(path.relative_to(base).with_suffix("").as_posix())
-
-
-def output_name(path: Path, base: Path, clashes: frozenset[str]) -> str:
-    """A file's name in the dataset: its path under ``base`` without suffix, or with the suffix
-    folded in (``chair_ply``) for stems in ``clashes`` (files that differ only by suffix)."""
-    stem = _stem(path, base)
-    return f"{stem}_{path.suffix.lstrip('.').lower()}" if stem in clashes else stem
 
 
 def _check_resumable(cfg: SdfConfig) -> None:
@@ -723,8 +712,10 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
 
     Each mesh is written as soon as it is done (atomically), and a re-run skips meshes already on
     disk from the same input bytes (each file records its input's hash), so an interrupted run
-    resumes where it stopped and an edited input is redone. ``manifest.json`` is written last and
-    lists exactly the meshes of the current inputs.
+    resumes where it stopped and an edited input (or a damaged output) is redone. ``manifest.json``
+    is written last and lists exactly the meshes of the current inputs. A failure that is not about
+    an input (a full disk) stops the run with a one-line error and no manifest, keeping every mesh
+    finished so far for the next run.
     """
     started = time.perf_counter()
     root = Path(cfg.input)
@@ -737,6 +728,10 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
     device = resolve_device(cfg.device)
     _check_resumable(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    # Until this run writes its own, the folder is unfinished: a manifest of an earlier run would
+    # vouch for files this run may replace or move before it fails.
+    (cfg.out / "manifest.json").unlink(missing_ok=True)
+    remove_stale_temporaries(cfg.out)  # left by a writer that was killed (they can fill a disk)
     save_config(cfg, cfg.out / "config.yaml")
 
     # CUDA work stays in this process (one GPU, no fork after CUDA init); CPU work is spread over
@@ -744,12 +739,16 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
     workers = 1 if device.type == "cuda" else cfg.workers
     import trimesh  # noqa: F401  (imported before the pool forks, so no worker pays for it again)
 
-    clashes = frozenset(stem for stem, n in Counter(_stem(p, base) for p in files).items() if n > 1)
     threads = 1 if workers != 1 else 0
-    fn = partial(_voxelize_item, base=base, clashes=clashes, cfg=cfg, device=str(device), threads=threads)
-    batch = run_batch(
-        files, fn, workers=workers, description=f"sdf-voxelize R={cfg.resolution} ({device.type})"
-    )
+    fn = partial(_voxelize_item, names=file_names(files, base), cfg=cfg, device=str(device), threads=threads)
+    try:
+        batch = run_batch(
+            files, fn, workers=workers, description=f"sdf-voxelize R={cfg.resolution} ({device.type})"
+        )
+    except BatchFailed as exc:
+        raise MeshforgeError(
+            f"{exc}; meshes finished so far are kept in {cfg.out}: re-run to resume"
+        ) from exc
     skipped = list(batch.skipped)
     meshes: list[MeshResult] = []
     for _, result in batch.done:
@@ -816,9 +815,9 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
 
 
 def _voxelize_item(
-    path: Path, base: Path, clashes: frozenset[str], cfg: SdfConfig, device: str, threads: int
+    path: Path, names: dict[Path, str], cfg: SdfConfig, device: str, threads: int
 ) -> FileResult:
-    return voxelize_file(path, output_name(path, base, clashes), cfg, device, threads)
+    return voxelize_file(path, names[path], cfg, device, threads)
 
 
 class SparseSDFDataset:
@@ -851,20 +850,29 @@ class SparseSDFDataset:
     def __len__(self) -> int:
         return len(self.names)
 
-    def _load(self, i: int) -> np.lib.npyio.NpzFile:
-        return np.load(_mesh_path(self.root, self.split, self.names[i]))
+    def _read(self, i: int, keys: tuple[str, ...]) -> list[np.ndarray]:
+        path = _mesh_path(self.root, self.split, self.names[i])
+        try:
+            with np.load(path) as data:
+                return [data[k] for k in keys]
+        except _DAMAGED as exc:
+            # A re-run of sdf-voxelize redoes exactly the damaged files (see _finished).
+            raise InputError(
+                path,
+                f"missing or damaged ({type(exc).__name__}: {exc}); re-run `meshforge sdf-voxelize` to redo it",
+            ) from None
 
     def __getitem__(self, i: int) -> SparseSDF:
-        with self._load(i) as data:
-            return SparseSDF(
-                coords=torch.from_numpy(data["coords"].astype(np.int32)),
-                sdf=torch.from_numpy(data["sdf"].astype(np.float32)),
-                sharp=torch.from_numpy(data["sharp"]),
-                resolution=int(data["resolution"]),
-                band=float(data["band"]),
-            )
+        coords, sdf, sharp, resolution, band = self._read(i, ("coords", "sdf", "sharp", "resolution", "band"))
+        return SparseSDF(
+            coords=torch.from_numpy(coords.astype(np.int32)),
+            sdf=torch.from_numpy(sdf.astype(np.float32)),
+            sharp=torch.from_numpy(sharp),
+            resolution=int(resolution),
+            band=float(band),
+        )
 
     def mesh(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The mesh in the SDF's frame: ``vertices`` float32 [V, 3], ``faces`` int32 [F, 3]."""
-        with self._load(i) as data:
-            return data["vertices"], data["faces"]
+        vertices, faces = self._read(i, ("vertices", "faces"))
+        return vertices, faces

@@ -29,7 +29,7 @@ import numpy as np
 
 from meshforge.data.canonical import Augment, canonicalize
 from meshforge.data.tokens import Vocab, encode_mesh
-from meshforge.errors import InputError, MeshforgeError
+from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 
 SPLITS = ("train", "val")
 FORMAT = "meshforge-tokens/1"
@@ -151,8 +151,8 @@ class TokenDataset:
             self._index = np.load(folder / "index.npy")
             self.names: list[str] = json.loads((folder / "names.json").read_text())
             self.labels: list[str | None] = json.loads((folder / "labels.json").read_text())
-        except (FileNotFoundError, ValueError) as exc:
-            raise InputError(folder, f"incomplete token dataset split ({exc})") from None
+        except READ_ERRORS as exc:
+            raise InputError(folder, f"incomplete or damaged token dataset split ({type(exc).__name__}: {exc})") from None
         self.classes: list[str] = list(self.manifest.get("classes", []))
 
     def __len__(self) -> int:

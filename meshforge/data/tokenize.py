@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from meshforge.config import save_config, to_dict
-from meshforge.data.batch import Skip, run_batch
+from meshforge.data.batch import BatchFailed, Skip, run_batch
 from meshforge.data.canonical import Augment, canonicalize, normalize_vertices
 from meshforge.data.meshio import (
     COLLECTION_SUFFIXES,
@@ -30,6 +30,7 @@ from meshforge.data.meshio import (
     load_mesh_file,
     visible_files,
 )
+from meshforge.data.names import file_names, mesh_name
 from meshforge.data.shards import FORMAT, MeshRecord, assign_splits, split_key, write_split
 from meshforge.data.tokens import Vocab, encode_mesh
 from meshforge.errors import InputError, MeshforgeError
@@ -167,13 +168,17 @@ def tokenize_folder(cfg: TokenizeConfig) -> dict:
 
     import trimesh  # noqa: F401  (imported before the pool forks, so no worker pays for it again)
 
-    batch = run_batch(
-        files,
-        partial(tokenize_file, bits=cfg.bits, max_faces=cfg.max_faces),
-        workers=cfg.workers,
-        description="tokenize",
-    )
+    try:
+        batch = run_batch(
+            files,
+            partial(tokenize_file, bits=cfg.bits, max_faces=cfg.max_faces),
+            workers=cfg.workers,
+            description="tokenize",
+        )
+    except BatchFailed as exc:
+        raise MeshforgeError(f"{exc}; {cfg.out} is left unchanged") from exc
     skipped += batch.skipped
+    names = file_names(files, base)
     records: list[MeshRecord] = []
     seen: dict[str, str] = {}
     duplicates = 0
@@ -181,7 +186,7 @@ def tokenize_folder(cfg: TokenizeConfig) -> dict:
         rel = path.relative_to(base)
         skipped += result.skipped
         for rec in result.records:
-            rec.name = (rel.parent / rec.name).as_posix()
+            rec.name = mesh_name(names[path], rec.name)
             rec.label = _label_for(rel, labels)
             digest = hashlib.sha256(rec.tokens.tobytes()).hexdigest()
             if cfg.dedupe and digest in seen:

@@ -23,22 +23,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from rich.markup import escape
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from meshforge.config import save_config, to_dict
 from meshforge.errors import MeshforgeError
-from meshforge.io import atomic_write_json
+from meshforge.io import atomic_write_json, remove_stale_temporaries
 from meshforge.runtime import console, make_progress, progress_enabled, resolve_device, seed_everything
 from meshforge.stages import RunContext
 from meshforge.train import distributed
 from meshforge.train.checkpoint import (
     CHECKPOINTS,
     capture_rng,
-    latest_checkpoint,
     load_state,
     load_weights,
     restore_rng,
+    resumable_checkpoint,
     save_checkpoint,
     step_name,
 )
@@ -350,8 +351,9 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
     """Train ``task`` for ``cfg.steps`` steps into ``out_dir``; returns a JSON-able summary.
 
     Writes ``config.yaml``, ``metrics.csv`` (+ ``tensorboard/`` when installed), ``curves.png``,
-    ``summary.json`` and ``checkpoints/``. With ``resume`` the run continues from ``checkpoints/latest`` when there is
-    one; without it, checkpoints of an earlier run in ``out_dir`` are removed first. Under torchrun
+    ``summary.json`` and ``checkpoints/``. With ``resume`` the run continues from the newest intact step folder
+    when there is one (damaged newer ones are reported and removed); without it, checkpoints of an
+    earlier run in ``out_dir`` are removed first. Under torchrun
     (``--gpus N``) every process calls this; rank 0 alone writes files.
     """
     out_dir = Path(out_dir)
@@ -361,16 +363,25 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
         if dev.type == "cuda":
             torch.set_float32_matmul_precision("high")
         run = _Run(task, cfg, out_dir, env, dev)
-        previous = latest_checkpoint(out_dir)
-        if resume and previous is not None:
+        checkpoints = out_dir / CHECKPOINTS
+        previous, damaged = resumable_checkpoint(out_dir) if resume else (None, [])
+        distributed.barrier(env)  # every rank has looked before rank 0 deletes anything
+        if env.is_main:
+            # A writer killed mid-save leaves its temporary folder; it holds no usable checkpoint.
+            remove_stale_temporaries(checkpoints)
+            for step_dir, problem in damaged:
+                # Newer than the one resumed from, so this run rewrites that step anyway; kept, it
+                # would count against keep_checkpoints and shadow the good one.
+                console.print(f"[yellow]{step_dir.name} is damaged ({escape(problem)}): resuming from "
+                              f"{previous.name}, removing it[/yellow]")
+                shutil.rmtree(step_dir, ignore_errors=True)
+        if previous is not None:
             run.restore(previous)
         else:
-            if previous is not None:
-                distributed.barrier(env)  # every rank has looked before rank 0 deletes
-                if env.is_main:
-                    console.print(f"[yellow]starting afresh in {out_dir}: removing its earlier checkpoints "
-                                  "(pass --resume to continue them)[/yellow]")
-                    shutil.rmtree(out_dir / CHECKPOINTS)
+            if env.is_main and not resume and any(checkpoints.glob("step_*")):
+                console.print(f"[yellow]starting afresh in {out_dir}: removing its earlier checkpoints "
+                              "(pass --resume to continue them)[/yellow]")
+                shutil.rmtree(checkpoints)
             seed_everything(cfg.seed + env.rank)  # ranks draw different random numbers (dropout, noise)
 
         log = None
