@@ -139,8 +139,10 @@ def _walk(root: Path) -> Iterator[tuple[Path, str | None]]:
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     yield path, "symlink loop"
-                else:
+                elif entry.is_symlink():
                     yield path, f"broken symlink (its target {os.readlink(path)} does not exist)"
+                else:
+                    yield path, f"unreadable ({type(exc).__name__}: {exc.strerror or exc})"
                 continue
             if stat.S_ISDIR(target.st_mode):
                 if format_suffix(path) in SUPPORTED_SUFFIXES:
@@ -159,10 +161,8 @@ def scan_mesh_files(root: Path) -> MeshScan:
     path there that is not a companion file (materials, textures, labels) with the reason it is not
     read: unsupported types, broken links and symlink loops, folders named like mesh files."""
     root = Path(root)
-    if not root.is_dir():
-        return MeshScan(files=[root])
     scan = MeshScan()
-    for path, problem in _walk(root):
+    for path, problem in _walk(root) if root.is_dir() else [(root, None)]:
         suffix = format_suffix(path)
         if problem is not None:
             scan.skipped.append(Skip(str(path), problem))
