@@ -256,7 +256,9 @@ def _load_scene(source: Path | IO[bytes], file_type: str) -> Any:
     import trimesh  # heavy import (~0.3 s); only loaders need it
 
     # process=False: trimesh's own merging/cleaning would be redone (and differ) in canonicalisation.
-    return trimesh.load_scene(source, file_type=file_type, process=False)
+    # force="scene" (not load_scene, which trimesh 4 before 4.6 lacks) keeps every geometry apart, so
+    # point clouds and paths can be told from meshes before flattening.
+    return trimesh.load(source, file_type=file_type, force="scene", process=False)
 
 
 def load_mesh_file(path: Path) -> RawMesh:
