@@ -355,7 +355,7 @@ def triangulate(where: Path | str, faces: Any) -> np.ndarray:
     return np.concatenate(triangles) if triangles else np.zeros((0, 3), np.int64)
 
 
-# --- MeshGPT-style collections -------------------------------------------------------------------
+# --- Collections ---------------------------------------------------------------------------------
 
 
 class _SafeUnpickler(pickle.Unpickler):

@@ -237,6 +237,9 @@ def test_scan_records_what_it_cannot_read_and_survives_symlink_loops(tmp_path):
     (root / "notes.txt.gz").write_bytes(gzip.compress(b"x"))
     (root / "material.mtl").write_text("")
     (root / "labels.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.obj").write_text(tet)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # read through the link
     (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a folder loop
     (root / "x.obj").symlink_to(root / "y.obj")
     (root / "y.obj").symlink_to(root / "x.obj")  # a file link loop
@@ -244,7 +247,8 @@ def test_scan_records_what_it_cannot_read_and_survives_symlink_loops(tmp_path):
     (root / ".hidden.obj").write_text(tet)
 
     scan = scan_mesh_files(root)
-    assert [p.relative_to(root).as_posix() for p in scan.files] == ["b.obj.gz", "folder.obj/inner.obj", "sub/a.obj"]
+    found = [p.relative_to(root).as_posix() for p in scan.files]
+    assert found == ["b.obj.gz", "folder.obj/inner.obj", "linked/c.obj", "sub/a.obj"]
     reasons = {Path(s.path).relative_to(root).as_posix(): s.reason for s in scan.skipped}
     assert reasons == {
         "folder.obj": "a folder named like a mesh file (its contents are scanned)",

@@ -26,7 +26,7 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """16 good synth meshes in four formats, a MeshGPT pickle, broken files, a duplicate, a texture."""
+    """16 good synth meshes in four formats, a pickle of parallel lists, broken files, a duplicate, a texture."""
     root = tmp_path_factory.mktemp("mixed") / "in"
     generate(root, n=16, seed=0, formats=["obj", "ply", "stl", "off"])
     for rel, text in BROKEN.items():
