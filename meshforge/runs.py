@@ -18,6 +18,9 @@ the steps in order. ``RUN_DIR/manifests/ID.json`` records each step: config hash
 package versions, git commit, seed, wall time and outputs. A step whose config and inputs are
 unchanged and whose outputs are still there is skipped; a failed step leaves earlier outputs intact
 and is retried (training stages resume from their checkpoint) by running the recipe again.
+
+Built-in recipes (``quickstart``, ...) live in the repository's ``recipes/`` folder and are installed
+with the package (``meshforge.recipes``), so ``meshforge run quickstart`` works in any install.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from meshforge.stages import RunContext, Stage, discover_stages, save_stage_reco
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\}")
 RECIPE_KEYS = {"seed", "device", "steps", "name", "description"}
+RECIPE_SUFFIX = ".yaml"
 
 
 @dataclass
@@ -61,6 +65,43 @@ class Recipe:
     seed: int
     device: str
     steps: list[Step]
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The built-in recipes by name (file stem), sorted.
+
+    A wheel installs them as package data beside the package (``meshforge/recipes``); in a checkout
+    (editable install) they are the repository's top-level ``recipes/`` folder.
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "recipes", package.parent / "recipes"):
+        if folder.is_dir():
+            return {p.stem: p for p in sorted(folder.glob(f"*{RECIPE_SUFFIX}"))}
+    return {}
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: ``name_or_path`` itself when it exists, else the built-in recipe of that name
+    (``quickstart`` or ``quickstart.yaml``; a path with folders in it is never taken for a name)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    name = path.name.removesuffix(RECIPE_SUFFIX)
+    if path.parent == Path(".") and name in builtin:
+        return builtin[name]
+    known = ", ".join(builtin) or "none installed"
+    problem = "is a folder, not a recipe file" if path.is_dir() else "no such recipe file"
+    raise ConfigError(f"{path}: {problem} (built-in recipes, run by name: {known})")
+
+
+def recipe_description(path: Path) -> str:
+    """A recipe's ``description`` key, or "" when it has none or cannot be read."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    return str(data.get("description", "")) if isinstance(data, dict) else ""
 
 
 def _node_lines(path: Path, text: str) -> list[tuple[int, dict[str, int]]]:

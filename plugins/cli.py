@@ -142,15 +142,15 @@ def _make_command(stage: Stage):
 
 def run_command(
     ctx: typer.Context,
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or a built-in recipe's name (meshforge recipes)."),
     out: Path = typer.Option(..., "--out", help="Run directory (outputs, manifests, resolved config)."),
     overrides: list[str] | None = typer.Option(None, "--set", help="STEP_ID.OPTION=VALUE override."),
     force: bool = typer.Option(False, "--force", help="Redo steps even when config and inputs are unchanged."),
 ) -> None:
-    from meshforge.runs import load_recipe, run_recipe
+    from meshforge.runs import load_recipe, resolve_recipe, run_recipe
 
     parent: RunContext = ctx.obj or RunContext()
-    loaded = load_recipe(recipe, overrides or [])
+    loaded = load_recipe(resolve_recipe(recipe), overrides or [])
     device = parent.device if parent.device != "auto" else None
     rows = run_recipe(loaded, out, force=force, device=device)
     table = Table(title=f"run {out}")
@@ -158,6 +158,17 @@ def run_command(
         table.add_column(column)
     for row in rows:
         table.add_row(row["id"], row["status"], f"{row['wall_time_s'] or 0:.1f}")
+    console.print(table)
+
+
+def recipes_command() -> None:
+    from meshforge.runs import builtin_recipes, recipe_description
+
+    table = Table()
+    table.add_column("recipe")
+    table.add_column("description")
+    for name, path in builtin_recipes().items():
+        table.add_row(name, recipe_description(path))
     console.print(table)
 
 
@@ -191,6 +202,7 @@ def build_app() -> typer.Typer:
         run_command
     )
     app.command("stages", help="List the installed stages and any plugin that failed to load.")(stages_command)
+    app.command("recipes", help="List the built-in recipes (meshforge run NAME --out DIR runs one).")(recipes_command)
     loaded = discover_stages()
     for name, error in loaded.failures.items():
         console.print(f"[yellow]warning:[/yellow] plugin stage '{name}' failed to load ({error}); other stages work")

@@ -19,7 +19,7 @@ stage = Stage(
     inputs=("input",),
     outputs=("out",),
     field_help={
-        "input": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf, MeshGPT pkl/npz.",
+        "input": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf (or .gz), MeshGPT/MeshAnything pkl/npz.",
         "out": "Dataset folder to write (an unfinished one with the same settings is resumed).",
         "resolution": "Grid resolution R (voxels per side).",
         "band": "Narrow band tau in voxels: keep voxels with |sdf| < tau / R (> sqrt(3) for watertight re-meshing).",
@@ -28,6 +28,7 @@ stage = Stage(
         "fill": "Scale of the normalised mesh inside the grid (the margin keeps the band inside it).",
         "max_faces": "Skip meshes with more faces (the sign test costs voxels x faces).",
         "val_fraction": "Fraction of meshes (by content hash, as tokenize) in the val split.",
+        "resplit": "Split by content hash even a source with its own train/val split (MeshGPT's pickle).",
         "workers": "CPU worker processes (0 = all cores); the CUDA path uses one process.",
         "device": "cpu, cuda or auto.",
     },

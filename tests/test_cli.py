@@ -71,3 +71,13 @@ def test_unknown_device_is_a_clear_error():
 
     with pytest.raises(MeshforgeError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+def test_recipes_lists_the_builtin_recipes_and_run_takes_their_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().err
+    assert "quickstart" in listing and "Both models end to end" in listing
+    assert main(["run", "no-such-recipe", "--out", str(tmp_path / "run")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: no-such-recipe: no such recipe file" in err and "quickstart" in err

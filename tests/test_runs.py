@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from meshforge.errors import ConfigError, MeshforgeError
-from meshforge.runs import load_recipe, resolve, run_recipe
+from meshforge.runs import builtin_recipes, load_recipe, resolve, resolve_recipe, run_recipe
 from tests.plugin_fixture import install_fake_plugin
 
 RECIPE = """\
@@ -122,3 +122,17 @@ def test_shipped_recipes_validate(path, tmp_path):
     recipe = load_recipe(path)
     resolve(recipe, tmp_path, device="cpu")
     assert all(step.config is not None for step in recipe.steps)
+
+
+def test_builtin_recipes_resolve_by_name(tmp_path, monkeypatch):
+    assert builtin_recipes() == {p.stem: p for p in SHIPPED_RECIPES}
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: names resolve to the built-in files
+    assert resolve_recipe("quickstart") == resolve_recipe("quickstart.yaml") == builtin_recipes()["quickstart"]
+    # An existing file wins over a built-in of the same name.
+    (tmp_path / "quickstart.yaml").write_text("steps: []\n")
+    assert resolve_recipe("quickstart.yaml") == Path("quickstart.yaml")
+    with pytest.raises(ConfigError, match=r"^nope: no such recipe file \(built-in recipes, run by name: .*quickstart"):
+        resolve_recipe("nope")
+    # A path with folders is a file the user means, never a name.
+    with pytest.raises(ConfigError, match="elsewhere/quickstart.yaml: no such recipe file"):
+        resolve_recipe("elsewhere/quickstart.yaml")

@@ -14,8 +14,8 @@ Layout of a dataset folder written by :func:`encode_dataset`::
       labels.json   [N] class label of each shape, or null
       images.npy    uint8 [N, V, S, S, 4] RGBA renders of each mesh (only when views > 0)
 
-Every array is memory-mappable. Labels come from the source meshes as ``meshforge tokenize``
-reads them: ``labels.json`` of the meshes' input folder, else their top-level folder.
+Every array is memory-mappable. Labels are those the sparse SDF dataset records for its meshes
+(:mod:`meshforge.data.labels`, the same rule as ``meshforge tokenize``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from meshforge.data.sdf import SPLITS, SparseSDFDataset
-from meshforge.data.tokenize import _label_for, _labels
 from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json
 from meshforge.runtime import console, track
@@ -115,16 +114,11 @@ class LatentDataset:
 
 def mesh_labels(sdf: SparseSDFDataset) -> dict[str, str | None]:
     """Class label of every mesh of a sparse SDF dataset, by name (see the module docstring)."""
-    root = Path(sdf.manifest["config"]["input"])
-    labels = _labels(root) if root.is_dir() else {}
-    out: dict[str, str | None] = {}
-    for record in sdf.manifest["records"]:
-        try:
-            rel = Path(record["source"].split("#", 1)[0]).relative_to(root)
-        except ValueError:  # a collection member, or a source outside the recorded input folder
-            rel = Path(record["name"])
-        out[record["name"]] = _label_for(rel, labels)
-    return out
+    records = sdf.manifest["records"]
+    if records and "label" not in records[0]:
+        raise InputError(sdf.root, "records no class labels (written by an older meshforge): run "
+                         "`meshforge sdf-voxelize` on it again, which reuses every finished mesh")
+    return {record["name"]: record["label"] for record in records}
 
 
 def _write_split(folder: Path, coords: list[np.ndarray], feats: list[np.ndarray], names: list[str],

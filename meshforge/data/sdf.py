@@ -60,15 +60,16 @@ import torch
 from meshforge.config import from_dict, load_yaml, save_config, to_dict
 from meshforge.data.batch import BatchFailed, Skip, run_batch
 from meshforge.data.canonical import normalize_vertices
+from meshforge.data.labels import class_label, label_sources, mesh_category, read_labels_file, synset_classes
 from meshforge.data.meshio import (
-    COLLECTION_SUFFIXES,
     RawMesh,
-    iter_mesh_files,
+    is_collection,
     load_collection,
     load_mesh_file,
+    scan_mesh_files,
 )
 from meshforge.data.names import file_names, mesh_name
-from meshforge.data.shards import assign_splits, is_val, split_key
+from meshforge.data.shards import assign_splits, is_val, split_key, split_source
 from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json, hash_path, remove_stale_temporaries
 from meshforge.runtime import console, resolve_device
@@ -94,6 +95,7 @@ class SdfConfig:
     fill: float = 0.9  # the normalised mesh is scaled by this, leaving a margin for the band
     max_faces: int = 50_000  # winding numbers cost O(voxels x faces)
     val_fraction: float = 0.05
+    resplit: bool = False  # split sources with their own train/val split by content hash too
     workers: int = 0  # CPU worker processes (0 = every core); the CUDA path runs in one process
     device: str = "auto"
 
@@ -572,6 +574,8 @@ class MeshResult:
     sharp: int
     faces: int
     resumed: bool  # already on disk from an earlier run
+    source_split: Literal["train", "val"] | None = None  # the split the source gave it (kept unless resplit)
+    category: str | None = None  # the category the source gave it
 
 
 def _mesh_path(out: Path, split: str, name: str) -> Path:
@@ -659,7 +663,7 @@ def voxelize_file(path: Path, name: str, cfg: SdfConfig, device: str, threads: i
         torch.set_num_threads(threads)
     dev = torch.device(device)
     digest = hash_path(path)
-    if path.suffix.lower() not in COLLECTION_SUFFIXES:
+    if not is_collection(path):
         done = _finished(cfg.out, name, str(path), digest)
         return FileResult(
             [done or _voxelize_mesh(load_mesh_file(path), name, str(path), digest, cfg, dev)], []
@@ -671,7 +675,10 @@ def voxelize_file(path: Path, name: str, cfg: SdfConfig, device: str, threads: i
         member = mesh_name(name, raw.name)
         try:
             done = _finished(cfg.out, member, where, digest)
-            results.append(done or _voxelize_mesh(raw, member, where, digest, cfg, dev))
+            result = done or _voxelize_mesh(raw, member, where, digest, cfg, dev)
+            result.source_split = None if cfg.resplit else raw.split
+            result.category = raw.category
+            results.append(result)
         except InputError as exc:
             skipped.append(Skip(where, exc.problem))
     if not results:
@@ -698,8 +705,10 @@ def _check_resumable(cfg: SdfConfig) -> None:
 
 def _balance_splits(meshes: list[MeshResult], cfg: SdfConfig) -> None:
     """Apply the tokenizer's split rule (:func:`assign_splits`) to the whole set: each mesh was
-    written to its hash's split, and the rule may move one so that neither split is empty."""
-    for mesh, split in zip(meshes, assign_splits([m.key for m in meshes], cfg.val_fraction)):
+    written to its hash's split, and the rule moves the meshes whose source gave them another split,
+    and may move one so that neither split is empty."""
+    fixed = [m.source_split for m in meshes]
+    for mesh, split in zip(meshes, assign_splits([m.key for m in meshes], cfg.val_fraction, fixed)):
         if mesh.split != split:
             target = _mesh_path(cfg.out, split, mesh.name)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -722,9 +731,11 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
     if not root.exists():
         raise InputError(root, "no such file or folder")
     base = root if root.is_dir() else root.parent
-    files = iter_mesh_files(root)
+    scan = scan_mesh_files(root)
+    files = scan.files
     if not files:
         raise MeshforgeError(f"{root}: no mesh files found")
+    labels = read_labels_file(base)
     device = resolve_device(cfg.device)
     _check_resumable(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -749,7 +760,7 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
         raise MeshforgeError(
             f"{exc}; meshes finished so far are kept in {cfg.out}: re-run to resume"
         ) from exc
-    skipped = list(batch.skipped)
+    skipped = [*scan.skipped, *batch.skipped]
     meshes: list[MeshResult] = []
     for _, result in batch.done:
         meshes += result.meshes
@@ -759,6 +770,10 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
         reasons = "; ".join(f"{n}x {r}" for r, n in Counter(s.reason for s in skipped).most_common(3))
         raise MeshforgeError(f"{root}: no usable mesh among {len(files)} files ({reasons})")
     _balance_splits(meshes, cfg)
+    source_categories = any(m.category is not None for m in meshes)
+    for m in meshes:
+        m.category = mesh_category(Path(m.source.split("#", 1)[0]).relative_to(base), labels, m.category)
+    classes = sorted({class_label(m.category) for m in meshes if m.category is not None})
 
     seconds = time.perf_counter() - started
     computed = [m for m in meshes if not m.resumed]
@@ -781,12 +796,17 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
         "sharp_radius": cfg.sharp_radius,
         "device": str(device),
         "counts": counts,
+        "classes": classes,
+        "label_source": label_sources(labels, source_categories),
+        "synsets": synset_classes(m.category for m in meshes),
+        "split_source": split_source([m.source_split for m in meshes]),
         "meshes": {split: sorted(m.name for m in meshes if m.split == split) for split in SPLITS},
         "records": [
             {
                 "name": m.name,
                 "source": m.source,
                 "split": m.split,
+                "label": class_label(m.category),
                 "voxels": m.voxels,
                 "sharp": m.sharp,
                 "faces": m.faces,

@@ -47,6 +47,8 @@ class MeshRecord:
     faces: np.ndarray  # int32 [F,3]
     tokens: np.ndarray  # canonical coordinate tokens
     split_key: str  # content hash deciding train/val
+    source_split: Literal["train", "val"] | None = None  # the split the source gave it, if any
+    category: str | None = None  # the category the source gave it, if any
     label: str | None = None
 
 
@@ -65,16 +67,34 @@ def is_val(key: str, val_fraction: float) -> bool:
     return int(key[:16], 16) / 2.0**64 < val_fraction
 
 
-def assign_splits(keys: list[str], val_fraction: float) -> list[Literal["train", "val"]]:
+def assign_splits(
+    keys: list[str], val_fraction: float, fixed: list[Literal["train", "val"] | None] | None = None
+) -> list[Literal["train", "val"]]:
     """Per-key split; with at least two meshes and ``val_fraction > 0`` neither split is left empty
-    (the smallest key goes to val, or the largest to train), so small datasets stay usable."""
-    splits: list[Literal["train", "val"]] = ["val" if is_val(k, val_fraction) else "train" for k in keys]
-    if len(keys) >= 2 and val_fraction > 0:
+    (the smallest key goes to val, or the largest to train), so small datasets stay usable.
+
+    ``fixed`` holds the splits a source already gave its meshes (MeshGPT's train/val lists), kept
+    as they are: the hash rule decides only the others, and only those are moved to fill a split.
+    """
+    fixed = fixed or [None] * len(keys)
+    splits: list[Literal["train", "val"]] = [
+        f or ("val" if is_val(k, val_fraction) else "train") for k, f in zip(keys, fixed)
+    ]
+    free = [i for i, f in enumerate(fixed) if f is None]
+    if len(keys) >= 2 and val_fraction > 0 and free:
         if "val" not in splits:
-            splits[min(range(len(keys)), key=keys.__getitem__)] = "val"
+            splits[min(free, key=keys.__getitem__)] = "val"
         if "train" not in splits:
-            splits[max(range(len(keys)), key=keys.__getitem__)] = "train"
+            splits[max(free, key=keys.__getitem__)] = "train"
     return splits
+
+
+def split_source(fixed: list[str | None]) -> str:
+    """How a dataset's meshes were split (given the ``fixed`` splits of :func:`assign_splits`), for manifests."""
+    given = sum(f is not None for f in fixed)
+    if given == 0:
+        return "content hash"
+    return "the source's own train/val split" + ("" if given == len(fixed) else " + content hash for the rest")
 
 
 def write_split(folder: Path, records: list[MeshRecord], vocab: Vocab) -> dict[str, int]:

@@ -3,14 +3,14 @@
 Files are loaded and canonicalised in parallel; every file or collection member that cannot be
 used is recorded with its reason in the dataset's manifest, and the run fails only when nothing
 usable is left. Identical canonical meshes are kept once (the later copies are recorded as
-duplicates), and the train/val split follows each mesh's content hash, so adding files never
-moves an existing mesh to the other split.
+duplicates). A source with its own train/val split (MeshGPT's processed ShapeNet) keeps it unless
+``resplit``; every other mesh's split follows its content hash, so adding files never moves an
+existing mesh to the other split. Class labels follow :mod:`meshforge.data.labels`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,25 +22,21 @@ import numpy as np
 from meshforge.config import save_config, to_dict
 from meshforge.data.batch import BatchFailed, Skip, run_batch
 from meshforge.data.canonical import Augment, canonicalize, normalize_vertices
+from meshforge.data.labels import class_label, label_sources, mesh_category, read_labels_file, synset_classes
 from meshforge.data.meshio import (
-    COLLECTION_SUFFIXES,
     SUPPORTED_SUFFIXES,
     RawMesh,
+    is_collection,
     load_collection,
     load_mesh_file,
-    visible_files,
+    scan_mesh_files,
 )
 from meshforge.data.names import file_names, mesh_name
-from meshforge.data.shards import FORMAT, MeshRecord, assign_splits, split_key, write_split
+from meshforge.data.shards import FORMAT, MeshRecord, assign_splits, split_key, split_source, write_split
 from meshforge.data.tokens import Vocab, encode_mesh
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json
 from meshforge.runtime import console
-
-LABELS_FILE = "labels.json"
-# Files that accompany meshes (materials, textures, glTF buffers) or record how a folder was made;
-# they are not counted as skipped inputs.
-COMPANION_SUFFIXES = (".mtl", ".png", ".jpg", ".jpeg", ".tga", ".bmp", ".tif", ".tiff", ".bin", ".yaml")
 
 
 @dataclass
@@ -52,6 +48,7 @@ class TokenizeConfig:
     val_fraction: float = 0.05
     workers: int = 0  # 0 = every core
     dedupe: bool = True
+    resplit: bool = False  # split sources with their own train/val split by content hash too
     # Augmentation the training loader applies (stored in the manifest; tokens are un-augmented).
     augment_scale_min: float = 0.75
     augment_scale_max: float = 1.25
@@ -98,12 +95,14 @@ def tokenize_mesh(raw: RawMesh, bits: int, max_faces: int, where: str) -> MeshRe
         faces=faces,
         tokens=encode_mesh(canon).astype(vocab.storage_dtype),
         split_key=split_key(vertices, faces),
+        source_split=raw.split,
+        category=raw.category,
     )
 
 
 def tokenize_file(path: Path, bits: int, max_faces: int) -> FileResult:
     """All records of one input file (runs in a worker process)."""
-    if path.suffix.lower() not in COLLECTION_SUFFIXES:
+    if not is_collection(path):
         return FileResult([tokenize_mesh(load_mesh_file(path), bits, max_faces, str(path))], [])
     meshes, problems = load_collection(path, strict=False)
     records, skipped = [], [Skip(f"{path}#{name}", problem) for name, problem in problems]
@@ -119,40 +118,6 @@ def tokenize_file(path: Path, bits: int, max_faces: int) -> FileResult:
     return FileResult(records, skipped)
 
 
-def _labels(root: Path) -> dict[str, str]:
-    path = root / LABELS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        labels = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"invalid JSON ({exc})") from None
-    if not isinstance(labels, dict):
-        raise InputError(path, "expected a mapping of relative file path -> class label")
-    return {str(k): str(v) for k, v in labels.items()}
-
-
-def _label_for(rel: Path, labels: dict[str, str]) -> str | None:
-    """``labels.json`` when present; otherwise the top-level folder (ShapeNet's category folders)."""
-    if labels:
-        return labels.get(rel.as_posix())
-    return rel.parts[0] if len(rel.parts) > 1 else None
-
-
-def _scan(root: Path) -> tuple[list[Path], list[Skip]]:
-    """Supported files to read, and unsupported non-companion files recorded as skipped."""
-    files, ignored = [], []
-    for path in visible_files(root):
-        suffix = path.suffix.lower()
-        if suffix in SUPPORTED_SUFFIXES:
-            files.append(path)
-        elif suffix not in COMPANION_SUFFIXES and path != root / LABELS_FILE:
-            ignored.append(
-                Skip(str(path), f"not a mesh file (unsupported type {suffix or 'without suffix'})")
-            )
-    return files, ignored
-
-
 def tokenize_folder(cfg: TokenizeConfig) -> dict:
     """Tokenise every mesh under ``cfg.input`` into the dataset folder ``cfg.out``; returns a summary."""
     started = time.perf_counter()
@@ -160,10 +125,11 @@ def tokenize_folder(cfg: TokenizeConfig) -> dict:
     if not root.exists():
         raise InputError(root, "no such file or folder")
     base = root if root.is_dir() else root.parent
-    files, skipped = _scan(root)
+    scan = scan_mesh_files(root)
+    files, skipped = scan.files, list(scan.skipped)
     if not files:
-        raise MeshforgeError(f"{root}: no mesh files found ({', '.join(SUPPORTED_SUFFIXES)})")
-    labels = _labels(base)
+        raise MeshforgeError(f"{root}: no mesh files found ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz)")
+    labels = read_labels_file(base)
     vocab = Vocab(cfg.bits)
 
     import trimesh  # noqa: F401  (imported before the pool forks, so no worker pays for it again)
@@ -182,12 +148,15 @@ def tokenize_folder(cfg: TokenizeConfig) -> dict:
     records: list[MeshRecord] = []
     seen: dict[str, str] = {}
     duplicates = 0
+    source_categories = False
     for path, result in batch.done:
         rel = path.relative_to(base)
         skipped += result.skipped
         for rec in result.records:
             rec.name = mesh_name(names[path], rec.name)
-            rec.label = _label_for(rel, labels)
+            source_categories |= rec.category is not None
+            rec.category = mesh_category(rel, labels, rec.category)
+            rec.label = class_label(rec.category)
             digest = hashlib.sha256(rec.tokens.tobytes()).hexdigest()
             if cfg.dedupe and digest in seen:
                 skipped.append(Skip(rec.source, f"duplicate of {seen[digest]} (identical canonical mesh)"))
@@ -202,7 +171,8 @@ def tokenize_folder(cfg: TokenizeConfig) -> dict:
         detail = "; ".join(f"{n}x {reason}" for reason, n in reasons)
         raise MeshforgeError(f"{root}: no usable mesh among {len(files)} files ({detail})")
 
-    splits = assign_splits([r.split_key for r in records], cfg.val_fraction)
+    fixed = [None if cfg.resplit else r.source_split for r in records]
+    splits = assign_splits([r.split_key for r in records], cfg.val_fraction, fixed)
     classes = sorted({r.label for r in records if r.label is not None})
     with atomic_path(cfg.out) as tmp:
         tmp.mkdir(parents=True)
@@ -217,7 +187,9 @@ def tokenize_folder(cfg: TokenizeConfig) -> dict:
             "vocab": {"size": vocab.size, "pad": vocab.pad, "start": vocab.start, "end": vocab.end},
             "augment": to_dict(cfg.augmentation()),
             "classes": classes,
-            "label_source": "labels.json" if labels else "top-level folders",
+            "label_source": label_sources(labels, source_categories),
+            "synsets": synset_classes(r.category for r in records),
+            "split_source": split_source(fixed),
             "counts": {
                 "files": len(files),
                 "meshes": len(records),

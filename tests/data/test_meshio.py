@@ -1,11 +1,13 @@
+import gzip
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 
-from meshforge.data.meshio import iter_mesh_files, load_collection, load_meshes
+from meshforge.data.meshio import iter_mesh_files, load_collection, load_meshes, scan_mesh_files
 from meshforge.data.synth import mesh_bytes, synth_mesh
 from meshforge.errors import InputError
 
@@ -64,13 +66,6 @@ def test_bad_files_raise_one_line_input_errors(tmp_path, name, content, problem)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
-def test_point_cloud_is_not_a_mesh(tmp_path):
-    path = tmp_path / "cloud.ply"
-    path.write_bytes(trimesh.PointCloud(np.random.default_rng(0).random((20, 3))).export(file_type="ply"))
-    with pytest.raises(InputError, match="empty mesh|no faces|not a surface mesh"):
-        load_meshes(path)
-
-
 def _pickle(path, obj):
     path.write_bytes(pickle.dumps(obj))
     return path
@@ -80,7 +75,7 @@ def test_meshgpt_collections(tmp_path):
     v, f = synth_mesh("lamp", 0, 0)
     layouts = {
         "list.pkl": [{"vertices": v, "faces": f, "name": "a"}, {"vertices": TET_V, "faces": TET_F}],
-        # MeshGPT's own layout: parallel lists, faces as ragged n-gons.
+        # Parallel lists, faces as ragged n-gons.
         "meshgpt.pkl": {"name": ["a", "quad"], "vertices": [v, QUAD], "faces": [f.tolist(), [[0, 1, 2, 3]]]},
         "single.pickle": {"vertices": TET_V, "faces": TET_F},
     }
@@ -134,3 +129,133 @@ def test_pickles_cannot_run_code(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="refusing to load"):
         load_meshes(path)
     assert not (tmp_path / "pwned").exists()
+
+
+# --- the datasets users already have ------------------------------------------------------------
+
+BOX_QUADS = [[0, 1, 3, 2], [4, 6, 7, 5], [0, 4, 5, 1], [2, 3, 7, 6], [0, 2, 6, 4], [1, 5, 7, 3]]
+BOX_V = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], float)
+
+
+def meshgpt_pickle(path):
+    """MeshGPT's processed_data.pkl layout: six keys, per-split parallel lists, n-gon face lists."""
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    cone = trimesh.creation.cone(radius=0.5, height=1.0, sections=8)
+    data = {
+        "name_train": ["03001627_aa01", "04379243_bb02", "09999999_cc03"],
+        "vertices_train": [BOX_V, np.asarray(sphere.vertices), np.asarray(cone.vertices)],
+        "faces_train": [BOX_QUADS, sphere.faces.tolist(), cone.faces.tolist()],
+        "name_val": ["03001627_dd04"],
+        "vertices_val": [BOX_V * [1, 2, 0.5]],
+        "faces_val": [BOX_QUADS],
+    }
+    path.write_bytes(pickle.dumps(data))
+    return path
+
+
+def test_meshgpt_processed_shapenet_keeps_split_and_synsets(tmp_path):
+    meshes, problems = load_collection(meshgpt_pickle(tmp_path / "processed_data.pkl"))
+    assert problems == []
+    assert [m.name for m in meshes] == [
+        "processed_data/03001627_aa01", "processed_data/04379243_bb02",
+        "processed_data/09999999_cc03", "processed_data/03001627_dd04",
+    ]
+    assert [m.split for m in meshes] == ["train", "train", "train", "val"]
+    assert [m.category for m in meshes] == ["03001627", "04379243", "09999999", "03001627"]
+    assert len(meshes[0].faces) == 12  # six quads, fanned into two triangles each
+
+
+def test_meshgpt_split_lists_of_different_lengths_are_an_error(tmp_path):
+    path = _pickle(tmp_path / "p.pkl", {"name_train": ["a", "b"], "vertices_train": [TET_V], "faces_train": [TET_F]})
+    with pytest.raises(InputError, match=r"name_train, vertices_train and faces_train differ in length \(2, 1, 1\)"):
+        load_meshes(path)
+
+
+def test_meshanything_npz_list(tmp_path):
+    items = np.empty(2, dtype=object)
+    items[:] = [{"vertices": TET_V, "faces": TET_F}, {"vertices": BOX_V, "faces": np.array(BOX_QUADS)}]
+    np.savez(tmp_path / "train.npz", npz_list=items)
+    meshes = load_meshes(tmp_path / "train.npz")
+    assert [len(m.faces) for m in meshes] == [4, 12]
+    assert all(m.split is None and m.category is None for m in meshes)
+
+
+# --- skip reasons ------------------------------------------------------------------------------
+
+
+def test_point_cloud_says_so(tmp_path):
+    path = tmp_path / "cloud.ply"
+    path.write_bytes(trimesh.PointCloud(np.random.default_rng(0).random((20, 3))).export(file_type="ply"))
+    with pytest.raises(InputError, match=r"cloud.ply: point cloud \(no faces\)$"):
+        load_meshes(path)
+
+
+def test_truncated_stl_says_so(tmp_path):
+    box = trimesh.creation.box()
+    binary = box.export(file_type="stl")
+    (tmp_path / "cut.stl").write_bytes(binary[: len(binary) // 2])
+    with pytest.raises(InputError, match=r"truncated STL: the header announces 12 triangles \(684 bytes\), the file has 342"):
+        load_meshes(tmp_path / "cut.stl")
+    (tmp_path / "head.stl").write_bytes(binary[:40])
+    with pytest.raises(InputError, match="truncated STL: 40 bytes, shorter than the 84-byte binary header"):
+        load_meshes(tmp_path / "head.stl")
+    text = box.export(file_type="stl_ascii")
+    (tmp_path / "cut_ascii.stl").write_text(text[: len(text) // 2])
+    with pytest.raises(InputError, match="truncated STL: ASCII file without its closing 'endsolid'"):
+        load_meshes(tmp_path / "cut_ascii.stl")
+    (tmp_path / "whole_ascii.stl").write_text(text)
+    assert len(load_meshes(tmp_path / "whole_ascii.stl")[0].faces) == 12
+
+
+def test_gzipped_meshes_and_collections_load_and_corrupt_gzip_says_so(tmp_path):
+    obj = trimesh.creation.box().export(file_type="obj").encode()
+    (tmp_path / "box.obj.gz").write_bytes(gzip.compress(obj))
+    (mesh,) = load_meshes(tmp_path / "box.obj.gz")
+    assert mesh.name == "box" and len(mesh.faces) == 12
+    (tmp_path / "set.pkl.gz").write_bytes(gzip.compress(pickle.dumps([{"vertices": TET_V, "faces": TET_F}])))
+    assert [m.name for m in load_meshes(tmp_path / "set.pkl.gz")] == ["set/000000"]
+    whole = gzip.compress(obj)
+    (tmp_path / "cut.obj.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match=r"cut.obj.gz: gzip data is corrupt/truncated \(EOFError"):
+        load_meshes(tmp_path / "cut.obj.gz")
+    (tmp_path / "junk.stl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(InputError, match="gzip data is corrupt/truncated"):
+        load_meshes(tmp_path / "junk.stl.gz")
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+
+def test_scan_records_what_it_cannot_read_and_survives_symlink_loops(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    tet = trimesh.Trimesh(TET_V, TET_F).export(file_type="obj")
+    (root / "sub" / "a.obj").write_text(tet)
+    (root / "b.obj.gz").write_bytes(gzip.compress(tet.encode()))
+    (root / "folder.obj").mkdir()
+    (root / "folder.obj" / "inner.obj").write_text(tet)
+    (root / "notes.txt.gz").write_bytes(gzip.compress(b"x"))
+    (root / "material.mtl").write_text("")
+    (root / "labels.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.obj").write_text(tet)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # read through the link
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a folder loop
+    (root / "x.obj").symlink_to(root / "y.obj")
+    (root / "y.obj").symlink_to(root / "x.obj")  # a file link loop
+    (root / "gone.ply").symlink_to(root / "missing.ply")
+    (root / ".hidden.obj").write_text(tet)
+
+    scan = scan_mesh_files(root)
+    found = [p.relative_to(root).as_posix() for p in scan.files]
+    assert found == ["b.obj.gz", "folder.obj/inner.obj", "linked/c.obj", "sub/a.obj"]
+    reasons = {Path(s.path).relative_to(root).as_posix(): s.reason for s in scan.skipped}
+    assert reasons == {
+        "folder.obj": "a folder named like a mesh file (its contents are scanned)",
+        "gone.ply": f"broken symlink (its target {root / 'missing.ply'} does not exist)",
+        "notes.txt.gz": "not a mesh file (unsupported type .txt.gz)",
+        "sub/up": f"symlink to a folder already scanned (a loop, or a second link to {root.resolve()})",
+        "x.obj": "symlink loop",
+        "y.obj": "symlink loop",
+    }
+    assert iter_mesh_files(root) == scan.files

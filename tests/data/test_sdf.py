@@ -295,3 +295,32 @@ def test_config_validation_and_stage(tmp_path, inputs):
     )
     summary = stage.run(cfg, RunContext(device="cpu"))
     assert summary["meshes"] == 1 and summary["skipped"] == 1
+
+
+def test_meshgpt_pickle_keeps_its_split_and_synset_labels(tmp_path):
+    from meshforge.data.latents import mesh_labels
+    from tests.data.test_meshio import meshgpt_pickle
+
+    root = tmp_path / "in"
+    root.mkdir()
+    meshgpt_pickle(root / "processed_data.pkl")
+    cfg = SdfConfig(input=root, out=tmp_path / "sdf", resolution=16, band=2.0, workers=1)
+    summary = voxelize_folder(cfg)
+    manifest = json.loads((tmp_path / "sdf" / "manifest.json").read_text())
+    assert (summary["meshes"], summary["train"], summary["val"]) == (4, 3, 1)
+    assert manifest["meshes"]["val"] == ["processed_data/03001627_dd04"]
+    assert manifest["synsets"] == {"03001627": "chair", "04379243": "table", "09999999": "09999999"}
+    assert manifest["classes"] == ["09999999", "chair", "table"]
+    labels = mesh_labels(SparseSDFDataset(tmp_path / "sdf", "train"))
+    assert labels["processed_data/04379243_bb02"] == "table" and labels["processed_data/03001627_dd04"] == "chair"
+    # Re-splitting by content hash moves files without voxelising anything again.
+    again = voxelize_folder(from_dict(SdfConfig, {**vars(cfg), "resplit": True}))
+    manifest = json.loads((tmp_path / "sdf" / "manifest.json").read_text())
+    assert again["computed"] == 0 and manifest["split_source"] == "content hash"
+    for split in ("train", "val"):
+        data = SparseSDFDataset(tmp_path / "sdf", split)
+        on_disk = sorted(f"processed_data/{p.stem}" for p in (tmp_path / "sdf" / split / "processed_data").glob("*.npz"))
+        assert on_disk == data.names
+    # The hash rule decides each mesh (one may move to val so that val is not empty).
+    train = SparseSDFDataset(tmp_path / "sdf", "train")
+    assert len(train) >= 3 and not any(is_val(split_key(*train.mesh(i)), 0.05) for i in range(len(train)))

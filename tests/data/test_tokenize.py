@@ -1,3 +1,4 @@
+import gzip
 import json
 import pickle
 import shutil
@@ -25,7 +26,7 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """16 good synth meshes in four formats, a MeshGPT pickle, broken files, a duplicate, a texture."""
+    """16 good synth meshes in four formats, a pickle of parallel lists, broken files, a duplicate, a texture."""
     root = tmp_path_factory.mktemp("mixed") / "in"
     generate(root, n=16, seed=0, formats=["obj", "ply", "stl", "off"])
     for rel, text in BROKEN.items():
@@ -171,3 +172,63 @@ def test_stages_run_through_the_plugin_protocol(tmp_path):
     )
     assert summary["meshes"] == 8 and summary["skipped"] == 0
     assert tokenize.positional == ("input",) and tokenize.outputs == ("out",) and synth.outputs == ("out",)
+
+
+def test_meshgpt_pickle_keeps_its_split_and_labels_by_synset(tmp_path):
+    from tests.data.test_meshio import meshgpt_pickle
+
+    root = tmp_path / "shapenet"
+    root.mkdir()
+    meshgpt_pickle(root / "processed_data.pkl")
+    summary = tokenize_folder(TokenizeConfig(input=root, out=tmp_path / "ds", workers=1))
+    assert (summary["meshes"], summary["train"], summary["val"], summary["skipped"]) == (4, 3, 1, 0)
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["synsets"] == {"03001627": "chair", "04379243": "table", "09999999": "09999999"}
+    assert manifest["classes"] == ["09999999", "chair", "table"]
+    assert manifest["split_source"] == "the source's own train/val split"
+    val = TokenDataset(tmp_path / "ds", "val")
+    assert val.names == ["processed_data/03001627_dd04"] and val.labels == ["chair"]
+    train = TokenDataset(tmp_path / "ds", "train")
+    assert dict(zip(train.names, train.labels)) == {
+        "processed_data/03001627_aa01": "chair",
+        "processed_data/04379243_bb02": "table",
+        "processed_data/09999999_cc03": "09999999",
+    }
+    # --resplit: the content hash decides (a val fraction of 0 puts everything in train).
+    tokenize_folder(TokenizeConfig(input=root, out=tmp_path / "re", workers=1, resplit=True, val_fraction=0))
+    assert len(TokenDataset(tmp_path / "re", "train")) == 4 and len(TokenDataset(tmp_path / "re", "val")) == 0
+
+
+def test_meshanything_npz_is_split_by_hash(tmp_path):
+    root = tmp_path / "ma"
+    root.mkdir()
+    shapes = [trimesh.creation.box(), trimesh.creation.icosphere(subdivisions=1), trimesh.creation.cone(0.5, 1, 8)]
+    items = np.empty(len(shapes), dtype=object)
+    items[:] = [{"vertices": np.asarray(m.vertices), "faces": np.asarray(m.faces)} for m in shapes]
+    np.savez(root / "train.npz", npz_list=items)
+    summary = tokenize_folder(TokenizeConfig(input=root, out=tmp_path / "ds", workers=1, val_fraction=0.3))
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert summary["meshes"] == 3 and summary["train"] >= 1 and summary["val"] >= 1
+    assert manifest["split_source"] == "content hash" and manifest["classes"] == [] and manifest["synsets"] == {}
+    val = TokenDataset(tmp_path / "ds", "val")
+    for i in range(len(val)):  # the hash rule, or the one mesh moved to fill val
+        assert is_val(split_key(*val.mesh(i)), 0.3) or summary["val"] == 1
+
+
+def test_tokenize_and_sdf_voxelize_find_and_skip_the_same_files(tmp_path):
+    from meshforge.data.sdf import SdfConfig, voxelize_folder
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "box.obj.gz").write_bytes(gzip.compress(trimesh.creation.box().export(file_type="obj").encode()))
+    (root / "cone.obj").write_text(trimesh.creation.cone(0.5, 1, 8).export(file_type="obj"))
+    (root / "notes.txt").write_text("not a mesh")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    tokens = tokenize_folder(TokenizeConfig(input=root, out=tmp_path / "tok", workers=1))
+    sdf = voxelize_folder(SdfConfig(input=root, out=tmp_path / "sdf", resolution=16, band=2.0, workers=1, device="cpu"))
+    skipped = {
+        name: sorted(s["path"] for s in json.loads((tmp_path / name / "manifest.json").read_text())["skipped"])
+        for name in ("tok", "sdf")
+    }
+    assert tokens["meshes"] == sdf["meshes"] == 2
+    assert skipped["tok"] == skipped["sdf"] == [str(root / "loop"), str(root / "notes.txt")]
