@@ -102,7 +102,12 @@ def discover_stages() -> LoadedStages:
             stage = ep.load()
             if not isinstance(stage, Stage):
                 raise TypeError(f"{ep.value} is a {type(stage).__name__}, not a meshforge Stage")
-        except Exception as exc:  # noqa: BLE001 - any import-time failure of a third-party plugin
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as exc:  # a plugin calling sys.exit at import must not end the whole CLI
+            failures[ep.name] = f"called sys.exit({exc.code!r}) at import"
+            continue
+        except BaseException as exc:  # noqa: BLE001 - any import-time failure of a third-party plugin
             failures[ep.name] = f"{type(exc).__name__}: {exc}"
             continue
         if stage.name != ep.name:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from meshforge.config import field_types, from_dict, load_yaml, parse_override, set_path
@@ -176,6 +177,11 @@ def stages_command() -> None:
 _VERBOSE = [False]
 
 
+def _error(message: str) -> None:
+    """One line on stderr, however long (a wrapped message would read as several errors)."""
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def build_app() -> typer.Typer:
     """A fresh app with the built-in commands and every stage found through entry points."""
     app = typer.Typer(
@@ -207,22 +213,27 @@ def main(argv: list[str] | None = None) -> int:
     except MeshforgeError as exc:
         if _VERBOSE[0]:
             console.print_exception()
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         return 130
     except typer.Exit as exc:
         return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - click usage errors and bugs alike end as one line
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+    except typer.Abort:
+        console.print("[red]aborted[/red]")
+        return 1
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         if _VERBOSE[0]:
             console.print_exception()
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run with -v for the traceback)", highlight=False)
+        command = getattr(getattr(exc, "ctx", None), "command_path", None)
+        hint = f" (see {command} --help)" if command else ""
+        _error(f"{exc.format_message()}{hint}")
+        return getattr(exc, "exit_code", 2)
+    except Exception as exc:  # noqa: BLE001 - a bug still ends as one line; -v shows where
+        if _VERBOSE[0]:
+            console.print_exception()
+        _error(f"{type(exc).__name__}: {exc} (run with -v for the traceback)")
         return 2
     return 0
 

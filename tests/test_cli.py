@@ -71,3 +71,52 @@ def test_unknown_device_is_a_clear_error():
 
     with pytest.raises(MeshforgeError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tokenize", "--bogus"], "error: No such option: --bogus"),
+        (["synth", "--n", "abc"], "error: Invalid value for '--n'"),
+        (["no-such-command"], "error: No such command 'no-such-command'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_nonzero(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert main([*argv, "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_error_handling_needs_no_click(tmp_path):
+    """typer 0.29 vendors its click core: the CLI must not import the `click` distribution anywhere."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "sys.modules['click'] = None  # any `import click` now raises ImportError\n"
+        "from meshforge_plugins.cli import main\n"
+        "codes = [main(a) for a in (['tokenize', '--bogus'], ['synth', '--n', 'abc'], ['eval', '--metric', 'x'])]\n"
+        "print(codes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[2, 2, 1]"  # usage errors 2, a config error 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), done.stderr
+
+
+def test_a_plugin_that_exits_at_import_leaves_the_cli_working(tmp_path, monkeypatch, capsys):
+    from tests.plugin_fixture import install_exiting_plugins
+
+    install_exiting_plugins(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert main(["--help"]) == 0
+    finally:
+        for name in ("mf_exits", "mf_base"):
+            sys.modules.pop(name, None)
+    out, err = capsys.readouterr()
+    assert " tokenize " in out
+    assert "plugin stage 'exits' failed to load (called sys.exit(3) at import)" in err
