@@ -46,10 +46,13 @@ class Stage:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     field_help: dict[str, str] = field(default_factory=dict)
+    # Fields the CLI fills from the workspace convention (:mod:`meshforge.workspace`) when the user
+    # leaves them out, in this order; each function gets the options known so far.
+    workspace: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(self.config)}
-        for group in (self.positional, self.inputs, self.outputs):
+        for group in (self.positional, self.inputs, self.outputs, tuple(self.workspace)):
             for name in group:
                 if name not in names:
                     raise ValueError(f"stage {self.name}: {name!r} is not a field of {self.config.__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshforge import workspace
 from meshforge.stages import RunContext, Stage
 from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.distributed import in_worker
@@ -25,6 +26,11 @@ stage = Stage(
     run=run,
     inputs=("data", "vae"),
     outputs=("out",),
+    workspace={
+        "data": lambda o: workspace.newest_dataset("sdf"),
+        "vae": lambda o: workspace.newest_run("ss-vae"),
+        "out": lambda o: workspace.training_out("ss-dit", o),
+    },
     field_help={
         **TRAIN_FIELD_HELP,
         "data": "Latent dataset, or a sparse SDF dataset to encode with --vae first.",

@@ -100,7 +100,8 @@ def test_error_handling_needs_no_click(tmp_path):
         "codes = [main(a) for a in (['tokenize', '--bogus'], ['synth', '--n', 'abc'], ['eval', '--metric', 'x'])]\n"
         "print(codes)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[2, 2, 1]"  # usage errors 2, a config error 1
     lines = done.stderr.strip().splitlines()

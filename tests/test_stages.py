@@ -1,7 +1,6 @@
 import sys
 
 from meshforge.stages import discover_stages
-
 from tests.plugin_fixture import install_exiting_plugins
 
 

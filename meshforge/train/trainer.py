@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from meshforge.config import save_config, to_dict
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json
-from meshforge.runtime import console, make_progress, progress_enabled, resolve_device, seed_everything
+from meshforge.runtime import console, make_progress, progress_enabled, seed_everything
 from meshforge.stages import RunContext
 from meshforge.train import distributed
 from meshforge.train.checkpoint import (
@@ -428,8 +428,13 @@ def run_training_stage(
     """
     out_dir = Path(cfg.out)  # type: ignore[attr-defined]
     if cfg.gpus > 1 and not distributed.in_worker():
-        if resolve_device(ctx.device).type == "cuda" and torch.cuda.device_count() < cfg.gpus:
-            raise MeshforgeError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} GPUs are visible")
+        # CPU processes only when asked for by name: on a machine without enough GPUs, "auto" would
+        # otherwise start N slow CPU workers of a GPU-sized model without a word.
+        if ctx.device != "cpu" and torch.cuda.device_count() < cfg.gpus:
+            raise MeshforgeError(
+                f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices are visible "
+                f"(for {cfg.gpus} CPU processes pass --device cpu)"
+            )
         launch_file = out_dir / "launch.yaml"
         save_config(cfg, launch_file)
         args = [stage, "--config", str(launch_file), "--device", ctx.device, "--seed", str(ctx.seed)]

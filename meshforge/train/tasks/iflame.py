@@ -58,6 +58,14 @@ class TrainIFlameConfig(TrainOptions):
             raise ValueError("eval_meshes must be >= 0, eval_batch_size and length_groups >= 1")
 
 
+def checkpoint_max_faces(meta: dict[str, Any]) -> int:
+    """Faces per mesh an iFlame checkpoint handles: what it was trained on (``--max-faces``), within
+    its ``max_seq_len`` (which also holds the END face)."""
+    capacity = int(meta["model_config"]["max_seq_len"]) // TOKENS_PER_FACE - 1
+    trained = (meta.get("task_config") or {}).get("max_faces")
+    return min(capacity, int(trained)) if trained else capacity
+
+
 class IFlameTask:
     name = "iflame"
 
