@@ -148,6 +148,16 @@ def _resolve_references(value: Any, done: dict[str, Step], where: str) -> Any:
     return value
 
 
+def _key_named(message: str, options: dict[str, Any]) -> str:
+    """The option a config error is about: its ``key:`` prefix, or else (a range check of
+    ``__post_init__``, prefixed by the class name) the first option the message names."""
+    head = message.split(":", 1)[0].split(".")[0].split("[")[0]
+    if head in options:
+        return head
+    named = [(m.start(), key) for key in options if (m := re.search(rf"\b{re.escape(key)}\b", message))]
+    return min(named)[1] if named else head
+
+
 def resolve(recipe: Recipe, run_dir: Path, device: str | None = None) -> None:
     """Type every step's config, resolve references and paths, and check every input exists."""
     done: dict[str, Step] = {}
@@ -166,11 +176,13 @@ def resolve(recipe: Recipe, run_dir: Path, device: str | None = None) -> None:
         try:
             step.config = from_dict(step.stage.config, with_context_defaults(step.stage, options, ctx))
         except ConfigError as exc:
-            key = str(exc).split(":", 1)[0].split(".")[0].split("[")[0]
+            key = _key_named(str(exc), options)
+            # "step.key: problem", or for a range check "step: ClassName: problem" -> "step: problem"
+            what = f"{step.id}.{exc}" if str(exc).startswith(key) else f"{step.id}: {str(exc).split(': ', 1)[-1]}"
             if key in step.overridden:
-                raise ConfigError(f"--set {step.overridden[key]}: {step.id}.{exc}") from None
+                raise ConfigError(f"--set {step.overridden[key]}: {what}") from None
             line = step.option_lines.get(key, step.line)
-            raise ConfigError(f"{recipe.path}:{line}: {step.id}.{exc}") from None
+            raise ConfigError(f"{recipe.path}:{line}: {what}") from None
         for name in step.stage.inputs:
             value = getattr(step.config, name)
             if value is None:

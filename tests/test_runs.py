@@ -122,3 +122,10 @@ def test_shipped_recipes_validate(path, tmp_path):
     recipe = load_recipe(path)
     resolve(recipe, tmp_path, device="cpu")
     assert all(step.config is not None for step in recipe.steps)
+
+
+def test_a_range_error_names_the_line_of_its_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"steps:\n  - stage: tokenize\n    input: {tmp_path}\n    out: tokens\n    bits: 99\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:5: tokenize: bits must be in \[2, 14\], got 99"):
+        resolve(load_recipe(recipe), tmp_path / "run")
