@@ -15,6 +15,7 @@ and trains on its own contiguous slice of it, so 1 and N processes follow the sa
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,14 +50,25 @@ def in_worker() -> bool:
 
 def launch(nproc: int, module: str, args: list[str]) -> None:
     """Run ``python -m module *args`` as ``nproc`` workers on this node; returns when all have finished."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    # The rendezvous logs a dozen INFO lines per launch wherever the root logger lets INFO through.
+    torch_logger = logging.getLogger("torch.distributed")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.WARNING)
     try:
         torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", module, *args])
+    except SignalException:
+        # torchrun has forwarded the signal to the workers and waited for them (rank 0 saves a
+        # checkpoint on the way out: see meshforge.train.trainer); to the user this is a Ctrl-C.
+        raise KeyboardInterrupt from None
     except ChildFailedError as exc:
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in exc.failures.items())
         raise MeshforgeError(f"training worker failed ({failures}); its error is printed above") from None
+    finally:
+        torch_logger.setLevel(level)
 
 
 def setup(device: str) -> tuple[DistEnv, torch.device]:

@@ -69,3 +69,37 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monke
     assert np.allclose([l for _, l, _ in one], [l for _, l, _ in two], rtol=0, atol=1e-5)
     assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=1e-6)
     assert (tmp_path / "ddp" / "checkpoints" / "latest").read_text().strip() == "step_0000012"
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_launcher_checkpoints_the_data_parallel_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from meshforge.train.checkpoint import latest_checkpoint, load_state
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp"
+    script = ("import sys\nfrom meshforge.train.distributed import launch\n"
+              f"try:\n    launch(2, 'tests.train.ddp_worker', [{str(out)!r}, 'adamw', '100000'])\n"
+              "except KeyboardInterrupt:\n    sys.exit(130)\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(out) is None:  # the first periodic checkpoint (step 10)
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGINT)
+        output = launcher.communicate(timeout=60)[0]
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 130, output
+    assert "interrupted: saved" in output
+    saved = load_state(latest_checkpoint(out))["step"]
+    # Saved on the way out, not just the last periodic checkpoint (every 10 steps).
+    assert saved >= 10 and f"step_{saved:07d}" in output.split("interrupted: saved", 1)[1]
