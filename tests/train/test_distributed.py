@@ -66,8 +66,21 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monke
 
     one, two = curve("one"), curve("ddp")
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == list(range(1, 13))
-    assert np.allclose([l for _, l, _ in one], [l for _, l, _ in two], rtol=0, atol=1e-5)
-    assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=1e-6)
+    loss_one, loss_two = np.array([l for _, l, _ in one]), np.array([l for _, l, _ in two])
+    # The gradients differ only by fp32 summation order (one batch vs two halves all-reduced), ~1e-7
+    # relative. AdamW keeps that in fp32: 1e-5 absolute covers it. Muon orthogonalises in bf16
+    # (unit roundoff u = 2**-8): a last-bit gradient difference can round an element of the
+    # Newton-Schulz input the other way, which its bf16 iterations spread, so the two runs' updates
+    # agree only to about u relative. Step t's loss has moved by the sum of the previous updates'
+    # effects, |L_s+1 - L_s| each, so to first order the curves can drift apart by u times that sum.
+    atol = np.full(len(loss_one), 1e-5)
+    if optimizer == "muon":
+        atol[1:] += 2.0**-8 * np.cumsum(np.abs(np.diff(loss_one)))
+    assert (np.abs(loss_one - loss_two) <= atol).all(), (loss_one - loss_two, atol)
+    # Accuracy counts argmax hits: Muon's drift may flip one token's argmax, 1/40 at most (a batch
+    # holds 8 sequences of at least 5 targets).
+    acc_atol = 1e-6 + (1 / 40 if optimizer == "muon" else 0)
+    assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=acc_atol)
     assert (tmp_path / "ddp" / "checkpoints" / "latest").read_text().strip() == "step_0000012"
 
 
