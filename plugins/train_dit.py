@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshforge import workspace
+from meshforge.data.latents import is_latent_dataset
 from meshforge.stages import RunContext, Stage
 from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.distributed import in_worker
@@ -28,7 +29,8 @@ stage = Stage(
     outputs=("out",),
     workspace={
         "data": lambda o: workspace.newest_dataset("sdf"),
-        "vae": lambda o: workspace.newest_run("ss-vae"),
+        # A latent dataset names its VAE; an SDF dataset is encoded with the newest one.
+        "vae": lambda o: None if is_latent_dataset(o["data"]) else workspace.newest_run("ss-vae"),
         "out": lambda o: workspace.training_out("ss-dit", o),
     },
     field_help={

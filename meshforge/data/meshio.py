@@ -21,8 +21,12 @@ Supported inputs
 from __future__ import annotations
 
 import io
+import logging
 import pickle
+import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,21 @@ def load_meshes(path: Path) -> list[RawMesh]:
     raise InputError(path, f"unsupported file type {suffix or '(none)'!r}")
 
 
+@contextmanager
+def _quiet_trimesh() -> Iterator[None]:
+    """trimesh logs a full traceback for a texture it cannot open (``unable to load image``) and
+    warns about other materials; geometry is all meshforge reads, so those are noise to the user."""
+    logger = logging.getLogger("trimesh")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_mesh_file(path: Path) -> RawMesh:
     import trimesh  # heavy import (~0.3 s); only loaders need it
 
@@ -98,7 +117,8 @@ def load_mesh_file(path: Path) -> RawMesh:
     try:
         # process=False: trimesh's own merging/cleaning would be redone (and differ) in
         # canonicalisation; force="mesh" flattens scenes with their transforms applied.
-        loaded = trimesh.load(path, force="mesh", process=False)
+        with _quiet_trimesh():
+            loaded = trimesh.load(path, force="mesh", process=False)
     except Exception as exc:  # noqa: BLE001  (trimesh raises anything from IndexError to KeyError)
         raise InputError(path, f"unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(loaded, trimesh.Trimesh):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,18 @@ def global_batch(
     by_length = np.argsort(-np.asarray(lengths)[indices], kind="stable").reshape(groups, batch_size)
     rows = by_length[np.random.default_rng([seed, group, 1]).permutation(groups)[slot]]
     return indices[rows], epochs[rows]
+
+
+def check_train_size(num_items: int, batch_size: int, data: Path | str) -> None:
+    """A training split must hold at least one global batch: a larger batch only repeats items
+    within a step, which costs memory (far beyond the device's, for a typo like 1600) and teaches nothing."""
+    if num_items == 0:
+        raise MeshforgeError(f"{data}: the train split is empty")
+    if batch_size > num_items:
+        raise MeshforgeError(
+            f"--batch-size {batch_size} is more than the {num_items} training items of {data}: "
+            f"pass --batch-size {num_items} or less"
+        )
 
 
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from meshforge.data.meshio import iter_mesh_files, load_collection, load_meshes
+from meshforge.data.meshio import iter_mesh_files, load_collection, load_mesh_file, load_meshes
 from meshforge.data.synth import mesh_bytes, synth_mesh
 from meshforge.errors import InputError
 
@@ -134,3 +134,16 @@ def test_pickles_cannot_run_code(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="refusing to load"):
         load_meshes(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_missing_texture_loads_the_geometry_without_trimesh_noise(tmp_path, capfd):
+    path = tmp_path / "textured.ply"
+    path.write_text(
+        "ply\nformat ascii 1.0\ncomment TextureFile missing.png\nelement vertex 3\nproperty float x\n"
+        "property float y\nproperty float z\nproperty float s\nproperty float t\nelement face 1\n"
+        "property list uchar int vertex_indices\nend_header\n0 0 0 0 0\n1 0 0 1 0\n0 1 0 0 1\n3 0 1 2\n"
+    )
+    mesh = load_mesh_file(path)
+    assert mesh.faces.tolist() == [[0, 1, 2]]
+    err = capfd.readouterr().err
+    assert "unable to load image" not in err and "Traceback" not in err, err

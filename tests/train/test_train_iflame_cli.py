@@ -106,3 +106,10 @@ def test_eval_and_sample_fit_the_checkpoint(tokens, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {eight} holds 8-bit tokens (vocabulary 259) but checkpoint" in err
     assert "was trained on a vocabulary of 131" in err and err.count("\n") == 1
+
+
+def test_a_batch_larger_than_the_training_split_is_one_line(tokens, tmp_path, capsys):
+    assert main(train_args(tokens, tmp_path / "run", 2, "--batch-size", "1600")) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --batch-size 1600 is more than the 7 training items of {tokens}: "
+                        "pass --batch-size 7 or less\n"), err
