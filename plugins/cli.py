@@ -99,14 +99,14 @@ def _ordered_fields(stage: Stage) -> list[dataclasses.Field]:
     return sorted(dataclasses.fields(stage.config), key=rank)
 
 
-def config_reference(cls: type, field_help: dict[str, str], prefix: str = "") -> list[tuple[str, str, str, str]]:
+def _config_reference(cls: type, field_help: dict[str, str], prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(name, type, default, help) of every field of ``cls``, nested sections flattened as ``section.key``."""
     rows = []
     types_ = field_types(cls)
     for f in dataclasses.fields(cls):
         tp, name = types_[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
-            rows += config_reference(tp, field_help, prefix=f"{name}.")
+            rows += _config_reference(tp, field_help, prefix=f"{name}.")
             continue
         default = _default(f)
         shown = "(required)" if default is dataclasses.MISSING else _show(default)
@@ -118,7 +118,7 @@ def _help_config_option(stage: Stage) -> inspect.Parameter:
     def show(value: bool) -> None:
         if not value:
             return
-        rows = [("option", "type", "default", "help"), *config_reference(stage.config, stage.field_help)]
+        rows = [("option", "type", "default", "help"), *_config_reference(stage.config, stage.field_help)]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         typer.echo(f"{stage.name}: every option, as --NAME (top level), --set NAME=VALUE or a --config mapping\n")
         for row in rows:
@@ -280,7 +280,6 @@ def build_app() -> typer.Typer:
     app = typer.Typer(
         name="meshforge",
         help="Fast, reproducible 3D mesh generation: iFlame and Direct3D-S2, train and sample.",
-        no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
@@ -299,7 +298,7 @@ def build_app() -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # bare `meshforge`: the overview
     _VERBOSE[0] = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in argv)
     try:
         build_app()(args=argv, prog_name="meshforge", standalone_mode=False)

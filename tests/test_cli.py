@@ -121,3 +121,31 @@ def test_a_plugin_that_exits_at_import_leaves_the_cli_working(tmp_path, monkeypa
     out, err = capsys.readouterr()
     assert " tokenize " in out
     assert "plugin stage 'exits' failed to load (called sys.exit(3) at import)" in err
+
+
+def test_help_puts_paths_first_and_shows_defaults_as_typed(capsys):
+    assert main(["train-iflame", "--help"]) == 0
+    out = capsys.readouterr().out
+    listing = out.split("Options:", 1)[1]
+    options = [line.split()[0] for line in listing.splitlines() if line.startswith("  --")]
+    assert options[:2] == ["--data", "--out"], options  # before the ~20 trainer knobs
+    flat = " ".join(out.split())
+    assert "[default: 0.9,0.95]" in flat and "--adam-betas FLOAT,FLOAT" in flat and "--optimizer muon|adamw" in flat
+    assert "default: (" not in flat and "<" not in flat and "(required)" not in flat
+    assert "--set KEY=VALUE" in flat and "--help-config" in flat
+    assert main(["sample", "--help"]) == 0
+    assert "[default: obj]" in " ".join(capsys.readouterr().out.split())
+    assert main(["tokenize", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "INPUT" in out and "--bits INT" in out
+
+
+def test_help_config_lists_nested_model_fields():
+    from meshforge_plugins.cli import build_app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(build_app(), ["train-iflame", "--help-config"])
+    assert result.exit_code == 0
+    rows = {line.split()[0]: line.split()[1:3] for line in result.output.splitlines()[2:] if line.strip()}
+    assert rows["model.dim"] == ["INT", "512"] and rows["model.blocks"] == ["INT,...", "4,4,8,4,4"]
+    assert rows["data"] == ["PATH", "(required)"] and rows["adam_betas"] == ["FLOAT,FLOAT", "0.9,0.95"]
