@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from meshforge.config import field_types, from_dict, load_yaml, parse_override, set_path
-from meshforge.errors import MeshforgeError
+from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.runtime import console
 from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
 
@@ -198,6 +198,9 @@ def build_config(
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)
+    for name in stage.positional:
+        if data.get(name) is None:
+            raise ConfigError(f"missing argument {name.upper()} (see meshforge {stage.name} --help)")
     for name, pick in stage.workspace.items():
         if data.get(name) is None:
             data[name] = pick(data)

@@ -16,7 +16,8 @@ def run(cfg: TrainIFlameConfig, ctx: RunContext) -> dict:
 stage = Stage(
     name="train-iflame",
     help="Train iFlame (hourglass transformer over face tokens) on a token dataset; --gpus N for DDP.\n\n"
-    "Model sizes go in the nested model section: --set model.dim=256, or a `model:` mapping in --config. "
+    "Model sizes go in the nested model section: --set model.dim=256, or a `model:` mapping in --config "
+    "(--help-config lists its fields). "
     "Multi-node: torchrun --nnodes 2 --node-rank R --nproc-per-node 4 --rdzv-backend c10d "
     "--rdzv-endpoint HOST:29500 -m meshforge_plugins.cli train-iflame --data D --out O",
     config=TrainIFlameConfig,

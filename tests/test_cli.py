@@ -149,3 +149,8 @@ def test_help_config_lists_nested_model_fields():
     rows = {line.split()[0]: line.split()[1:3] for line in result.output.splitlines()[2:] if line.strip()}
     assert rows["model.dim"] == ["INT", "512"] and rows["model.blocks"] == ["INT,...", "4,4,8,4,4"]
     assert rows["data"] == ["PATH", "(required)"] and rows["adam_betas"] == ["FLOAT,FLOAT", "0.9,0.95"]
+
+
+def test_a_missing_positional_argument_is_named(capsys):
+    assert main(["tokenize"]) == 1
+    assert capsys.readouterr().err == "error: missing argument INPUT (see meshforge tokenize --help)\n"
