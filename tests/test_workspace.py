@@ -90,6 +90,9 @@ def test_the_design_card_lines_resolve_their_inputs(cwd, capsys):
     assert (sample.checkpoint, sample.out, sample.n) == (Path("runs/iflame-1"), Path("runs/iflame-1/samples"), 16)
     scored = resolve({"metric": "face-acc"}, "eval")
     assert (scored.checkpoint, scored.data) == (Path("runs/iflame-1"), Path("meshforge-data/tokens/shapenet"))
+    generative = resolve({"metric": "cov-mmd-1nna"}, "eval")
+    assert (generative.checkpoint, generative.samples, generative.data) == (
+        None, Path("runs/iflame-1/samples"), Path("meshforge-data/tokens/shapenet"))
     err = capsys.readouterr().err
     assert "train-iflame: --data meshforge-data/tokens/shapenet (workspace default)" in err
     assert "sample: --checkpoint runs/iflame-1 (workspace default)" in err
