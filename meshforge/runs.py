@@ -26,10 +26,15 @@ with the package (``meshforge.recipes``), so ``meshforge run quickstart`` works 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
+import os
 import platform
 import re
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,6 +49,7 @@ from meshforge.runtime import console
 from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\}")
+LOCK_FILE = "run.lock"
 RECIPE_KEYS = {"seed", "device", "steps", "name", "description"}
 RECIPE_SUFFIX = ".yaml"
 
@@ -189,6 +195,16 @@ def _resolve_references(value: Any, done: dict[str, Step], where: str) -> Any:
     return value
 
 
+def _key_named(message: str, options: dict[str, Any]) -> str:
+    """The option a config error is about: its ``key:`` prefix, or else (a range check of
+    ``__post_init__``, prefixed by the class name) the first option the message names."""
+    head = message.split(":", 1)[0].split(".")[0].split("[")[0]
+    if head in options:
+        return head
+    named = [(m.start(), key) for key in options if (m := re.search(rf"\b{re.escape(key)}\b", message))]
+    return min(named)[1] if named else head
+
+
 def resolve(recipe: Recipe, run_dir: Path, device: str | None = None) -> None:
     """Type every step's config, resolve references and paths, and check every input exists."""
     done: dict[str, Step] = {}
@@ -207,11 +223,13 @@ def resolve(recipe: Recipe, run_dir: Path, device: str | None = None) -> None:
         try:
             step.config = from_dict(step.stage.config, with_context_defaults(step.stage, options, ctx))
         except ConfigError as exc:
-            key = str(exc).split(":", 1)[0].split(".")[0].split("[")[0]
+            key = _key_named(str(exc), options)
+            # "step.key: problem", or for a range check "step: ClassName: problem" -> "step: problem"
+            what = f"{step.id}.{exc}" if str(exc).startswith(key) else f"{step.id}: {str(exc).split(': ', 1)[-1]}"
             if key in step.overridden:
-                raise ConfigError(f"--set {step.overridden[key]}: {step.id}.{exc}") from None
+                raise ConfigError(f"--set {step.overridden[key]}: {what}") from None
             line = step.option_lines.get(key, step.line)
-            raise ConfigError(f"{recipe.path}:{line}: {step.id}.{exc}") from None
+            raise ConfigError(f"{recipe.path}:{line}: {what}") from None
         for name in step.stage.inputs:
             value = getattr(step.config, name)
             if value is None:
@@ -261,11 +279,41 @@ def _up_to_date(manifest: dict[str, Any], cfg_hash: str, inputs: dict[str, str],
 
 def run_recipe(recipe: Recipe, run_dir: Path, force: bool = False, device: str | None = None) -> list[dict[str, Any]]:
     """Run every step of a validated recipe in ``run_dir``; returns one summary row per step."""
-    import json
-
     run_dir = Path(run_dir).resolve()
     ctx_device = device or recipe.device
     resolve(recipe, run_dir, ctx_device)
+    with run_lock(run_dir):
+        return _run_steps(recipe, run_dir, force, ctx_device)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One ``meshforge run`` per run folder at a time: a second fails at once, naming the holder.
+
+    An ``flock`` on ``RUN_DIR/run.lock``: the kernel releases it when its process ends, however it
+    ends, so a lock left by a dead run is simply taken over. The file (only the holder's pid, for
+    the message) is written in place: it is never an output, and the lock, not its content, counts.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise MeshforgeError(
+                f"{path}: run folder in use by process {holder} (another `meshforge run`); "
+                "wait for it to finish or pass another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_steps(recipe: Recipe, run_dir: Path, force: bool, ctx_device: str) -> list[dict[str, Any]]:
     resolved = {
         "recipe": str(recipe.path),
         "seed": recipe.seed,

@@ -46,10 +46,13 @@ class Stage:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     field_help: dict[str, str] = field(default_factory=dict)
+    # Fields the CLI fills from the workspace convention (:mod:`meshforge.workspace`) when the user
+    # leaves them out, in this order; each function gets the options known so far.
+    workspace: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(self.config)}
-        for group in (self.positional, self.inputs, self.outputs):
+        for group in (self.positional, self.inputs, self.outputs, tuple(self.workspace)):
             for name in group:
                 if name not in names:
                     raise ValueError(f"stage {self.name}: {name!r} is not a field of {self.config.__name__}")
@@ -102,7 +105,12 @@ def discover_stages() -> LoadedStages:
             stage = ep.load()
             if not isinstance(stage, Stage):
                 raise TypeError(f"{ep.value} is a {type(stage).__name__}, not a meshforge Stage")
-        except Exception as exc:  # noqa: BLE001 - any import-time failure of a third-party plugin
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as exc:  # a plugin calling sys.exit at import must not end the whole CLI
+            failures[ep.name] = f"called sys.exit({exc.code!r}) at import"
+            continue
+        except BaseException as exc:  # noqa: BLE001 - any import-time failure of a third-party plugin
             failures[ep.name] = f"{type(exc).__name__}: {exc}"
             continue
         if stage.name != ep.name:

@@ -8,12 +8,32 @@ from typing import Any, Literal
 
 import torch
 
+from meshforge import workspace
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_write_json
 from meshforge.runtime import resolve_device
 from meshforge.stages import RunContext, Stage
 
 TOKEN_METRICS = {"face-acc": "face_acc", "perplexity": "perplexity"}
+# The checkpoint kind a metric scores (cov-mmd-1nna scores samples instead).
+METRIC_KIND = {"face-acc": "iflame", "perplexity": "iflame", "recon": "ss-vae"}
+
+
+def _default_checkpoint(options: dict) -> Path | None:
+    kind = METRIC_KIND.get(options.get("metric"))
+    return workspace.newest_run(kind) if kind else None
+
+
+def _default_samples(options: dict) -> Path | None:
+    if options.get("metric") != "cov-mmd-1nna":
+        return None
+    return workspace.run_samples(workspace.newest_run("iflame", "ss-dit"))
+
+
+def _default_data(options: dict) -> Path | None:
+    if options.get("checkpoint") is not None:
+        return workspace.run_dataset(options["checkpoint"])
+    return workspace.samples_dataset(options["samples"]) if options.get("samples") is not None else None
 
 
 @dataclass
@@ -45,6 +65,7 @@ def _token_metrics(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     from meshforge.data.tokens import TOKENS_PER_FACE
     from meshforge.metrics.tokens import token_metrics
     from meshforge.train.checkpoint import load_model
+    from meshforge.train.tasks.iflame import checkpoint_max_faces
 
     kind, model, meta = load_model(cfg.checkpoint, device)
     if kind != "iflame":
@@ -52,10 +73,22 @@ def _token_metrics(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     dataset = TokenDataset(cfg.data, cfg.split)
     if len(dataset) == 0:
         raise MeshforgeError(f"{cfg.data}: the {cfg.split} split is empty")
+    if dataset.vocab.size != model.config.vocab_size:
+        raise MeshforgeError(
+            f"{cfg.data} holds {dataset.vocab.bits}-bit tokens (vocabulary {dataset.vocab.size}) but checkpoint "
+            f"{meta['path']} was trained on a vocabulary of {model.config.vocab_size}: tokenize with its --bits"
+        )
+    capacity = model.config.max_seq_len // TOKENS_PER_FACE - 1
+    if cfg.max_faces is not None and cfg.max_faces > capacity:
+        raise MeshforgeError(
+            f"--max-faces {cfg.max_faces} is more than checkpoint {meta['path']} handles "
+            f"({capacity} faces in max_seq_len {model.config.max_seq_len})"
+        )
+    max_faces = cfg.max_faces or checkpoint_max_faces(meta)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    max_len = TOKENS_PER_FACE * (cfg.max_faces + 1) if cfg.max_faces else None
+    max_len = TOKENS_PER_FACE * (max_faces + 1)
     result = token_metrics(model, dataset, batch_size=cfg.batch_size, max_meshes=cfg.n, max_len=max_len, autocast=amp)
-    return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"]}
+    return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"], "max_faces": max_faces}
 
 
 def _library(module: str, function: str, metric: str) -> Any:
@@ -103,16 +136,20 @@ stage = Stage(
     run=run,
     inputs=("data", "checkpoint", "samples"),
     outputs=("out",),
+    workspace={"checkpoint": _default_checkpoint, "samples": _default_samples, "data": _default_data},
     field_help={
         "metric": "face-acc/perplexity: teacher-forced over non-PAD val tokens; recon: Chamfer, F-score, "
         "normal consistency; cov-mmd-1nna: COV, MMD, 1-NNA of samples against the split.",
-        "data": "Dataset folder (tokens for face-acc/perplexity, sparse SDF for recon, tokens or SDF for cov-mmd-1nna).",
-        "checkpoint": "Checkpoint: a run folder, its checkpoints folder or a step folder.",
-        "samples": "Folder of sampled meshes (cov-mmd-1nna).",
+        "data": "Dataset folder (tokens for face-acc/perplexity, sparse SDF for recon, tokens or SDF for cov-mmd-1nna; "
+        "default: the dataset the checkpoint was trained on).",
+        "checkpoint": "Checkpoint: a run folder, its checkpoints folder or a step folder "
+        "(default: the newest run of the metric's model under ./runs).",
+        "samples": "Folder of sampled meshes (cov-mmd-1nna; default: the newest run's samples/).",
         "out": "JSON file to write the result to.",
         "split": "Dataset split to evaluate on.",
         "n": "Evaluate on the first N meshes of the split (default: all).",
-        "max_faces": "face-acc/perplexity: score only the first N faces of each mesh (as train-iflame --max-faces).",
+        "max_faces": "face-acc/perplexity: score only the first N faces of each mesh, as train-iflame --max-faces "
+        "(default: what the checkpoint was trained on).",
         "batch_size": "Meshes per forward pass.",
     },
 )

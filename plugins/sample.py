@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from meshforge.runtime import resolve_device
+from meshforge import workspace
+from meshforge.runtime import console, resolve_device
+from meshforge.sample.export import GRID
 from meshforge.sample.run import SampleStageConfig, sample_to_dir
 from meshforge.stages import RunContext, Stage
 
 
 def run(cfg: SampleStageConfig, ctx: RunContext) -> dict:
-    return sample_to_dir(cfg, resolve_device(ctx.device), seed=ctx.seed)
+    stats = sample_to_dir(cfg, resolve_device(ctx.device), seed=ctx.seed)
+    console.print(
+        f"sampled {stats['count']} meshes ({stats['valid']} valid, {stats['watertight']} watertight) "
+        f"into {cfg.out}; grid: {cfg.out / GRID}", highlight=False, soft_wrap=True,
+    )
+    return stats
 
 
 stage = Stage(
@@ -18,16 +25,21 @@ stage = Stage(
     run=run,
     inputs=("checkpoint", "image"),
     outputs=("out",),
+    workspace={
+        "checkpoint": lambda o: workspace.newest_run("iflame", "ss-dit"),
+        "out": lambda o: workspace.run_samples(o["checkpoint"]),
+    },
     field_help={
-        "checkpoint": "Checkpoint: a run folder, its checkpoints folder or a step folder.",
-        "out": "Folder for sample_000.obj ..., grid.png and stats.json.",
+        "checkpoint": "Checkpoint: a run folder, its checkpoints folder or a step folder "
+        "(default: the newest iFlame or SS-DiT run under ./runs).",
+        "out": "Folder for sample_000.obj ..., grid.png and stats.json (default: RUN/samples).",
         "n": "Number of meshes to sample.",
         "batch_size": "Meshes sampled at once.",
         "formats": "Mesh file formats to write (obj, ply, glb).",
         "temperature": "iFlame: softmax temperature (0: greedy).",
         "top_k": "iFlame: sample among the k most likely tokens (default: all).",
         "top_p": "iFlame: nucleus sampling mass (default: no truncation).",
-        "max_faces": "iFlame: stop a mesh after this many faces.",
+        "max_faces": "iFlame: stop a mesh after this many faces (default: what the checkpoint was trained on).",
         "cuda_graphs": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging).",
         "steps": "SS-DiT: ODE integration steps.",
         "cfg_scale": "SS-DiT: classifier-free guidance scale (conditional models).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshforge import workspace
 from meshforge.data.sdf import SdfConfig, voxelize_folder
 from meshforge.stages import RunContext, Stage
 
@@ -18,6 +19,7 @@ stage = Stage(
     positional=("input",),
     inputs=("input",),
     outputs=("out",),
+    workspace={"out": lambda o: o.get("input") and workspace.default_dataset_out("sdf", o["input"])},
     field_help={
         "input": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf (or .gz), MeshGPT/MeshAnything pkl/npz.",
         "out": "Dataset folder to write (an unfinished one with the same settings is resumed).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshforge import workspace
 from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
 from meshforge.stages import RunContext, Stage
 
@@ -18,9 +19,10 @@ stage = Stage(
     positional=("input",),
     inputs=("input",),
     outputs=("out",),
+    workspace={"out": lambda o: o.get("input") and workspace.default_dataset_out("tokens", o["input"])},
     field_help={
         "input": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf (or .gz), MeshGPT/MeshAnything pkl/npz.",
-        "out": "Dataset folder to write.",
+        "out": "Dataset folder to write (default: ./meshforge-data/tokens/NAME, NAME the input folder's name).",
         "bits": "Quantisation bits per coordinate (vocabulary 2**bits + 3).",
         "max_faces": "Skip meshes with more faces after canonicalisation.",
         "val_fraction": "Fraction of meshes (by content hash) in the val split, for sources without their own.",

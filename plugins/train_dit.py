@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from meshforge import workspace
+from meshforge.data.latents import is_latent_dataset
 from meshforge.stages import RunContext, Stage
 from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.distributed import in_worker
@@ -25,6 +27,12 @@ stage = Stage(
     run=run,
     inputs=("data", "vae"),
     outputs=("out",),
+    workspace={
+        "data": lambda o: workspace.newest_dataset("sdf"),
+        # A latent dataset names its VAE; an SDF dataset is encoded with the newest one.
+        "vae": lambda o: None if is_latent_dataset(o["data"]) else workspace.newest_run("ss-vae"),
+        "out": lambda o: workspace.training_out("ss-dit", o),
+    },
     field_help={
         **TRAIN_FIELD_HELP,
         "data": "Latent dataset, or a sparse SDF dataset to encode with --vae first.",

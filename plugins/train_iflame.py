@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshforge import workspace
 from meshforge.stages import RunContext, Stage
 from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.tasks.iflame import IFlameTask, TrainIFlameConfig
@@ -15,17 +16,23 @@ def run(cfg: TrainIFlameConfig, ctx: RunContext) -> dict:
 stage = Stage(
     name="train-iflame",
     help="Train iFlame (hourglass transformer over face tokens) on a token dataset; --gpus N for DDP.\n\n"
-    "Model sizes go in the nested model section: --set model.dim=256, or a `model:` mapping in --config. "
+    "Model sizes go in the nested model section: --set model.dim=256, or a `model:` mapping in --config "
+    "(--help-config lists its fields). "
     "Multi-node: torchrun --nnodes 2 --node-rank R --nproc-per-node 4 --rdzv-backend c10d "
     "--rdzv-endpoint HOST:29500 -m meshforge_plugins.cli train-iflame --data D --out O",
     config=TrainIFlameConfig,
     run=run,
     inputs=("data",),
     outputs=("out",),
+    workspace={
+        "data": lambda o: workspace.newest_dataset("tokens"),
+        "out": lambda o: workspace.training_out("iflame", o),
+    },
     field_help={
         **TRAIN_FIELD_HELP,
-        "data": "Token dataset folder (from `meshforge tokenize`).",
-        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json.",
+        "data": "Token dataset folder (from `meshforge tokenize`; default: the newest under ./meshforge-data/tokens).",
+        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json "
+        "(default: the next free ./runs/iflame-N; with --resume the newest iFlame run).",
         "resume": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run).",
         "augment": "Random per-axis scale/shift at load time (the dataset's ranges).",
         "max_faces": "Train on at most this many leading faces of each mesh.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshforge import workspace
 from meshforge.stages import RunContext, Stage
 from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
@@ -21,6 +22,10 @@ stage = Stage(
     run=run,
     inputs=("data",),
     outputs=("out",),
+    workspace={
+        "data": lambda o: workspace.newest_dataset("sdf"),
+        "out": lambda o: workspace.training_out("ss-vae", o),
+    },
     field_help={
         **TRAIN_FIELD_HELP,
         "data": "Sparse SDF dataset folder (from `meshforge sdf-voxelize`).",

@@ -51,3 +51,13 @@ def install_fake_plugin(root: Path) -> None:
     (info / "entry_points.txt").write_text(
         "[meshforge.stages]\necho = mf_echo:stage\nbroken = mf_echo_missing:stage\n"
     )
+
+
+def install_exiting_plugins(root: Path) -> None:
+    """Two plugins whose import ends the process if not contained: ``sys.exit(3)`` and a bare BaseException."""
+    (root / "mf_exits.py").write_text("import sys\nsys.exit(3)\n")
+    (root / "mf_base.py").write_text("class Boom(BaseException):\n    pass\n\nraise Boom('not an Exception')\n")
+    info = root / "mf_exits-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mf-exits\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[meshforge.stages]\nexits = mf_exits:stage\nbase = mf_base:stage\n")

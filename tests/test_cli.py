@@ -81,3 +81,86 @@ def test_recipes_lists_the_builtin_recipes_and_run_takes_their_names(tmp_path, m
     assert main(["run", "no-such-recipe", "--out", str(tmp_path / "run")]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "error: no-such-recipe: no such recipe file" in err and "quickstart" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tokenize", "--bogus"], "error: No such option: --bogus"),
+        (["synth", "--n", "abc"], "error: Invalid value for '--n'"),
+        (["no-such-command"], "error: No such command 'no-such-command'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_nonzero(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert main([*argv, "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_error_handling_needs_no_click(tmp_path):
+    """typer 0.29 vendors its click core: the CLI must not import the `click` distribution anywhere."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "sys.modules['click'] = None  # any `import click` now raises ImportError\n"
+        "from meshforge_plugins.cli import main\n"
+        "codes = [main(a) for a in (['tokenize', '--bogus'], ['synth', '--n', 'abc'], ['eval', '--metric', 'x'])]\n"
+        "print(codes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[2, 2, 1]"  # usage errors 2, a config error 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), done.stderr
+
+
+def test_a_plugin_that_exits_at_import_leaves_the_cli_working(tmp_path, monkeypatch, capsys):
+    from tests.plugin_fixture import install_exiting_plugins
+
+    install_exiting_plugins(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert main(["--help"]) == 0
+    finally:
+        for name in ("mf_exits", "mf_base"):
+            sys.modules.pop(name, None)
+    out, err = capsys.readouterr()
+    assert " tokenize " in out
+    assert "plugin stage 'exits' failed to load (called sys.exit(3) at import)" in err
+
+
+def test_help_puts_paths_first_and_shows_defaults_as_typed(capsys):
+    assert main(["train-iflame", "--help"]) == 0
+    out = capsys.readouterr().out
+    listing = out.split("Options:", 1)[1]
+    options = [line.split()[0] for line in listing.splitlines() if line.startswith("  --")]
+    assert options[:2] == ["--data", "--out"], options  # before the ~20 trainer knobs
+    flat = " ".join(out.split())
+    assert "[default: 0.9,0.95]" in flat and "--adam-betas FLOAT,FLOAT" in flat and "--optimizer muon|adamw" in flat
+    assert "default: (" not in flat and "<" not in flat and "(required)" not in flat
+    assert "--set KEY=VALUE" in flat and "--help-config" in flat
+    assert main(["sample", "--help"]) == 0
+    assert "[default: obj]" in " ".join(capsys.readouterr().out.split())
+    assert main(["tokenize", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "INPUT" in out and "--bits INT" in out
+
+
+def test_help_config_lists_nested_model_fields():
+    from meshforge_plugins.cli import build_app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(build_app(), ["train-iflame", "--help-config"])
+    assert result.exit_code == 0
+    rows = {line.split()[0]: line.split()[1:3] for line in result.output.splitlines()[2:] if line.strip()}
+    assert rows["model.dim"] == ["INT", "512"] and rows["model.blocks"] == ["INT,...", "4,4,8,4,4"]
+    assert rows["data"] == ["PATH", "(required)"] and rows["adam_betas"] == ["FLOAT,FLOAT", "0.9,0.95"]
+
+
+def test_a_missing_positional_argument_is_named(capsys):
+    assert main(["tokenize"]) == 1
+    assert capsys.readouterr().err == "error: missing argument INPUT (see meshforge tokenize --help)\n"

@@ -136,3 +136,31 @@ def test_builtin_recipes_resolve_by_name(tmp_path, monkeypatch):
     # A path with folders is a file the user means, never a name.
     with pytest.raises(ConfigError, match="elsewhere/quickstart.yaml: no such recipe file"):
         resolve_recipe("elsewhere/quickstart.yaml")
+
+
+def test_a_range_error_names_the_line_of_its_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"steps:\n  - stage: tokenize\n    input: {tmp_path}\n    out: tokens\n    bits: 99\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:5: tokenize: bits must be in \[2, 14\], got 99"):
+        resolve(load_recipe(recipe), tmp_path / "run")
+
+
+def test_a_second_run_into_the_same_folder_fails_naming_the_lock(recipe, tmp_path):
+    import os
+    import subprocess
+
+    from meshforge.runs import run_lock
+
+    run_dir = tmp_path / "run"
+    held = rf"{run_dir / 'run.lock'}: run folder in use by process {os.getpid()}"
+    with run_lock(run_dir), pytest.raises(MeshforgeError, match=held):
+        run_recipe(load_recipe(recipe), run_dir)
+    assert not (run_dir / "first.txt").exists()
+    # A lock whose holder was killed is free again (the kernel dropped it), whatever the file still says.
+    script = (f"import os, sys\nfrom pathlib import Path\nsys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+              f"from meshforge.runs import run_lock\nrun_lock(Path({str(run_dir)!r})).__enter__()\n"
+              "os.kill(os.getpid(), 9)\n")
+    killed = subprocess.run([sys.executable, "-c", script], check=False)
+    assert killed.returncode == -9 and (run_dir / "run.lock").read_text().strip().isdigit()
+    rows = run_recipe(load_recipe(recipe), run_dir)
+    assert [r["status"] for r in rows] == ["done", "done"]

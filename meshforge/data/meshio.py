@@ -32,11 +32,13 @@ import contextlib
 import errno
 import gzip
 import io
+import logging
 import os
 import pickle
 import re
 import stat
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -203,6 +205,21 @@ def load_meshes(path: Path) -> list[RawMesh]:
     raise InputError(path, f"unsupported file type {suffix or '(none)'!r}")
 
 
+@contextlib.contextmanager
+def _quiet_trimesh() -> Iterator[None]:
+    """trimesh logs a full traceback for a texture it cannot open (``unable to load image``) and
+    warns about other materials; geometry is all meshforge reads, so those are noise to the user."""
+    logger = logging.getLogger("trimesh")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise InputError(path, "no such file")
@@ -258,7 +275,8 @@ def _load_scene(source: Path | IO[bytes], file_type: str) -> Any:
     # process=False: trimesh's own merging/cleaning would be redone (and differ) in canonicalisation.
     # force="scene" (not load_scene, which trimesh 4 before 4.6 lacks) keeps every geometry apart, so
     # point clouds and paths can be told from meshes before flattening.
-    return trimesh.load(source, file_type=file_type, force="scene", process=False)
+    with _quiet_trimesh():
+        return trimesh.load(source, file_type=file_type, force="scene", process=False)
 
 
 def load_mesh_file(path: Path) -> RawMesh:

@@ -38,7 +38,7 @@ class SampleStageConfig:
     temperature: float = 1.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
-    max_faces: int = 800
+    max_faces: int | None = None  # None: what the checkpoint was trained on
     cuda_graphs: bool = True
     # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
     steps: int = 30
@@ -54,7 +54,7 @@ class SampleStageConfig:
         if bad or not self.formats:
             raise ValueError(f"formats must be among {', '.join(FORMATS)} (got {self.formats})")
         check_shaping(self.temperature, self.top_k, self.top_p)
-        if self.max_faces < 1 or self.steps < 1:
+        if (self.max_faces is not None and self.max_faces < 1) or self.steps < 1:
             raise ValueError("max_faces and steps must be at least 1")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
@@ -88,12 +88,13 @@ def sample_iflame(
     if cfg.image is not None or cfg.class_label is not None:
         raise MeshforgeError("iFlame checkpoints are unconditional: drop --image / --class-label")
     from meshforge.sample.iflame import SampleConfig, sample_tokens
+    from meshforge.train.tasks.iflame import checkpoint_max_faces
 
     vocab = vocab_of(meta)
     options = SampleConfig(
         n=cfg.n,
         batch_size=cfg.batch_size,
-        max_faces=cfg.max_faces,
+        max_faces=cfg.max_faces or checkpoint_max_faces(meta),
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,

@@ -80,7 +80,8 @@ TRAIN_FIELD_HELP = {
     "eval_every": "Evaluate on the val split every N steps (0: only at the end).",
     "compile": "torch.compile the model.",
     "precision": "auto: bf16 autocast on CUDA, fp32 on CPU.",
-    "gpus": "Processes on this node (GPUs, or CPU processes with --device cpu), launched by torchrun.",
+    "gpus": "Processes on this node, one per GPU, launched by torchrun; needs that many CUDA devices "
+    "unless --device cpu is given (then CPU processes over gloo).",
     "time_limit_min": "Stop after this many minutes of training, as at the last step (checkpoint, evaluation, "
     "curves); --resume continues the schedule. 0: no limit.",
     "profile_steps": "Profile this many steps (after 10 warm-up steps) on every rank: OUT/profile/ holds each rank's "

@@ -15,8 +15,10 @@ and trains on its own contiguous slice of it, so 1 and N processes follow the sa
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,14 +51,25 @@ def in_worker() -> bool:
 
 def launch(nproc: int, module: str, args: list[str]) -> None:
     """Run ``python -m module *args`` as ``nproc`` workers on this node; returns when all have finished."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    # The rendezvous logs a dozen INFO lines per launch wherever the root logger lets INFO through.
+    torch_logger = logging.getLogger("torch.distributed")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.WARNING)
     try:
         torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", module, *args])
+    except SignalException:
+        # torchrun has forwarded the signal to the workers and waited for them (rank 0 saves a
+        # checkpoint on the way out: see meshforge.train.trainer); to the user this is a Ctrl-C.
+        raise KeyboardInterrupt from None
     except ChildFailedError as exc:
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in exc.failures.items())
         raise MeshforgeError(f"training worker failed ({failures}); its error is printed above") from None
+    finally:
+        torch_logger.setLevel(level)
 
 
 def setup(device: str) -> tuple[DistEnv, torch.device]:
@@ -157,6 +170,18 @@ def global_batch(
     by_length = np.argsort(-np.asarray(lengths)[indices], kind="stable").reshape(groups, batch_size)
     rows = by_length[np.random.default_rng([seed, group, 1]).permutation(groups)[slot]]
     return indices[rows], epochs[rows]
+
+
+def check_train_size(num_items: int, batch_size: int, data: Path | str) -> None:
+    """A training split must hold at least one global batch: a larger batch only repeats items
+    within a step, which costs memory (far beyond the device's, for a typo like 1600) and teaches nothing."""
+    if num_items == 0:
+        raise MeshforgeError(f"{data}: the train split is empty")
+    if batch_size > num_items:
+        raise MeshforgeError(
+            f"--batch-size {batch_size} is more than the {num_items} training items of {data}: "
+            f"pass --batch-size {num_items} or less"
+        )
 
 
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:

@@ -15,10 +15,11 @@ import json
 import math
 import queue
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from meshforge.config import save_config, to_dict
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json, remove_stale_temporaries
-from meshforge.runtime import console, make_progress, progress_enabled, resolve_device, seed_everything
+from meshforge.runtime import console, make_progress, progress_enabled, seed_everything
 from meshforge.stages import RunContext
 from meshforge.train import distributed
 from meshforge.train.checkpoint import (
@@ -54,6 +55,7 @@ CURVES_PNG = "curves.png"
 SUMMARY_JSON = "summary.json"
 TOKENS_KEY = "tokens"  # a metric summed over ranks and reported as tokens/s
 OUT_OF_TIME = "_out_of_time"  # rides along with the metrics' reduction; never logged
+STOP_ASKED = "_stop_asked"  # likewise: some rank got SIGINT/SIGTERM (data-parallel runs)
 
 
 class TrainTask(Protocol):
@@ -183,6 +185,7 @@ class _Run:
         self.model = task.build_model().to(device)
         self.optimizers = build_optimizers(self.model, cfg)
         self.step = 0
+        self.stop_asked = False  # set by a signal handler under DDP, acted on at the next step's sync
         self.last_saved: Path | None = None
         self.last_row: dict[str, float] = {}
         self.val: dict[str, float] = {}
@@ -266,6 +269,7 @@ class _Run:
         amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
+        interrupted = False
         deadline = time.perf_counter() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
         with closing(batches), closing(profiler), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
@@ -283,10 +287,12 @@ class _Run:
                     # non-finite loss or gradient never reaches the weights (or a checkpoint).
                     # The clock is averaged like a metric, so every rank takes the same decision to stop.
                     launched = time.perf_counter()
-                    values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm, OUT_OF_TIME: launched > deadline})
+                    values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm,
+                                           OUT_OF_TIME: launched > deadline, STOP_ASKED: self.stop_asked})
                     if self.device.type == "cuda":  # on a CPU the host does the work: nothing to wait for
                         window.add_sync_wait(time.perf_counter() - launched)
                 out_of_time = values.pop(OUT_OF_TIME) > 0
+                interrupted = values.pop(STOP_ASKED) > 0
                 if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                     self._stop_non_finite(values, log)
                 with profiler.phase("optimizer"):
@@ -296,7 +302,7 @@ class _Run:
                 profiler.step()
                 self.step += 1
                 window.add(values)
-                last = self.step == cfg.steps or out_of_time
+                last = self.step == cfg.steps or out_of_time or interrupted
                 if out_of_time and self.step < cfg.steps and env.is_main:
                     console.print(f"time limit of {cfg.time_limit_min:g} min reached at step {self.step}/{cfg.steps}: "
                                   "stopping here (--resume continues)")
@@ -326,6 +332,10 @@ class _Run:
                 if last:
                     break
         self.profile = profiler.summary
+        if interrupted:
+            if env.is_main:
+                console.print(f"interrupted: saved {self.last_saved}; continue with --resume", soft_wrap=True)
+            raise KeyboardInterrupt
 
     def _reduce(self, values: dict[str, Any]) -> dict[str, float]:
         """Means over ranks (sums for ``tokens``) as Python floats."""
@@ -345,6 +355,25 @@ class _Run:
             f"non-finite {what} ({value}) at step {self.step + 1}: "
             f"training stopped before updating the weights; {kept} (try a lower --lr or check the data, then --resume)"
         )
+
+
+@contextmanager
+def _stop_on_signals(run: _Run) -> Iterator[None]:
+    """Under DDP, SIGINT/SIGTERM (which the launcher forwards to every worker on Ctrl-C) ask for a
+    stop instead of interrupting: the ranks agree at the next step's reduction, save the checkpoint
+    together and then raise KeyboardInterrupt. A second signal interrupts at once."""
+
+    def ask(signum: int, frame: Any) -> None:
+        if run.stop_asked:
+            raise KeyboardInterrupt
+        run.stop_asked = True
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto", resume: bool = False) -> dict[str, Any]:
@@ -377,6 +406,13 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
                 shutil.rmtree(step_dir, ignore_errors=True)
         if previous is not None:
             run.restore(previous)
+            if run.step > cfg.steps:
+                raise MeshforgeError(
+                    f"{previous} is at step {run.step}, past --steps {cfg.steps}: pass --steps above {run.step} "
+                    "to train on, or leave out --resume to start afresh"
+                )
+            if run.step == cfg.steps and env.is_main:
+                console.print(f"{previous} is already at --steps {cfg.steps}: nothing to train (raise --steps to go on)")
         else:
             if env.is_main and not resume and any(checkpoints.glob("step_*")):
                 console.print(f"[yellow]starting afresh in {out_dir}: removing its earlier checkpoints "
@@ -394,13 +430,14 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
             log = MetricsLog(out_dir / METRICS_CSV, keep_until_step=run.step)
         start_step, start = run.step, time.perf_counter()
         try:
-            run.run(log)
+            with _stop_on_signals(run) if env.active else nullcontext():
+                run.run(log)
         except KeyboardInterrupt:
-            # One process can checkpoint on its own; under DDP saving is a collective and the
-            # other ranks may already be gone, so there the last periodic checkpoint stands.
+            # One process checkpoints here on its own; under DDP saving is a collective, so there
+            # the signal handler lets every rank finish its step and save together (see _stop_on_signals).
             if not env.active and run.step > start_step and (run.last_saved is None or run.last_saved.name != step_name(run.step)):
                 run.save()
-                console.print(f"interrupted: saved {run.last_saved}; continue with --resume")
+                console.print(f"interrupted: saved {run.last_saved}; continue with --resume", soft_wrap=True)
             raise
         finally:
             if log is not None:
@@ -439,8 +476,13 @@ def run_training_stage(
     """
     out_dir = Path(cfg.out)  # type: ignore[attr-defined]
     if cfg.gpus > 1 and not distributed.in_worker():
-        if resolve_device(ctx.device).type == "cuda" and torch.cuda.device_count() < cfg.gpus:
-            raise MeshforgeError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} GPUs are visible")
+        # CPU processes only when asked for by name: on a machine without enough GPUs, "auto" would
+        # otherwise start N slow CPU workers of a GPU-sized model without a word.
+        if ctx.device != "cpu" and torch.cuda.device_count() < cfg.gpus:
+            raise MeshforgeError(
+                f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices are visible "
+                f"(for {cfg.gpus} CPU processes pass --device cpu)"
+            )
         launch_file = out_dir / "launch.yaml"
         save_config(cfg, launch_file)
         args = [stage, "--config", str(launch_file), "--device", ctx.device, "--seed", str(ctx.seed)]

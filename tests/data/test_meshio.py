@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import trimesh
 
-from meshforge.data.meshio import iter_mesh_files, load_collection, load_meshes, scan_mesh_files
+from meshforge.data.meshio import (
+    iter_mesh_files,
+    load_collection,
+    load_mesh_file,
+    load_meshes,
+    scan_mesh_files,
+)
 from meshforge.data.synth import mesh_bytes, synth_mesh
 from meshforge.errors import InputError
 
@@ -259,3 +265,16 @@ def test_scan_records_what_it_cannot_read_and_survives_symlink_loops(tmp_path):
         "y.obj": "symlink loop",
     }
     assert iter_mesh_files(root) == scan.files
+
+
+def test_a_missing_texture_loads_the_geometry_without_trimesh_noise(tmp_path, capfd):
+    path = tmp_path / "textured.ply"
+    path.write_text(
+        "ply\nformat ascii 1.0\ncomment TextureFile missing.png\nelement vertex 3\nproperty float x\n"
+        "property float y\nproperty float z\nproperty float s\nproperty float t\nelement face 1\n"
+        "property list uchar int vertex_indices\nend_header\n0 0 0 0 0\n1 0 0 1 0\n0 1 0 0 1\n3 0 1 2\n"
+    )
+    mesh = load_mesh_file(path)
+    assert mesh.faces.tolist() == [[0, 1, 2]]
+    err = capfd.readouterr().err
+    assert "unable to load image" not in err and "Traceback" not in err, err

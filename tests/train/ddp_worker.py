@@ -1,4 +1,4 @@
-"""One worker of the 2-process data-parallel test: ``python -m tests.train.ddp_worker OUT OPTIMIZER``."""
+"""One worker of the 2-process data-parallel tests: ``python -m tests.train.ddp_worker OUT OPTIMIZER [STEPS]``."""
 
 import sys
 from pathlib import Path
@@ -11,4 +11,5 @@ from tests.train.toy import ToyTask, toy_config
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, optimizer = Path(sys.argv[1]), sys.argv[2]
-    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer), out, device="cpu")
+    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 12
+    train(ToyTask(batch_size=8), toy_config(steps=steps, optimizer=optimizer), out, device="cpu")

@@ -66,6 +66,53 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monke
 
     one, two = curve("one"), curve("ddp")
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == list(range(1, 13))
-    assert np.allclose([l for _, l, _ in one], [l for _, l, _ in two], rtol=0, atol=1e-5)
-    assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=1e-6)
+    loss_one, loss_two = np.array([l for _, l, _ in one]), np.array([l for _, l, _ in two])
+    # The gradients differ only by fp32 summation order (one batch vs two halves all-reduced), ~1e-7
+    # relative. AdamW keeps that in fp32: 1e-5 absolute covers it. Muon orthogonalises in bf16
+    # (unit roundoff u = 2**-8): a last-bit gradient difference can round an element of the
+    # Newton-Schulz input the other way, which its bf16 iterations spread, so the two runs' updates
+    # agree only to about u relative. Step t's loss has moved by the sum of the previous updates'
+    # effects, |L_s+1 - L_s| each, so to first order the curves can drift apart by u times that sum.
+    atol = np.full(len(loss_one), 1e-5)
+    if optimizer == "muon":
+        atol[1:] += 2.0**-8 * np.cumsum(np.abs(np.diff(loss_one)))
+    assert (np.abs(loss_one - loss_two) <= atol).all(), (loss_one - loss_two, atol)
+    # Accuracy counts argmax hits: Muon's drift may flip one token's argmax, 1/40 at most (a batch
+    # holds 8 sequences of at least 5 targets).
+    acc_atol = 1e-6 + (1 / 40 if optimizer == "muon" else 0)
+    assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=acc_atol)
     assert (tmp_path / "ddp" / "checkpoints" / "latest").read_text().strip() == "step_0000012"
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_launcher_checkpoints_the_data_parallel_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from meshforge.train.checkpoint import latest_checkpoint, load_state
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp"
+    script = ("import sys\nfrom meshforge.train.distributed import launch\n"
+              f"try:\n    launch(2, 'tests.train.ddp_worker', [{str(out)!r}, 'adamw', '100000'])\n"
+              "except KeyboardInterrupt:\n    sys.exit(130)\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(out) is None:  # the first periodic checkpoint (step 10)
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGINT)
+        output = launcher.communicate(timeout=60)[0]
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 130, output
+    assert "interrupted: saved" in output
+    saved = load_state(latest_checkpoint(out))["step"]
+    # Saved on the way out, not just the last periodic checkpoint (every 10 steps).
+    assert saved >= 10 and f"step_{saved:07d}" in output.split("interrupted: saved", 1)[1]

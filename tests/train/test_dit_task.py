@@ -18,7 +18,7 @@ from meshforge.models.ss_dit import LatentFlow, flow_loss_terms
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
 from meshforge.train.checkpoint import load_model, save_checkpoint
 from meshforge.train.config import TrainConfig
-from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig
+from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
 from meshforge.train.tasks.vae import batch_tensor, collate
 from meshforge.train.trainer import train
 
@@ -141,9 +141,12 @@ def test_image_conditioning_with_dinov2_needs_a_local_checkpoint(data, tmp_path)
         task(data, tmp_path, cond={**IMAGE_COND, "encoder": "dinov2", "encoder_checkpoint": str(missing)})
 
 
-def test_sdf_data_needs_a_vae_to_encode(data, tmp_path, capsys):
+def test_sdf_data_needs_a_vae_to_encode(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty workspace: no VAE run to take by default
     assert main(["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--out", str(tmp_path / "run")]) != 0
-    assert "is a sparse SDF dataset: pass --vae" in capsys.readouterr().err.replace("\n", "")
+    assert capsys.readouterr().err == "error: no ss-vae checkpoint under ./runs: run `meshforge train-vae` first\n"
+    with pytest.raises(ConfigError, match="is a sparse SDF dataset: pass --vae"):
+        prepare_data(DiTTaskConfig(data=data / "sdf", out=tmp_path / "run"), "cpu", 0)
 
 
 def test_train_dit_from_sdf_data_then_sample_from_an_image(data, tmp_path):

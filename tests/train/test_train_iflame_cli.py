@@ -71,3 +71,45 @@ def test_two_processes_match_one(tokens, tmp_path, monkeypatch):
     assert main(train_args(tokens, tmp_path / "two", 4, "--optimizer", "adamw", "--gpus", "2")) == 0
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+
+
+def test_gpus_beyond_the_visible_cuda_devices_is_one_line(tokens, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    args = ["train-iflame", "--data", str(tokens), "--out", str(tmp_path / "run"), "--gpus", "2"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --gpus 2 but only {torch.cuda.device_count()} CUDA devices are visible "
+                        "(for 2 CPU processes pass --device cpu)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_sample_fit_the_checkpoint(tokens, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tokens, out, 2, "--max-faces", "4")) == 0  # few faces: sampling stays quick
+    # No --max-faces: both take the 4 faces the model was trained on, not a default it cannot hold.
+    assert main(["--device", "cpu", "eval", "--metric", "face-acc", "--checkpoint", str(out), "--n", "2",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["max_faces"] == 4
+    assert main(["--device", "cpu", "sample", "--checkpoint", str(out), "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["count"] == 2 and stats["faces_max"] <= 4
+    assert f"sampled 2 meshes ({stats['valid']} valid" in capsys.readouterr().err
+    # A dataset of another vocabulary is refused up front, naming both.
+    eight = tmp_path / "tokens8"
+    tokenize_folder(TokenizeConfig(input=tokens.parent / "synth", out=eight, bits=8, max_faces=100, val_fraction=0.25,
+                                   workers=1))
+    capsys.readouterr()
+    assert main(["--device", "cpu", "eval", "--metric", "face-acc", "--checkpoint", str(out), "--data", str(eight)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {eight} holds 8-bit tokens (vocabulary 259) but checkpoint" in err
+    assert "was trained on a vocabulary of 131" in err and err.count("\n") == 1
+
+
+def test_a_batch_larger_than_the_training_split_is_one_line(tokens, tmp_path, capsys):
+    assert main(train_args(tokens, tmp_path / "run", 2, "--batch-size", "1600")) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --batch-size 1600 is more than the 7 training items of {tokens}: "
+                        "pass --batch-size 7 or less\n"), err

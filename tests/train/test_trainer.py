@@ -122,3 +122,14 @@ def test_log_rows_report_the_share_of_time_spent_waiting_at_the_sync():
     window.add_sync_wait(1.0)
     row = window.row(batch_size=2, lr=0.1)
     assert 0.45 < row["sync_wait_frac"] <= 0.5 and row["loss"] == 1.0
+
+
+def test_resume_below_the_checkpoint_step_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(ToyTask(batch_size=8), toy_config(steps=4, eval_every=0, checkpoint_every=2), out, device="cpu")
+    with pytest.raises(MeshforgeError, match=r"step_0000004 is at step 4, past --steps 2: pass --steps above 4"):
+        train(ToyTask(batch_size=8), toy_config(steps=2), out, device="cpu", resume=True)
+    capsys.readouterr()
+    summary = train(ToyTask(batch_size=8), toy_config(steps=4), out, device="cpu", resume=True)
+    assert summary["last_step"] == 4
+    assert "is already at --steps 4: nothing to train" in capsys.readouterr().err

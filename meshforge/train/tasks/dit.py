@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from meshforge.data.latents import LatentDataset, LatentItem, encode_dataset, is_latent_dataset
-from meshforge.errors import ConfigError, InputError, MeshforgeError
+from meshforge.errors import ConfigError, InputError
 from meshforge.models.conditioning import CONDITIONERS, read_encoder_checkpoint, vit_config_from_state
 from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, flow_loss_terms, logit_normal_timesteps
 from meshforge.runtime import console, resolve_device
 from meshforge.train.checkpoint import register_model, resolve_checkpoint
 from meshforge.train.config import TrainOptions
-from meshforge.train.distributed import global_batch, global_mean, rank_slice
+from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
 from meshforge.train.trainer import to_device
 
 register_model("ss-dit", LatentFlowConfig, LatentFlow)
@@ -116,8 +116,7 @@ class DiTTask:
         self.config = cfg
         self.train_set = LatentDataset(cfg.data, "train")
         self.val_set = LatentDataset(cfg.data, "val")
-        if len(self.train_set) == 0:
-            raise MeshforgeError(f"{cfg.data}: the train split is empty")
+        check_train_size(len(self.train_set), cfg.batch_size, cfg.data)
         manifest = self.train_set.manifest
         vae = resolve_checkpoint(cfg.vae) if cfg.vae is not None else Path(manifest["vae_checkpoint"])
         if cfg.vae is not None and vae.resolve() != Path(manifest["vae_checkpoint"]).resolve():

@@ -27,7 +27,7 @@ from meshforge.metrics.tokens import token_metrics
 from meshforge.models.iflame import IFlame, IFlameConfig
 from meshforge.train.checkpoint import register_model
 from meshforge.train.config import TrainOptions
-from meshforge.train.distributed import global_batch, global_mean, rank_slice
+from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
 
 register_model("iflame", IFlameConfig, IFlame)
 
@@ -58,6 +58,14 @@ class TrainIFlameConfig(TrainOptions):
             raise ValueError("eval_meshes must be >= 0, eval_batch_size and length_groups >= 1")
 
 
+def checkpoint_max_faces(meta: dict[str, Any]) -> int:
+    """Faces per mesh an iFlame checkpoint handles: what it was trained on (``--max-faces``), within
+    its ``max_seq_len`` (which also holds the END face)."""
+    capacity = int(meta["model_config"]["max_seq_len"]) // TOKENS_PER_FACE - 1
+    trained = (meta.get("task_config") or {}).get("max_faces")
+    return min(capacity, int(trained)) if trained else capacity
+
+
 class IFlameTask:
     name = "iflame"
 
@@ -66,6 +74,7 @@ class IFlameTask:
         manifest = read_manifest(cfg.data)
         self.augment = Augment(**manifest["augment"]) if cfg.augment else None
         self.val_set = TokenDataset(cfg.data, "val")
+        check_train_size(len(TokenDataset(cfg.data, "train")), cfg.batch_size, cfg.data)
         self.vocab = self.val_set.vocab
         if cfg.model.vocab_size != self.vocab.size:
             raise ConfigError(

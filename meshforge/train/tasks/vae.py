@@ -30,7 +30,7 @@ from meshforge.models.ss_vae import SSVAE, SSVAEConfig, loss_terms
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.checkpoint import register_model
 from meshforge.train.config import TrainOptions
-from meshforge.train.distributed import global_batch, global_mean, rank_slice
+from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
 from meshforge.train.trainer import to_device
 
 register_model("ss-vae", SSVAEConfig, SSVAE)
@@ -104,8 +104,7 @@ class VAETask:
         self.config = cfg
         self.train_set = SparseSDFDataset(cfg.data, "train")
         self.val_set = SparseSDFDataset(cfg.data, "val")
-        if len(self.train_set) == 0:
-            raise MeshforgeError(f"{cfg.data}: the train split is empty")
+        check_train_size(len(self.train_set), cfg.batch_size, cfg.data)
         self.band = float(self.train_set.band)
         data_resolution = int(self.train_set.resolution)
         self.resolutions = list(cfg.resolutions or [data_resolution])
