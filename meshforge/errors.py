@@ -25,7 +25,3 @@ class InputError(MeshforgeError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
-
-
-class NotImplementedStage(MeshforgeError):
-    """A stage that is declared but whose implementation has not landed yet."""

@@ -15,8 +15,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from meshforge.errors import MeshforgeError, NotImplementedStage
-
 ENTRY_POINT_GROUP = "meshforge.stages"
 
 
@@ -77,19 +75,6 @@ def with_context_defaults(stage: Stage, options: dict[str, Any], ctx: RunContext
     return merged
 
 
-def not_implemented(name: str, help: str, issue: str) -> Stage:
-    """A declared stage whose implementation is tracked by ``issue``: it always fails clearly."""
-
-    @dataclass
-    class PendingConfig:
-        pass
-
-    def run(cfg: Any, ctx: RunContext) -> None:
-        raise NotImplementedStage(f"stage '{name}' is not implemented yet (tracked in {issue})")
-
-    return Stage(name=name, help=f"[not implemented yet] {help}", config=PendingConfig, run=run)
-
-
 @dataclass
 class LoadedStages:
     stages: dict[str, Stage]
@@ -118,15 +103,6 @@ def discover_stages() -> LoadedStages:
             continue
         stages.setdefault(stage.name, stage)
     return LoadedStages(stages=dict(sorted(stages.items())), failures=failures)
-
-
-def get_stage(name: str) -> Stage:
-    loaded = discover_stages()
-    if name in loaded.stages:
-        return loaded.stages[name]
-    if name in loaded.failures:
-        raise MeshforgeError(f"stage '{name}' failed to load: {loaded.failures[name]}")
-    raise MeshforgeError(f"unknown stage '{name}' (known: {', '.join(loaded.stages)})")
 
 
 def save_stage_record(stage: Stage, cfg: Any, ctx: RunContext) -> None:

@@ -10,7 +10,7 @@ from meshforge_plugins.cli import build_config, main
 from meshforge import workspace
 from meshforge.data.synth import generate
 from meshforge.errors import MeshforgeError
-from meshforge.stages import RunContext, get_stage
+from meshforge.stages import RunContext, discover_stages
 
 # A model small enough for a CPU test; everything else the stages pick themselves.
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-every", "0", "--warmup-steps", "1", "--max-faces", "20",
@@ -74,7 +74,7 @@ def test_newest_run_filters_by_kind_and_finds_recipe_steps(cwd):
 
 
 def resolve(argv_options: dict, stage: str):
-    return build_config(get_stage(stage), argv_options, None, [], RunContext())
+    return build_config(discover_stages().stages[stage], argv_options, None, [], RunContext())
 
 
 def test_the_design_card_lines_resolve_their_inputs(cwd, capsys):
