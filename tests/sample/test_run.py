@@ -15,7 +15,7 @@ from torch import nn
 from meshforge.config import from_dict
 from meshforge.data.canonical import canonicalize
 from meshforge.data.meshio import load_mesh_file
-from meshforge.data.synth import synth_mesh
+from meshforge.data.synth import mesh_bytes, synth_mesh
 from meshforge.data.tokens import Vocab, encode_mesh
 from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.sample.run import SampleStageConfig, sample_to_dir
@@ -64,7 +64,7 @@ def iflame(monkeypatch):
     """A fake iFlame sampler (the contract of meshforge.sample.iflame): mesh i is SOURCES[i % 3]."""
     calls = {}
 
-    def sample_tokens(model, vocab, cfg, device):
+    def sample_tokens(model, vocab, cfg, device, prompts=None):
         calls.update(dataclasses.asdict(cfg), vocab=vocab, device=device)
         sequences = [encode_mesh(SOURCES[i % 3]) for i in range(cfg.n)]
         produced = sum(len(s) + 1 for s in sequences)
@@ -164,3 +164,69 @@ def test_sample_from_a_real_iflame_checkpoint(tmp_path):
     assert stats["count"] == 3 and stats["step"] == 5 and stats["faces_max"] <= 3
     assert 0 < stats["tokens"] <= 3 * (9 * 3 + 1)
     assert len(list(out.glob("sample_*.glb"))) == 3 and (out / "grid.png").is_file()
+
+
+def test_sample_completes_prompts_from_a_real_iflame_checkpoint(tmp_path, capsys):
+    """--prompt with a mesh file: each completion holds the prompt's faces (prefilled in one pass),
+    the prompt is written beside it, and stats.json records it; bad prompts are one-line errors."""
+    from meshforge.config import to_dict
+    from meshforge.data.tokens import decode_tokens
+    from meshforge.models.iflame import IFlame, IFlameConfig
+    from meshforge.sample.export import faces_of, mesh_from_canonical
+
+    torch.manual_seed(0)
+    config = IFlameConfig(dim=32, n_heads=2, blocks=[1, 1, 2, 1, 1], max_seq_len=1008)
+    checkpoint.save_checkpoint(
+        tmp_path / "run", step=5, model=IFlame(config), meta={"kind": "iflame", "model_config": to_dict(config)},
+        state={}, keep=1,
+    )
+    source = tmp_path / "table.obj"
+    vertices, faces = synth_mesh("table", 0, 0)
+    source.write_bytes(mesh_bytes(vertices, faces, "obj"))
+    out = tmp_path / "samples"
+    options = "--n 2 --batch-size 2 --max-faces 6 --prompt-faces 3 --temperature 0"
+    assert cli(f"--device cpu sample --checkpoint {{}} --out {{}} --prompt {{}} {options}", tmp_path / "run", out, source) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["prompt"] == str(source) and [m["prompt_faces"] for m in stats["meshes"]] == [3, 3]
+    expected = mesh_from_canonical(decode_tokens(encode_mesh(canonicalize(vertices, faces, bits=7))[:27], VOCAB))
+
+    def read(path):  # OBJ keeps 6 decimals: snap back to the 7-bit cell centres
+        raw = load_mesh_file(path)
+        return (np.round((raw.vertices + 0.5) * VOCAB.levels - 0.5) + 0.5) / VOCAB.levels - 0.5, raw.faces
+
+    for name in ("sample_000", "sample_001"):
+        prompt, completion = read(out / f"{name}_prompt.obj"), read(out / f"{name}.obj")
+        assert len(prompt[1]) == 3 and faces_of(prompt, expected).all()
+        assert 3 < len(completion[1]) <= 6 and faces_of(expected, completion).all()
+    assert (out / "grid.png").is_file()
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    capsys.readouterr()
+    assert cli("--device cpu sample --checkpoint {} --out {} --prompt {}", tmp_path / "run", out, bad) == 1
+    error = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert error == f"error: {bad}: unsupported file type '.txt'"
+    too_long = "--max-faces 3 --prompt-faces 3"
+    assert cli(f"--device cpu sample --checkpoint {{}} --out {{}} --prompt {{}} {too_long}", tmp_path / "run", out, source) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert error.startswith("error: a prompt of 3 faces leaves nothing to sample under max_faces 3") and "Traceback" not in error
+
+
+def test_prompts_from_a_token_dataset_are_its_val_meshes_in_turn(tmp_path):
+    from meshforge.data.shards import TokenDataset
+    from meshforge.data.synth import generate
+    from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
+    from meshforge.errors import InputError
+    from meshforge.sample.run import prompt_tokens
+
+    generate(tmp_path / "synth", n=6, seed=0, max_faces=120)
+    tokenize_folder(TokenizeConfig(input=tmp_path / "synth", out=tmp_path / "tokens", val_fraction=0.5, max_faces=120, workers=1))
+    val = TokenDataset(tmp_path / "tokens", "val")
+    prompts = prompt_tokens(tmp_path / "tokens", len(val) + 1, 2, VOCAB)
+    assert len(prompts) == len(val) + 1
+    for i, prompt in enumerate(prompts):
+        np.testing.assert_array_equal(prompt, val.tokens(i % len(val))[:18])
+    coarse = prompt_tokens(tmp_path / "tokens", 1, 2, Vocab(5))[0]  # a 5-bit checkpoint: re-quantised
+    assert len(coarse) == 18 and coarse.max() < 32
+    with pytest.raises(InputError, match="no manifest.json"):
+        prompt_tokens(tmp_path / "synth", 1, 2, VOCAB)
