@@ -32,6 +32,7 @@ stage = Stage(
         "prompt": "iFlame: complete meshes from this mesh file or token dataset folder (its val meshes in turn); "
         "writes NAME_prompt files beside the completions, prompt faces green in grid.png.",
         "prompt_faces": "iFlame with --prompt: leading faces (canonical order) of each mesh fed as the prompt.",
+        "ema": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained).",
         "steps": "SS-DiT: ODE integration steps.",
         "cfg_scale": "SS-DiT: classifier-free guidance scale (conditional models).",
         "sampler": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate).",

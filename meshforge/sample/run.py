@@ -22,7 +22,7 @@ from torch import nn
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, decode_tokens, encode_mesh
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.render import Mesh
-from meshforge.runtime import seed_everything
+from meshforge.runtime import console, seed_everything
 from meshforge.sample.export import FORMATS, mesh_from_canonical, write_samples
 from meshforge.sample.iflame import check_shaping
 
@@ -44,6 +44,7 @@ class SampleStageConfig:
     cuda_graphs: bool = True
     prompt: Path | None = None  # complete these meshes: a mesh file or a token dataset folder (its val split)
     prompt_faces: int = 4  # leading faces (canonical order) of each prompt mesh
+    ema: bool = True  # the checkpoint's EMA weights when it has them
     # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
     steps: int = 30
     cfg_scale: float = 7.0
@@ -182,7 +183,8 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
 
     if cfg.image is not None and not cfg.image.is_file():
         raise InputError(cfg.image, "no such image")
-    kind, model, meta = load_model(cfg.checkpoint, device)
+    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema)
+    console.print(f"sampling with the {'EMA' if meta['weights'] == 'ema' else 'trained'} weights of {meta['path']}")
     if kind not in SAMPLERS:
         raise MeshforgeError(
             f"{meta.get('path', cfg.checkpoint)}: a {kind!r} checkpoint does not sample meshes "
@@ -200,6 +202,7 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
             "kind": kind,
             "checkpoint": meta.get("path"),
             "step": meta.get("step"),
+            "weights": meta["weights"],
             "seed": seed,
             **extra,
         },

@@ -11,4 +11,4 @@ from tests.train.toy import ToyTask, toy_config
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, optimizer = Path(sys.argv[1]), sys.argv[2]
-    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer), out, device="cpu")
+    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer, ema_decay=0.9), out, device="cpu")

@@ -71,3 +71,23 @@ def test_two_processes_match_one(tokens, tmp_path, monkeypatch):
     assert main(train_args(tokens, tmp_path / "two", 4, "--optimizer", "adamw", "--gpus", "2")) == 0
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+
+
+def test_eval_and_sample_use_the_ema_weights_unless_told_not_to(tokens, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tokens, out, 6, "--ema-decay", "0.9")) == 0
+    assert (out / "checkpoints" / "step_0000006" / "ema.safetensors").is_file()
+    results = {}
+    for flag in ("--ema", "--no-ema"):
+        capsys.readouterr()
+        target = tmp_path / f"eval{flag}.json"
+        assert main(["--device", "cpu", "eval", "--metric", "face-acc", "--checkpoint", str(out), "--data", str(tokens),
+                     "--max-faces", "20", "--n", "3", "--out", str(target), flag]) == 0
+        results[flag] = json.loads(target.read_text())
+        assert f"weights: {results[flag]['weights']}" in capsys.readouterr().out
+    assert results["--ema"]["weights"] == "ema" and results["--no-ema"]["weights"] == "model"
+    assert results["--ema"]["loss"] != results["--no-ema"]["loss"]
+    samples = tmp_path / "samples"
+    assert main(["--device", "cpu", "sample", "--checkpoint", str(out), "--out", str(samples), "--n", "1",
+                 "--max-faces", "2"]) == 0
+    assert json.loads((samples / "stats.json").read_text())["weights"] == "ema"
