@@ -32,7 +32,8 @@ Decoding (:meth:`IFlame.step`) runs one token at a time against an :class:`IFlam
 blocks keep static K/V buffers, linear blocks a ``d x d`` state per head, and the vertex / face
 stages advance only when a vertex (3 tokens) / face (9 tokens) completes. Positions are read from a
 device tensor, so a step's launches depend only on the position modulo 9: nine CUDA graphs replay
-every step of a generation (:mod:`meshforge.sample.decoding`).
+every step of a generation (:mod:`meshforge.sample.decoding`). A prompt is fed in one forward pass
+instead (:meth:`IFlame.prefill`), which leaves every level's cache as stepping through it would.
 """
 
 from __future__ import annotations
