@@ -54,7 +54,8 @@ def _token_metrics(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     if len(dataset) == 0:
         raise MeshforgeError(f"{cfg.data}: the {cfg.split} split is empty")
     amp = torch.bfloat16 if device.type == "cuda" else None
-    max_len = TOKENS_PER_FACE * (cfg.max_faces + 1) if cfg.max_faces else None
+    # Without --max-faces the model's length caps the batches' bucket padding (meshes that fit it never lose a token).
+    max_len = TOKENS_PER_FACE * (cfg.max_faces + 1) if cfg.max_faces else model.config.max_seq_len
     result = token_metrics(model, dataset, batch_size=cfg.batch_size, max_meshes=cfg.n, max_len=max_len, autocast=amp)
     return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"], "weights": meta["weights"]}
 

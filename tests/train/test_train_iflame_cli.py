@@ -52,6 +52,9 @@ def test_train_then_eval_face_acc(tokens, tmp_path, capsys):
     # The trainer's final evaluation and `meshforge eval` measure the same thing.
     assert result["face_acc"] == pytest.approx(summary["val_face_acc"], abs=1e-6)
     assert result["step"] == 6 and result["kind"] == "iflame"
+    # Without --max-faces, meshes longer than the model (189 positions) are scored on what fits.
+    assert main(["--device", "cpu", "eval", "--metric", "face-acc", "--checkpoint", str(out), "--data", str(tokens),
+                 "--n", "3"]) == 0
 
 
 def test_resume_through_the_cli_extends_the_run(tokens, tmp_path):
