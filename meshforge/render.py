@@ -32,6 +32,7 @@ LIGHT = np.array([-0.2, 0.4, 1.0]) / np.linalg.norm([-0.2, 0.4, 1.0])  # view sp
 AMBIENT = 0.3
 FRONT_COLOR = np.array([0.55, 0.68, 0.85])
 BACK_COLOR = np.array([0.90, 0.62, 0.45])
+HIGHLIGHT_COLOR = np.array([0.45, 0.75, 0.40])
 MARGIN = 0.06  # of the tile, on every side
 CHUNK = 1 << 20  # (triangle, pixel) candidates per rasterisation chunk: ~50 MB of temporaries
 LABEL_PX = 18
@@ -47,14 +48,14 @@ def view_rotation(azimuth_deg: float = AZIMUTH_DEG, elevation_deg: float = ELEVA
     return np.stack([right, np.cross(back, right), back])
 
 
-def _clean(vertices: np.ndarray, faces: np.ndarray) -> Mesh:
-    """Drop faces with out-of-range indices or non-finite corners, which cannot be drawn."""
+def _drawable(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(vertices, faces, kept)``: faces with out-of-range indices or non-finite corners, which cannot
+    be drawn, dropped; ``kept`` is the boolean mask of the input faces that remain."""
     v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    f = f[np.all((f >= 0) & (f < len(v)), axis=1)]
-    if len(f):
-        f = f[np.all(np.isfinite(v[f]), axis=(1, 2))]
-    return v, f
+    kept = np.all((f >= 0) & (f < len(v)), axis=1)
+    kept[kept] = np.all(np.isfinite(v[f[kept]]), axis=(1, 2))
+    return v, f[kept], kept
 
 
 def rasterize(corners: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +113,13 @@ def rasterize(corners: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return face_img.reshape(size, size), depth_img.reshape(size, size)
 
 
-def render_mesh(vertices: np.ndarray, faces: np.ndarray, size: int = 256) -> np.ndarray:
-    """One mesh as an RGB float image [size,size,3] in [0,1] on white, scaled to fill the tile."""
+def render_mesh(
+    vertices: np.ndarray, faces: np.ndarray, size: int = 256, highlight: np.ndarray | None = None
+) -> np.ndarray:
+    """One mesh as an RGB float image [size,size,3] in [0,1] on white, scaled to fill the tile.
+    Faces where the boolean mask ``highlight`` is set (a completion's prompt) are drawn in green."""
     image = np.ones((size, size, 3))
-    v, f = _clean(vertices, faces)
+    v, f, kept = _drawable(vertices, faces)
     if len(f) == 0:
         return image
     rotation = view_rotation()
@@ -139,6 +143,8 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, size: int = 256) -> np.
     facing = normal @ LIGHT
     towards_viewer = normal[:, 2] >= 0
     color = np.where(towards_viewer[:, None], FRONT_COLOR, BACK_COLOR)
+    if highlight is not None:
+        color[np.asarray(highlight, dtype=bool)[kept]] = HIGHLIGHT_COLOR
     shaded = color * (AMBIENT + (1 - AMBIENT) * np.abs(facing))[:, None]
     covered = face_img >= 0
     image[covered] = shaded[face_img[covered]]
@@ -166,11 +172,13 @@ def render_grid(
     cols: int = 4,
     size: int = 256,
     labels: Sequence[str] | None = None,
+    highlights: Sequence[np.ndarray | None] | None = None,
 ) -> Path:
     """Render meshes into a PNG grid of ``size``-pixel tiles, ``cols`` per row, a label under each.
 
     Labels default to ``"i: F faces"``. Empty or undrawable meshes get a blank tile (their label
-    still says how many faces they have). Returns ``path``.
+    still says how many faces they have). ``highlights``: per mesh, a face mask drawn in green
+    (:func:`render_mesh`). Returns ``path``.
     """
     if not meshes:
         raise ValueError("render_grid needs at least one mesh")
@@ -178,13 +186,16 @@ def render_grid(
         labels = [f"{i}: {len(np.asarray(f).reshape(-1, 3))} faces" for i, (_, f) in enumerate(meshes)]
     if len(labels) != len(meshes):
         raise ValueError(f"{len(labels)} labels for {len(meshes)} meshes")
+    if highlights is not None and len(highlights) != len(meshes):
+        raise ValueError(f"{len(highlights)} highlight masks for {len(meshes)} meshes")
     cols = max(1, min(cols, len(meshes)))
     rows = math.ceil(len(meshes) / cols)
     cell = size + LABEL_PX
     grid = np.ones((rows * cell, cols * size, 3))
     for i, (vertices, faces) in enumerate(meshes):
         r, c = divmod(i, cols)
-        grid[r * cell : r * cell + size, c * size : (c + 1) * size] = render_mesh(vertices, faces, size)
+        highlight = highlights[i] if highlights is not None else None
+        grid[r * cell : r * cell + size, c * size : (c + 1) * size] = render_mesh(vertices, faces, size, highlight)
     fig = _figure(cols * size, rows * cell)
     # figimage places pixels one to one (no resampling); its origin is the figure's bottom left.
     fig.figimage((grid * 255).round().astype(np.uint8), xo=0, yo=0, origin="upper")

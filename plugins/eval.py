@@ -47,6 +47,7 @@ class EvalConfig:
     n: int | None = None
     max_faces: int | None = None
     batch_size: int = 16
+    ema: bool = True  # a checkpoint's EMA weights when it has them
 
     def __post_init__(self) -> None:
         needs = "samples" if self.metric == "cov-mmd-1nna" else "checkpoint"
@@ -67,7 +68,7 @@ def _token_metrics(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     from meshforge.train.checkpoint import load_model
     from meshforge.train.tasks.iflame import checkpoint_max_faces
 
-    kind, model, meta = load_model(cfg.checkpoint, device)
+    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema)
     if kind != "iflame":
         raise InputError(cfg.checkpoint, f"is a {kind!r} checkpoint; --metric {cfg.metric} needs an iFlame ('iflame')")
     dataset = TokenDataset(cfg.data, cfg.split)
@@ -88,7 +89,8 @@ def _token_metrics(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     amp = torch.bfloat16 if device.type == "cuda" else None
     max_len = TOKENS_PER_FACE * (max_faces + 1)
     result = token_metrics(model, dataset, batch_size=cfg.batch_size, max_meshes=cfg.n, max_len=max_len, autocast=amp)
-    return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"], "max_faces": max_faces}
+    return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"], "max_faces": max_faces,
+            "weights": meta["weights"]}
 
 
 def _library(module: str, function: str, metric: str) -> Any:
@@ -103,7 +105,7 @@ def _library(module: str, function: str, metric: str) -> Any:
 
 def _recon(cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, Any]:
     evaluate_reconstruction = _library("meshforge.metrics.recon", "evaluate_reconstruction", cfg.metric)
-    return evaluate_reconstruction(cfg.checkpoint, cfg.data, split=cfg.split, n=cfg.n, device=device, seed=seed)
+    return evaluate_reconstruction(cfg.checkpoint, cfg.data, split=cfg.split, n=cfg.n, device=device, seed=seed, ema=cfg.ema)
 
 
 def _generative(cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, Any]:
@@ -120,6 +122,8 @@ def run(cfg: EvalConfig, ctx: RunContext) -> dict:
         result = headline = _recon(cfg, device, ctx.seed)
     else:
         result = headline = _generative(cfg, device, ctx.seed)
+    if "weights" in result:
+        print(f"weights: {result['weights']} ({'the moving average' if result['weights'] == 'ema' else 'as trained'})")
     for name, value in headline.items():
         if isinstance(value, float):
             print(f"{name}: {value:.4f}")
@@ -151,5 +155,6 @@ stage = Stage(
         "max_faces": "face-acc/perplexity: score only the first N faces of each mesh, as train-iflame --max-faces "
         "(default: what the checkpoint was trained on).",
         "batch_size": "Meshes per forward pass.",
+        "ema": "face-acc/perplexity/recon: use the checkpoint's EMA weights when it has them (--no-ema: as trained).",
     },
 )

@@ -23,7 +23,7 @@ stage = Stage(
     help="Sample meshes from a checkpoint (iFlame or SS-DiT): mesh files, grid.png and stats.json.",
     config=SampleStageConfig,
     run=run,
-    inputs=("checkpoint", "image"),
+    inputs=("checkpoint", "image", "prompt"),
     outputs=("out",),
     workspace={
         "checkpoint": lambda o: workspace.newest_run("iflame", "ss-dit"),
@@ -41,6 +41,10 @@ stage = Stage(
         "top_p": "iFlame: nucleus sampling mass (default: no truncation).",
         "max_faces": "iFlame: stop a mesh after this many faces (default: what the checkpoint was trained on).",
         "cuda_graphs": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging).",
+        "prompt": "iFlame: complete meshes from this mesh file or token dataset folder (its val meshes in turn); "
+        "writes NAME_prompt files beside the completions, prompt faces green in grid.png.",
+        "prompt_faces": "iFlame with --prompt: leading faces (canonical order) of each mesh fed as the prompt.",
+        "ema": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained).",
         "steps": "SS-DiT: ODE integration steps.",
         "cfg_scale": "SS-DiT: classifier-free guidance scale (conditional models).",
         "sampler": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate).",

@@ -42,14 +42,16 @@ def evaluate_reconstruction(
     points: int = 20_000,
     tau: float = FSCORE_TAU,
     seed: int = 0,
+    ema: bool = True,
 ) -> dict[str, Any]:
-    """Mean Chamfer, F-score@``tau`` and normal consistency over the first ``n`` shapes of ``split``.
+    """Mean Chamfer, F-score@``tau`` and normal consistency over the first ``n`` shapes of ``split``
+    (with the checkpoint's EMA weights when it has them and ``ema`` is on).
 
     With ``out``, writes the reconstructions (``recon_000.obj`` ..., ``grid.png``, ``stats.json``)
     and ``compare.png`` (reference and reconstruction side by side) there.
     """
     device = torch.device(device)
-    kind, model, meta = load_model(checkpoint, device)
+    kind, model, meta = load_model(checkpoint, device, ema=ema)
     if kind != "ss-vae":
         raise InputError(checkpoint, f"is a {kind!r} checkpoint; --metric recon needs an SS-VAE ('ss-vae')")
     dataset = SparseSDFDataset(data, split)
@@ -82,6 +84,7 @@ def evaluate_reconstruction(
         "kind": kind,
         "step": meta.get("step"),
         "checkpoint": meta["path"],
+        "weights": meta["weights"],
         "meshes": count,
         "failed": count - len(scored),
         **{name: mean(scored, name) for name in METRICS},

@@ -32,7 +32,8 @@ Decoding (:meth:`IFlame.step`) runs one token at a time against an :class:`IFlam
 blocks keep static K/V buffers, linear blocks a ``d x d`` state per head, and the vertex / face
 stages advance only when a vertex (3 tokens) / face (9 tokens) completes. Positions are read from a
 device tensor, so a step's launches depend only on the position modulo 9: nine CUDA graphs replay
-every step of a generation (:mod:`meshforge.sample.decoding`).
+every step of a generation (:mod:`meshforge.sample.decoding`). A prompt is fed in one forward pass
+instead (:meth:`IFlame.prefill`), which leaves every level's cache as stepping through it would.
 """
 
 from __future__ import annotations
@@ -206,13 +207,21 @@ class Attention(nn.Module):
             self.register_buffer("slopes", decay_slopes(cfg.n_heads), persistent=False)
             self.out_norm = RMSNorm(cfg.head_dim, eps=cfg.linear_norm_eps)
 
-    def forward(self, x: Tensor, rope: Rotary) -> Tensor:
+    def forward(self, x: Tensor, rope: Rotary, cache: BlockCache | None = None) -> Tensor:
+        """``x [B, T, dim]`` at positions ``0 .. T-1``; with an empty ``cache``, also leave in it the
+        K/V (full) or state (linear) that ``T`` decoding steps would (the prefill of a prompt)."""
         qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [B, T, 3, H, D]
         q, k, v = rotate_qk(qkv, *rope.tables(0, x.shape[1]))
         if self.full:
+            if isinstance(cache, KVCache):
+                cache.k[:, :, : x.shape[1]].copy_(k.transpose(1, 2))
+                cache.v[:, :, : x.shape[1]].copy_(v.transpose(1, 2))
             out = causal_attention(q, k, v)
         else:
-            out = self.out_norm(linear_attention(q, k, v, self.slopes)[0])
+            out, state = linear_attention(q, k, v, self.slopes, output_final_state=cache is not None)
+            if isinstance(cache, StateCache):
+                cache.state.copy_(state)
+            out = self.out_norm(out)
         return self.dropout(self.proj(out.flatten(-2)))
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> BlockCache:
@@ -246,8 +255,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio), cfg.dropout)
 
-    def forward(self, x: Tensor, rope: Rotary) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: Tensor, rope: Rotary, cache: BlockCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
     def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
@@ -256,14 +265,20 @@ class Block(nn.Module):
 
 
 def pool(x: Tensor) -> Tensor:
-    """``[B, T, C] -> [B, T/3, C]``: the mean of each group of 3 consecutive positions."""
-    return x.unflatten(1, (-1, POOL)).mean(2)
+    """``[B, T, C] -> [B, T//3, C]``: the mean of each complete group of 3 consecutive positions."""
+    groups = x.shape[1] // POOL
+    return x[:, : POOL * groups].reshape(x.shape[0], groups, POOL, x.shape[2]).mean(2)
 
 
-def unpool(x: Tensor) -> Tensor:
-    """``[B, T, C] -> [B, 3T, C]``: repeat each position 3 times, then shift right by 2 (zeros in)."""
+def unpool(x: Tensor, length: int | None = None) -> Tensor:
+    """``[B, T, C] -> [B, length, C]`` (default ``3T``, at most ``3T + 2``): repeat each position 3
+    times, then shift right by 2 (zeros in), so fine position p receives coarse group ``(p - 2) // 3``."""
+    length = POOL * x.shape[1] if length is None else length
+    if length > POOL * x.shape[1]:
+        # A prompt's last positions read the coarse group before an incomplete one: pad it, unread.
+        x = torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1)
     up = x.repeat_interleave(POOL, dim=1)
-    return torch.cat((up.new_zeros(up.shape[0], SHIFT, up.shape[2]), up[:, :-SHIFT]), dim=1)
+    return torch.cat((up.new_zeros(up.shape[0], SHIFT, up.shape[2]), up), dim=1)[:, :length]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -300,23 +315,48 @@ class IFlame(nn.Module):
             for out_proj in (block.attn.proj, block.mlp.down):
                 nn.init.normal_(out_proj.weight, std=0.02 / math.sqrt(2 * n_blocks))
 
-    def _run(self, stage: nn.ModuleList, x: Tensor) -> Tensor:
+    def _run(self, stage: nn.ModuleList, x: Tensor, caches: list[BlockCache] | None = None) -> Tensor:
+        if x.shape[1] == 0:  # a prompt too short to complete a vertex / face: the level has not run yet
+            return x
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for block in stage:
-            x = checkpoint(block, x, self.rope, use_reentrant=False) if recompute else block(x, self.rope)
+        for i, block in enumerate(stage):
+            if recompute:
+                x = checkpoint(block, x, self.rope, use_reentrant=False)
+            else:
+                x = block(x, self.rope, caches[i] if caches is not None else None)
         return x
+
+    def _hourglass(self, tokens: Tensor, cache: IFlameCache | None = None) -> Tensor:
+        """Final token features ``[B, L, dim]``. With an empty ``cache``, every level also leaves in it
+        what ``L`` decoding steps would: K/V and states of its completed positions, group slots, the
+        last completed vertex / face (any ``L``; the coarse levels see ``L // 3`` and ``L // 9`` positions)."""
+        length = tokens.shape[1]
+        blocks = cache.blocks if cache is not None else [None] * len(self.stages)
+        tok = self._run(self.token_enc, self.embed(tokens), blocks[0])
+        vert = self._run(self.vertex_enc, pool(tok), blocks[1])
+        face = self._run(self.face, pool(vert), blocks[2])
+        vert_out = self._run(self.vertex_dec, unpool(face, vert.shape[1]) + self.vertex_skip * vert, blocks[3])
+        out = self._run(self.token_dec, unpool(vert_out, length) + self.token_skip * tok, blocks[4])
+        if cache is not None:
+            # A step writes slot t % 3 of a group at every position t, so the newest three remain.
+            for t in range(max(0, length - POOL), length):
+                cache.token_group[:, t % POOL] = tok[:, t]
+            for v in range(max(0, vert.shape[1] - POOL), vert.shape[1]):
+                cache.vertex_group[:, v % POOL] = vert[:, v]
+            if face.shape[1]:
+                cache.face_up.copy_(face[:, -1])
+            if vert_out.shape[1]:
+                cache.vertex_up.copy_(vert_out[:, -1])
+            cache.position = length
+            cache.device_position.fill_(length)
+        return out
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Token ids ``[B, L]`` (L a multiple of 9) -> next-token logits ``[B, L, vocab]``."""
         length = tokens.shape[1]
         if length % TOKENS_PER_FACE or length > self.config.max_seq_len:
             raise ValueError(f"sequence length {length} must be a multiple of 9 and <= max_seq_len {self.config.max_seq_len}")
-        tok = self._run(self.token_enc, self.embed(tokens))
-        vert = self._run(self.vertex_enc, pool(tok))
-        face = self._run(self.face, pool(vert))
-        vert = self._run(self.vertex_dec, unpool(face) + self.vertex_skip * vert)
-        tok = self._run(self.token_dec, unpool(vert) + self.token_skip * tok)
-        return self.head(self.norm(tok))
+        return self.head(self.norm(self._hourglass(tokens)))
 
     # ------------------------------------------------------------------------- decoding
 
@@ -384,3 +424,18 @@ class IFlame(nn.Module):
         cache.position = t + 1
         pos.add_(1)
         return self.head(self.norm(tok))
+
+    def prefill(self, tokens: Tensor, cache: IFlameCache) -> Tensor:
+        """Feed ``tokens [B, P]`` (any ``P`` up to the cache's length) at positions ``0 .. P-1`` of an
+        empty cache in one forward pass; returns the logits of the last ``[B, vocab]``.
+
+        The cache is left as ``P`` calls of :meth:`step` leave it, up to summation order: full blocks'
+        K/V come from the same projections, linear blocks' states from the chunked form of the
+        recurrence. Its buffers are written in place, so captured decoding graphs stay valid.
+        """
+        length = tokens.shape[1]
+        if cache.position:
+            raise ValueError(f"prefill needs an empty cache (this one is at position {cache.position}; reset it)")
+        if not 0 < length <= cache.max_len:
+            raise ValueError(f"a prompt of {length} tokens does not fit a cache of {cache.max_len} positions")
+        return self.head(self.norm(self._hourglass(tokens, cache)[:, -1]))

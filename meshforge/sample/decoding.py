@@ -45,6 +45,11 @@ class EagerDecoder:
     def step(self, tokens: Tensor) -> Tensor:
         return self.model.step(tokens, self.cache)
 
+    def prefill(self, tokens: Tensor) -> Tensor:
+        """Feed a prompt ``tokens [B, P]`` to the empty cache in one forward pass (:meth:`IFlame.prefill`);
+        the logits of its last token ``[B, vocab]``. Steps continue at position ``P``."""
+        return self.model.prefill(tokens, self.cache)
+
 
 class GraphDecoder(EagerDecoder):
     """The same steps replayed from CUDA graphs, one per phase (position modulo 9).
@@ -52,6 +57,9 @@ class GraphDecoder(EagerDecoder):
     Capturing runs each phase once on a side stream first (Triton compiles its kernels, cuBLAS
     sets up its workspaces), then records it; both touch the cache, which is reset afterwards. The
     returned logits are the graph's output buffer: read them before the next step of the same phase.
+    A prompt is prefilled eagerly (one forward pass, :meth:`EagerDecoder.prefill`) into the same
+    buffers the graphs read, and sets the cache's host and device positions, so the replays then
+    continue at the graph of the prompt's phase.
     """
 
     def __init__(self, model: IFlame, batch_size: int, max_len: int, device: torch.device) -> None:

@@ -78,10 +78,30 @@ def mesh_stats(vertices: np.ndarray, faces: np.ndarray) -> dict[str, Any]:
     }
 
 
+def faces_of(mesh: Mesh, part: Mesh) -> np.ndarray:
+    """Boolean mask over ``mesh``'s faces: those whose three corners (as a set of positions) are a
+    face of ``part`` too (a completion's prompt faces: decoding re-sorts faces, so position is the key)."""
+    def keys(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        corners = np.asarray(vertices, dtype=np.float64)[np.asarray(faces, dtype=np.int64).reshape(-1, 3)]
+        order = np.lexsort(corners.transpose(2, 0, 1)[::-1], axis=-1)  # corners sorted x, then y, then z
+        return np.take_along_axis(corners, order[..., None], axis=1).reshape(len(corners), 9)
+
+    ours, theirs = keys(*mesh), keys(*part)
+    if len(ours) == 0 or len(theirs) == 0:
+        return np.zeros(len(ours), dtype=bool)
+    return (ours[:, None, :] == theirs[None, :, :]).all(-1).any(-1)
+
+
+def prompt_name(name: str) -> str:
+    return f"{name}_prompt"
+
+
 def sample_files(out_dir: Path) -> list[list[Path]]:
-    """Per sample, its mesh files (one per format) in a folder :func:`write_samples` wrote, from its stats."""
+    """Per sample, its mesh files (one per format, and its prompt's when it had one) in a folder
+    :func:`write_samples` wrote, from its stats."""
     stats = json.loads((Path(out_dir) / STATS).read_text())
-    return [[Path(out_dir) / f"{m['name']}.{fmt}" for fmt in stats["formats"]] for m in stats["meshes"]]
+    names = [[m["name"], *([prompt_name(m["name"])] if "prompt_faces" in m else [])] for m in stats["meshes"]]
+    return [[Path(out_dir) / f"{n}.{fmt}" for n in group for fmt in stats["formats"]] for group in names]
 
 
 def _remove_previous(out_dir: Path, keep: set[str]) -> None:
@@ -105,13 +125,17 @@ def write_samples(
     formats: Sequence[str] = ("obj",),
     names: Sequence[str] | None = None,
     extra_stats: dict[str, Any] | None = None,
+    prompts: Sequence[Mesh] | None = None,
 ) -> dict[str, Any]:
     """Write ``NAME.FORMAT`` for every mesh and format (names default to ``sample_000`` ...),
     ``grid.png`` and ``stats.json``; returns the stats.
 
     The stats hold totals (``count``, ``valid`` and ``watertight`` counts, face and vertex
     figures), the ``extra_stats`` (such as ``time_s``, ``tokens_per_s``) and ``meshes``: one
-    :func:`mesh_stats` record per mesh with its ``name``.
+    :func:`mesh_stats` record per mesh with its ``name``. With ``prompts`` (one per mesh, the
+    meshes being their completions) each prompt is written beside its completion as
+    ``NAME_prompt.FORMAT``, its face count is the record's ``prompt_faces``, and the grid draws
+    the completion's prompt faces in green.
     """
     if not meshes:
         raise ValueError("write_samples needs at least one mesh")
@@ -123,7 +147,14 @@ def write_samples(
         raise ValueError(f"need {len(meshes)} distinct names, got {names}")
     if any(not n or "/" in n or "\\" in n or n.startswith(".") for n in names):
         raise ValueError(f"names must be plain file names, got {names}")
+    if prompts is not None and len(prompts) != len(meshes):
+        raise ValueError(f"{len(prompts)} prompts for {len(meshes)} meshes")
     records = [{"name": name, **mesh_stats(v, f)} for name, (v, f) in zip(names, meshes)]
+    files = list(zip(names, meshes))
+    if prompts is not None:
+        for record, (_, faces) in zip(records, prompts):
+            record["prompt_faces"] = len(np.asarray(faces).reshape(-1, 3))
+        files += [(prompt_name(name), prompt) for name, prompt in zip(names, prompts)]
     face_counts = [r["faces"] for r in records]
     totals = {
         "count": len(records),
@@ -141,13 +172,18 @@ def write_samples(
     stats = {**totals, **(extra_stats or {}), "meshes": records}
 
     out_dir = Path(out_dir)
-    _remove_previous(out_dir, keep={f"{name}.{fmt}" for name in names for fmt in formats})
-    for name, (vertices, faces) in track(list(zip(names, meshes)), "export"):
+    _remove_previous(out_dir, keep={f"{name}.{fmt}" for name, _ in files for fmt in formats})
+    for name, (vertices, faces) in track(files, "export"):
         for fmt in formats:
             atomic_write_bytes(
                 out_dir / f"{name}.{fmt}", mesh_bytes(np.asarray(vertices), np.asarray(faces), fmt)
             )
-    labels = [f"{r['name']}: {r['faces']} faces" + ("" if r["valid"] else " (invalid)") for r in records]
-    render_grid(meshes, out_dir / GRID, labels=labels)
+    labels = [
+        f"{r['name']}: {r['faces']} faces" + (f" ({r['prompt_faces']} prompt)" if "prompt_faces" in r else "")
+        + ("" if r["valid"] else " (invalid)")
+        for r in records
+    ]
+    highlights = [faces_of(mesh, prompt) for mesh, prompt in zip(meshes, prompts)] if prompts is not None else None
+    render_grid(meshes, out_dir / GRID, labels=labels, highlights=highlights)
     atomic_write_json(out_dir / STATS, stats)
     return stats

@@ -1,7 +1,8 @@
 """`meshforge sample`: a checkpoint in, a folder of meshes + ``grid.png`` + ``stats.json`` out.
 
 The checkpoint's kind picks the sampler: ``iflame`` samples face tokens autoregressively
-(:mod:`meshforge.sample.iflame`) that decode to quantised meshes; ``ss-dit`` integrates the
+(:mod:`meshforge.sample.iflame`) that decode to quantised meshes, or completes the first faces
+of given meshes (``prompt``: written beside each completion, and green in the grid); ``ss-dit`` integrates the
 rectified flow, decodes the latents with its VAE and re-meshes the SDF (:mod:`meshforge.sample.flow`).
 Both end in :func:`meshforge.sample.export.write_samples`, so the outputs look the same.
 """
@@ -14,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from meshforge.data.tokens import Vocab, decode_tokens
+from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, decode_tokens, encode_mesh
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.render import Mesh
-from meshforge.runtime import seed_everything
+from meshforge.runtime import console, seed_everything
 from meshforge.sample.export import FORMATS, mesh_from_canonical, write_samples
 from meshforge.sample.iflame import check_shaping
 
@@ -40,6 +42,9 @@ class SampleStageConfig:
     top_p: float | None = None
     max_faces: int | None = None  # None: what the checkpoint was trained on
     cuda_graphs: bool = True
+    prompt: Path | None = None  # complete these meshes: a mesh file or a token dataset folder (its val split)
+    prompt_faces: int = 4  # leading faces (canonical order) of each prompt mesh
+    ema: bool = True  # the checkpoint's EMA weights when it has them
     # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
     steps: int = 30
     cfg_scale: float = 7.0
@@ -54,16 +59,18 @@ class SampleStageConfig:
         if bad or not self.formats:
             raise ValueError(f"formats must be among {', '.join(FORMATS)} (got {self.formats})")
         check_shaping(self.temperature, self.top_k, self.top_p)
-        if (self.max_faces is not None and self.max_faces < 1) or self.steps < 1:
-            raise ValueError("max_faces and steps must be at least 1")
+        if (self.max_faces is not None and self.max_faces < 1) or self.steps < 1 or self.prompt_faces < 1:
+            raise ValueError("max_faces, steps and prompt_faces must be at least 1")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.image is not None and self.class_label is not None:
             raise ValueError("give an image or a class label, not both")
 
 
+# A sampler returns the meshes, stats for stats.json and, when it completed prompts, the prompts.
 Sampler = Callable[
-    [nn.Module, dict[str, Any], SampleStageConfig, torch.device, int], tuple[list[Mesh], dict[str, Any]]
+    [nn.Module, dict[str, Any], SampleStageConfig, torch.device, int],
+    tuple[list[Mesh], dict[str, Any], list[Mesh] | None],
 ]
 
 
@@ -81,16 +88,40 @@ def vocab_of(meta: dict[str, Any]) -> Vocab:
     return Vocab(bits)
 
 
+def prompt_tokens(path: Path, n: int, faces: int, vocab: Vocab) -> list[np.ndarray]:
+    """``n`` prompts, each the first ``faces`` faces (fewer if a mesh has fewer) of a mesh in canonical
+    order, as coordinate tokens: from a mesh file (its meshes in turn), or from a token dataset
+    folder (its val meshes in turn, re-quantised if its bits differ from the checkpoint's)."""
+    from meshforge.data.canonical import canonicalize
+    from meshforge.data.meshio import load_meshes
+    from meshforge.data.shards import TokenDataset
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "manifest.json").is_file():
+            raise InputError(path, "not a mesh file or a token dataset folder (no manifest.json)")
+        dataset = TokenDataset(path, "val", bits=vocab.bits)
+        if len(dataset) == 0:
+            raise InputError(path, "the token dataset's val split is empty: no meshes to prompt with")
+        meshes = [dataset.tokens(i % len(dataset)) for i in range(min(n, len(dataset)))]
+    elif path.is_file():
+        meshes = [encode_mesh(canonicalize(m.vertices, m.faces, bits=vocab.bits, name=str(path))) for m in load_meshes(path)]
+    else:
+        raise InputError(path, "no such prompt file or folder")
+    return [meshes[i % len(meshes)][: TOKENS_PER_FACE * faces] for i in range(n)]
+
+
 def sample_iflame(
     model: nn.Module, meta: dict[str, Any], cfg: SampleStageConfig, device: torch.device, seed: int
-) -> tuple[list[Mesh], dict[str, Any]]:
-    """Unconditional face-token sampling, decoded to meshes; reports time and tokens/s."""
+) -> tuple[list[Mesh], dict[str, Any], list[Mesh] | None]:
+    """Face-token sampling (unconditional, or completing prompts), decoded to meshes; reports time and tokens/s."""
     if cfg.image is not None or cfg.class_label is not None:
-        raise MeshforgeError("iFlame checkpoints are unconditional: drop --image / --class-label")
+        raise MeshforgeError("iFlame checkpoints are unconditional: drop --image / --class-label (or complete meshes with --prompt)")
     from meshforge.sample.iflame import SampleConfig, sample_tokens
     from meshforge.train.tasks.iflame import checkpoint_max_faces
 
     vocab = vocab_of(meta)
+    prompts = prompt_tokens(cfg.prompt, cfg.n, cfg.prompt_faces, vocab) if cfg.prompt is not None else None
     options = SampleConfig(
         n=cfg.n,
         batch_size=cfg.batch_size,
@@ -101,19 +132,25 @@ def sample_iflame(
         seed=seed,
         cuda_graphs=cfg.cuda_graphs,
     )
-    sequences, timing = sample_tokens(model, vocab, options, device)
+    sequences, timing = sample_tokens(model, vocab, options, device, prompts=prompts)
     meshes = [mesh_from_canonical(decode_tokens(s, vocab)) for s in sequences]
-    return meshes, {
+    stats = {
         "time_s": round(timing["time_s"], 3),
         "tokens": timing["tokens"],
         "tokens_per_s": round(timing["tokens_per_s"], 1),
     }
+    if prompts is None:
+        return meshes, stats, None
+    stats["prompt"] = str(cfg.prompt)
+    return meshes, stats, [mesh_from_canonical(decode_tokens(p, vocab)) for p in prompts]
 
 
 def sample_dit(
     model: nn.Module, meta: dict[str, Any], cfg: SampleStageConfig, device: torch.device, seed: int
 ) -> tuple[list[Mesh], dict[str, Any]]:
     """Rectified-flow sampling of sparse latents, decoded to meshes; reports time and meshes/s."""
+    if cfg.prompt is not None:
+        raise MeshforgeError("--prompt completes meshes with an iFlame checkpoint; an SS-DiT samples whole shapes")
     from meshforge.sample.flow import sample_meshes
 
     start = time.perf_counter()
@@ -132,7 +169,7 @@ def sample_dit(
     )
     _synchronize(device)
     elapsed = time.perf_counter() - start
-    return list(meshes), {"time_s": round(elapsed, 3), "meshes_per_s": round(len(meshes) / elapsed, 3)}
+    return list(meshes), {"time_s": round(elapsed, 3), "meshes_per_s": round(len(meshes) / elapsed, 3)}, None
 
 
 SAMPLERS: dict[str, Sampler] = {"iflame": sample_iflame, "ss-dit": sample_dit}
@@ -147,7 +184,8 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
 
     if cfg.image is not None and not cfg.image.is_file():
         raise InputError(cfg.image, "no such image")
-    kind, model, meta = load_model(cfg.checkpoint, device)
+    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema)
+    console.print(f"sampling with the {'EMA' if meta['weights'] == 'ema' else 'trained'} weights of {meta['path']}")
     if kind not in SAMPLERS:
         raise MeshforgeError(
             f"{meta.get('path', cfg.checkpoint)}: a {kind!r} checkpoint does not sample meshes "
@@ -155,15 +193,17 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
         )
     seed_everything(seed)
     with torch.no_grad():
-        meshes, extra = SAMPLERS[kind](model, meta, cfg, device, seed)
+        meshes, extra, prompts = SAMPLERS[kind](model, meta, cfg, device, seed)
     stats = write_samples(
         meshes,
         cfg.out,
         cfg.formats,
+        prompts=prompts,
         extra_stats={
             "kind": kind,
             "checkpoint": meta.get("path"),
             "step": meta.get("step"),
+            "weights": meta["weights"],
             "seed": seed,
             **extra,
         },

@@ -5,6 +5,7 @@ Layout under a run's output folder::
     checkpoints/
       step_0000500/
         model.safetensors   weights (tied tensors stored once)
+        ema.safetensors     the weights' moving average by parameter name (runs with --ema-decay)
         meta.json           {"kind", "model_config", "step", "task", "train_config", "metrics", "files"}
         state.pt            optimizers, RNG states of every rank, data position
       latest                "step_0000500"
@@ -34,7 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_file as save_safetensors_file
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
@@ -45,6 +48,7 @@ from meshforge.io import atomic_path, atomic_write_text, hash_path
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 META = "meta.json"
 STATE = "state.pt"
 FILES = "files"  # meta.json key: {relative path: {"bytes", "hash" (io.hash_path)}} of every other file
@@ -94,13 +98,16 @@ def save_checkpoint(
     meta: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``OUT/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune old ones.
+    ``ema`` (parameter name -> averaged tensor) goes to its own ``ema.safetensors``.
 
     Refuses weights that are not finite: a checkpoint is only ever a good one. A failed write
     (a full disk) raises a one-line :class:`MeshforgeError` and leaves earlier checkpoints as they were.
     """
-    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    tensors = {**model.state_dict(), **{f"ema {name}": t for name, t in (ema or {}).items()}}
+    bad = [name for name, p in tensors.items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise MeshforgeError(f"refusing to checkpoint step {step}: non-finite values in {bad[0]}")
     root = Path(out_dir) / CHECKPOINTS
@@ -110,6 +117,9 @@ def save_checkpoint(
             tmp.mkdir()
             # Plain writes are fine inside the temporary folder: it becomes visible in one rename.
             save_safetensors_model(model, str(tmp / WEIGHTS))
+            if ema is not None:
+                save_safetensors_file({name: t.detach().cpu().contiguous() for name, t in ema.items()},
+                                      str(tmp / EMA_WEIGHTS))
             torch.save({**state, "step": step}, tmp / STATE)
             record = {**meta, "step": step, FILES: _file_records(tmp)}
             (tmp / META).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -249,6 +259,28 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
         raise InputError(path, f"unreadable weights ({_first_line(exc)})") from None
 
 
+def load_ema(step_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The moving average a step folder holds (CPU tensors by parameter name), None when it has none."""
+    path = Path(step_dir) / EMA_WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        return load_safetensors_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(path, f"unreadable EMA weights ({str(exc).strip().splitlines()[0]})") from None
+
+
+@torch.no_grad()
+def apply_ema(model: nn.Module, ema: dict[str, torch.Tensor], where: Path) -> None:
+    """Overwrite ``model``'s floating-point parameters with their averages (buffers stay the model's)."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        if name not in ema or ema[name].shape != param.shape:
+            raise InputError(where, f"EMA weights do not fit the model (parameter {name})")
+        param.copy_(ema[name])
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(step_dir) / META).read_text())
@@ -292,8 +324,14 @@ def _lookup(kind: str) -> ModelEntry:
     return _REGISTRY[kind]
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[str, nn.Module, dict[str, Any]]:
-    """(kind, model in eval mode on ``device``, meta) from any path :func:`resolve_checkpoint` accepts."""
+def load_model(
+    path: Path, device: torch.device | str = "cpu", ema: bool = True
+) -> tuple[str, nn.Module, dict[str, Any]]:
+    """(kind, model in eval mode on ``device``, meta) from any path :func:`resolve_checkpoint` accepts.
+
+    The weights are the checkpoint's moving average when it has one and ``ema`` is on, else the
+    trained weights; ``meta["weights"]`` says which (``"ema"`` or ``"model"``).
+    """
     step_dir = resolve_checkpoint(Path(path))
     verify_checkpoint(step_dir)
     meta = read_meta(step_dir)
@@ -303,4 +341,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[str, nn.
     entry = _lookup(kind)
     model = entry.model_cls(from_dict(entry.config_cls, meta["model_config"])).to(device)
     load_weights(model, step_dir)
-    return kind, model.eval(), {**meta, "path": str(step_dir)}
+    averages = load_ema(step_dir) if ema else None
+    if averages is not None:
+        apply_ema(model, averages, step_dir / EMA_WEIGHTS)
+    weights = "ema" if averages is not None else "model"
+    return kind, model.eval(), {**meta, "path": str(step_dir), "weights": weights}

@@ -33,6 +33,7 @@ class TrainOptions:
     gpus: int = 1  # processes on this node; more than 1 launches them through torch.distributed.run
     time_limit_min: float = 0.0  # stop (checkpoint, evaluate) once training has run this long; 0: no limit
     profile_steps: int = 0  # torch.profiler over this many steps after a warm-up (see meshforge.train.profiling)
+    ema_decay: float = 0.0  # keep an EMA of the weights with this decay (0: none), see meshforge.train.ema
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "gpus"):
@@ -49,6 +50,8 @@ class TrainOptions:
             raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
         if not 0 <= self.muon_momentum < 1:
             raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
 
 @dataclass(kw_only=True)
@@ -86,4 +89,6 @@ TRAIN_FIELD_HELP = {
     "curves); --resume continues the schedule. 0: no limit.",
     "profile_steps": "Profile this many steps (after 10 warm-up steps) on every rank: OUT/profile/ holds each rank's "
     "trace (Perfetto), top operators and a summary (step time, GPU busy fraction, kernel launches, phases).",
+    "ema_decay": "Keep an exponential moving average of the weights with this decay (warmed up as "
+    "min(decay, (1+t)/(10+t))), saved in each checkpoint; sample and eval use it unless --no-ema. 0: none.",
 }

@@ -37,6 +37,7 @@ from meshforge.train import distributed
 from meshforge.train.checkpoint import (
     CHECKPOINTS,
     capture_rng,
+    load_ema,
     load_state,
     load_weights,
     restore_rng,
@@ -46,6 +47,7 @@ from meshforge.train.checkpoint import (
 )
 from meshforge.train.config import TrainConfig, TrainOptions
 from meshforge.train.distributed import DistEnv
+from meshforge.train.ema import EMA
 from meshforge.train.logs import MetricsLog, plot_curves
 from meshforge.train.optim import build_optimizers, set_lr
 from meshforge.train.profiling import StepProfiler
@@ -184,6 +186,7 @@ class _Run:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model = task.build_model().to(device)
         self.optimizers = build_optimizers(self.model, cfg)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.step = 0
         self.stop_asked = False  # set by a signal handler under DDP, acted on at the next step's sync
         self.last_saved: Path | None = None
@@ -202,6 +205,14 @@ class _Run:
         if len(state["optimizers"]) != len(self.optimizers):
             raise MeshforgeError(f"{step_dir} was trained with a different optimizer setup than --optimizer {self.cfg.optimizer}")
         load_weights(self.model, step_dir)
+        if self.ema is not None:
+            averages = load_ema(step_dir)
+            if averages is None:
+                if self.env.is_main:
+                    console.print(f"{step_dir} has no EMA weights: the average starts from its weights")
+                self.ema = EMA(self.model, self.cfg.ema_decay)
+            else:
+                self.ema.load_state_dict({k: v.to(self.device) for k, v in averages.items()})
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         rng = state["rng"]
@@ -234,7 +245,8 @@ class _Run:
             "data": {"seed": self.cfg.seed, "next_step": self.step, "world_size": self.env.world_size},
         }
         self.last_saved = save_checkpoint(
-            self.out_dir, step=self.step, model=self.model, meta=meta, state=state, keep=self.cfg.keep_checkpoints
+            self.out_dir, step=self.step, model=self.model, meta=meta, state=state, keep=self.cfg.keep_checkpoints,
+            ema=self.ema.state_dict() if self.ema is not None else None,
         )
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -299,6 +311,8 @@ class _Run:
                     for opt in self.optimizers:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update(self.step)
                 profiler.step()
                 self.step += 1
                 window.add(values)

@@ -75,6 +75,49 @@ def test_cached_decoding_equals_the_full_forward(name):
         m.step(x[:, 0], cache)
 
 
+# Prompt lengths at every phase of a vertex and a face: before the first vertex / face completes,
+# exactly at completions, just after, and past the linear attention's 64-token chunk.
+PROMPTS = [1, 2, 3, 4, 8, 9, 10, 26, 27, 28, 70]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_prefilled_cache_continues_like_stepping_through_the_prompt(name):
+    """One forward pass over a prompt of P tokens leaves the cache as P steps do: the last logits
+    agree, and so do the steps after it (which read every level's K/V, states, group slots and
+    last vertex / face). float32 on CPU; prefill and steps differ only in summation order (chunked
+    vs recurrent linear attention, batched vs per-position matmuls), ~1e-6 relative here; the
+    tolerance is the decoding-equals-forward test's."""
+    m = model(name)
+    x = tokens(2)
+    after = 9  # a whole face of steps past the prompt: every coarse level advances once more
+    with torch.no_grad():
+        stepped = m.init_cache(2, LENGTH)
+        want = torch.stack([m.step(x[:, t], stepped) for t in range(LENGTH)], dim=1)
+        for length in PROMPTS:
+            cache = m.init_cache(2, LENGTH)
+            got = [m.prefill(x[:, :length], cache)]
+            assert cache.position == cache.device_position.item() == length
+            got += [m.step(x[:, t], cache) for t in range(length, min(length + after, LENGTH))]
+            torch.testing.assert_close(
+                torch.stack(got, dim=1), want[:, length - 1 : length + after], rtol=1e-5, atol=2e-5,
+                msg=lambda text, length=length: f"prompt of {length} tokens: {text}",
+            )
+
+
+def test_prefill_needs_an_empty_cache_and_a_prompt_that_fits():
+    m = model("interleaved")
+    x = tokens(1)
+    with torch.no_grad():
+        cache = m.init_cache(1, 18)
+        with pytest.raises(ValueError, match="does not fit"):
+            m.prefill(x[:, :19], cache)
+        m.prefill(x[:, :18], cache)  # a full cache is fine: nothing further to step
+        with pytest.raises(ValueError, match="empty cache"):
+            m.prefill(x[:, :4], cache)
+        with pytest.raises(ValueError, match="full"):
+            m.step(x[:, 0], cache)
+
+
 def test_a_reset_cache_decodes_like_a_fresh_one():
     """reset() empties the cache in place (what lets captured CUDA graphs reuse its buffers)."""
     m = model("both-per-level")

@@ -66,3 +66,49 @@ def test_graph_replays_give_the_eager_logits_at_every_phase():
         assert graphs.cache.position == graphs.cache.device_position.item() == 900
         with pytest.raises(ValueError, match="full"):
             graphs.step(tokens[:, 0])
+
+
+def test_bf16_weight_copy_prefills_like_its_own_steps():
+    """What the CUDA decoders prefill a prompt with, run on CPU: the bf16 copy's one-pass prefill
+    continues like stepping it through the prompt. Both round the residual stream to bf16
+    (2**-8 relative) in different orders, so they agree to bf16 rounding of the logits, not exactly;
+    the bound is the forward-vs-steps one above."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        decoding = bf16_weights(IFlame(CONFIG))
+        tokens = random_tokens(2, 90)
+        stepped = decoding.init_cache(2, 90)
+        want = torch.stack([decoding.step(tokens[:, t], stepped) for t in range(90)], dim=1).float()
+        scale = want.abs().max().item()
+        for length in (4, 27, 73):
+            decoder = EagerDecoder(decoding, 2, 90, torch.device("cpu"))
+            got = [decoder.prefill(tokens[:, :length])] + [decoder.step(tokens[:, t]) for t in range(length, length + 9)]
+            torch.testing.assert_close(
+                torch.stack(got, dim=1).float(), want[:, length - 1 : length + 9], rtol=0, atol=0.05 * scale
+            )
+
+
+@pytest.mark.gpu
+def test_graph_replays_continue_a_prefilled_prompt_like_eager_steps():
+    """A prompt prefilled in one pass, then replayed graphs from its phase (every phase over the
+    lengths), gives the logits of eager steps through the prompt and past it, over several faces."""
+    torch.manual_seed(0)
+    model = IFlame(CONFIG).cuda().eval()
+    device = torch.device("cuda")
+    tokens = random_tokens(3, 900).cuda()
+    with torch.inference_mode():
+        eager = make_decoder(model, 3, 900, device, cuda_graphs=False)
+        want = torch.stack([eager.step(tokens[:, t]) for t in range(200)], dim=1).float()
+        graphs = make_decoder(model, 3, 900, device)
+        for length in range(100, 109):  # a prompt ending at every phase of a face
+            graphs.cache.reset()
+            got = [graphs.prefill(tokens[:, :length]).float()]
+            assert graphs.cache.position == graphs.cache.device_position.item() == length
+            got += [graphs.step(tokens[:, t]).float().clone() for t in range(length, length + 27)]
+            # Eager prefill (fla's chunked kernel, SDPA) and the graphs' fused steps round the bf16
+            # stream in different orders: the bf16 bound of the CPU test above.
+            scale = want.abs().max().item()
+            torch.testing.assert_close(
+                torch.stack(got, dim=1), want[:, length - 1 : length + 27], rtol=0, atol=0.05 * scale,
+                msg=f"prompt of {length} tokens",
+            )

@@ -118,3 +118,30 @@ def test_batches_of_one_size_share_a_decoder_emptied_in_between():
     assert len(sequences) == 4 and stats["steps"] > 0
     for seq in sequences[1:]:
         np.testing.assert_array_equal(seq, sequences[0])
+
+
+def test_prompted_greedy_completions_keep_their_prompts_and_are_the_forward_argmax():
+    """Prompts of different lengths (batched by length, results in the caller's order) are kept as
+    the sequences' first faces, and the greedy completion after a one-pass prefill is what the full
+    forward pass would pick at every later position."""
+    model = tiny_model().eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB.levels, 9 * k) for k in (2, 1, 2, 0)]
+    cfg = SampleConfig(n=4, batch_size=4, max_faces=4, temperature=0)
+    sequences, stats = sample_tokens(model, VOCAB, cfg, "cpu", prompts=prompts)
+    assert stats["steps"] == (1 + 17) + (1 + 26) + 36  # three batches: a prefill then steps each
+    for prompt, seq in zip(prompts, sequences):
+        assert len(seq) == 36  # a random model essentially never picks END at greedy
+        np.testing.assert_array_equal(seq[: len(prompt)], prompt)
+        with torch.no_grad():
+            logits = model(torch.tensor([[VOCAB.start, *seq[:-1]]]))[0]
+        logits[:, VOCAB.levels :] = float("-inf")
+        assert logits.argmax(-1)[len(prompt) :].tolist() == seq[len(prompt) :].tolist()
+
+
+def test_a_prompt_must_leave_room_under_max_faces():
+    prompts = [np.zeros(27, dtype=np.int64)]
+    with pytest.raises(MeshforgeError, match="prompt of 3 faces leaves nothing to sample under max_faces 3"):
+        sample_tokens(tiny_model(), VOCAB, SampleConfig(n=1, batch_size=1, max_faces=3), "cpu", prompts=prompts)
+    with pytest.raises(ValueError, match="whole faces"):
+        sample_tokens(tiny_model(), VOCAB, SampleConfig(n=1, batch_size=1, max_faces=3), "cpu", prompts=[np.zeros(5)])

@@ -15,7 +15,7 @@ from torch import nn
 from meshforge.config import from_dict
 from meshforge.data.canonical import canonicalize
 from meshforge.data.meshio import load_mesh_file
-from meshforge.data.synth import synth_mesh
+from meshforge.data.synth import mesh_bytes, synth_mesh
 from meshforge.data.tokens import Vocab, encode_mesh
 from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.sample.run import SampleStageConfig, sample_to_dir
@@ -34,8 +34,9 @@ def cli(text, *paths):
 
 
 def fake_checkpoint(monkeypatch, kind):
-    def load_model(path, device):
-        meta = {"kind": kind, "path": str(path), "step": 7, "model_config": {"vocab_size": VOCAB.size}}
+    def load_model(path, device, ema=True):
+        meta = {"kind": kind, "path": str(path), "step": 7, "model_config": {"vocab_size": VOCAB.size},
+                "weights": "ema" if ema else "model"}
         return kind, nn.Linear(1, 1).to(device), meta
 
     monkeypatch.setattr(checkpoint, "load_model", load_model)
@@ -64,7 +65,7 @@ def iflame(monkeypatch):
     """A fake iFlame sampler (the contract of meshforge.sample.iflame): mesh i is SOURCES[i % 3]."""
     calls = {}
 
-    def sample_tokens(model, vocab, cfg, device):
+    def sample_tokens(model, vocab, cfg, device, prompts=None):
         calls.update(dataclasses.asdict(cfg), vocab=vocab, device=device)
         sequences = [encode_mesh(SOURCES[i % 3]) for i in range(cfg.n)]
         produced = sum(len(s) + 1 for s in sequences)
@@ -78,13 +79,14 @@ def iflame(monkeypatch):
 
 def test_iflame_samples_are_decoded_and_written(iflame, tmp_path):
     out = tmp_path / "samples"
-    options = "--n 4 --batch-size 2 --formats obj,ply --top-p 0.9 --max-faces 300 --no-cuda-graphs"
+    options = "--n 4 --batch-size 2 --formats obj,ply --top-p 0.9 --max-faces 300 --no-cuda-graphs --no-ema"
     assert cli(f"--device cpu --seed 3 sample --checkpoint {{}} --out {{}} {options}", tmp_path, out) == 0
     assert iflame == {"n": 4, "batch_size": 2, "max_faces": 300, "temperature": 1.0, "top_k": None,
                       "top_p": 0.9, "seed": 3, "cuda_graphs": False, "vocab": VOCAB, "device": torch.device("cpu")}
     stats = json.loads((out / "stats.json").read_text())
     expected_faces = [SOURCES[i % 3].num_faces for i in range(4)]
     assert stats["count"] == stats["valid"] == 4 and stats["kind"] == "iflame" and stats["step"] == 7
+    assert stats["weights"] == "model"  # --no-cuda-graphs ... --no-ema
     assert [m["faces"] for m in stats["meshes"]] == expected_faces
     assert stats["tokens"] == sum(9 * f + 1 for f in expected_faces) and stats["tokens_per_s"] > 0
     assert (out / "grid.png").is_file() and (out / "sample_003.ply").is_file()
@@ -161,6 +163,72 @@ def test_sample_from_a_real_iflame_checkpoint(tmp_path):
     options = "--n 3 --batch-size 2 --max-faces 3 --formats obj,glb"
     assert cli(f"--device cpu sample --checkpoint {{}} --out {{}} {options}", tmp_path / "run", out) == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["count"] == 3 and stats["step"] == 5 and stats["faces_max"] <= 3
+    assert stats["count"] == 3 and stats["step"] == 5 and stats["faces_max"] <= 3 and stats["weights"] == "model"
     assert 0 < stats["tokens"] <= 3 * (9 * 3 + 1)
     assert len(list(out.glob("sample_*.glb"))) == 3 and (out / "grid.png").is_file()
+
+
+def test_sample_completes_prompts_from_a_real_iflame_checkpoint(tmp_path, capsys):
+    """--prompt with a mesh file: each completion holds the prompt's faces (prefilled in one pass),
+    the prompt is written beside it, and stats.json records it; bad prompts are one-line errors."""
+    from meshforge.config import to_dict
+    from meshforge.data.tokens import decode_tokens
+    from meshforge.models.iflame import IFlame, IFlameConfig
+    from meshforge.sample.export import faces_of, mesh_from_canonical
+
+    torch.manual_seed(0)
+    config = IFlameConfig(dim=32, n_heads=2, blocks=[1, 1, 2, 1, 1], max_seq_len=1008)
+    checkpoint.save_checkpoint(
+        tmp_path / "run", step=5, model=IFlame(config), meta={"kind": "iflame", "model_config": to_dict(config)},
+        state={}, keep=1,
+    )
+    source = tmp_path / "table.obj"
+    vertices, faces = synth_mesh("table", 0, 0)
+    source.write_bytes(mesh_bytes(vertices, faces, "obj"))
+    out = tmp_path / "samples"
+    options = "--n 2 --batch-size 2 --max-faces 6 --prompt-faces 3 --temperature 0"
+    assert cli(f"--device cpu sample --checkpoint {{}} --out {{}} --prompt {{}} {options}", tmp_path / "run", out, source) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["prompt"] == str(source) and [m["prompt_faces"] for m in stats["meshes"]] == [3, 3]
+    expected = mesh_from_canonical(decode_tokens(encode_mesh(canonicalize(vertices, faces, bits=7))[:27], VOCAB))
+
+    def read(path):  # OBJ keeps 6 decimals: snap back to the 7-bit cell centres
+        raw = load_mesh_file(path)
+        return (np.round((raw.vertices + 0.5) * VOCAB.levels - 0.5) + 0.5) / VOCAB.levels - 0.5, raw.faces
+
+    for name in ("sample_000", "sample_001"):
+        prompt, completion = read(out / f"{name}_prompt.obj"), read(out / f"{name}.obj")
+        assert len(prompt[1]) == 3 and faces_of(prompt, expected).all()
+        assert 3 < len(completion[1]) <= 6 and faces_of(expected, completion).all()
+    assert (out / "grid.png").is_file()
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    capsys.readouterr()
+    assert cli("--device cpu sample --checkpoint {} --out {} --prompt {}", tmp_path / "run", out, bad) == 1
+    error = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert error.endswith(f"error: {bad}: unsupported file type '.txt'") and error.count("error:") == 1
+    too_long = "--max-faces 3 --prompt-faces 3"
+    assert cli(f"--device cpu sample --checkpoint {{}} --out {{}} --prompt {{}} {too_long}", tmp_path / "run", out, source) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "error: a prompt of 3 faces leaves nothing to sample under max_faces 3" in error and "Traceback" not in error
+
+
+def test_prompts_from_a_token_dataset_are_its_val_meshes_in_turn(tmp_path):
+    from meshforge.data.shards import TokenDataset
+    from meshforge.data.synth import generate
+    from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
+    from meshforge.errors import InputError
+    from meshforge.sample.run import prompt_tokens
+
+    generate(tmp_path / "synth", n=6, seed=0, max_faces=120)
+    tokenize_folder(TokenizeConfig(input=tmp_path / "synth", out=tmp_path / "tokens", val_fraction=0.5, max_faces=120, workers=1))
+    val = TokenDataset(tmp_path / "tokens", "val")
+    prompts = prompt_tokens(tmp_path / "tokens", len(val) + 1, 2, VOCAB)
+    assert len(prompts) == len(val) + 1
+    for i, prompt in enumerate(prompts):
+        np.testing.assert_array_equal(prompt, val.tokens(i % len(val))[:18])
+    coarse = prompt_tokens(tmp_path / "tokens", 1, 2, Vocab(5))[0]  # a 5-bit checkpoint: re-quantised
+    assert len(coarse) == 18 and coarse.max() < 32
+    with pytest.raises(InputError, match="no manifest.json"):
+        prompt_tokens(tmp_path / "synth", 1, 2, VOCAB)

@@ -12,4 +12,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     out, optimizer = Path(sys.argv[1]), sys.argv[2]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 12
-    train(ToyTask(batch_size=8), toy_config(steps=steps, optimizer=optimizer), out, device="cpu")
+    train(ToyTask(batch_size=8), toy_config(steps=steps, optimizer=optimizer, ema_decay=0.9), out, device="cpu")

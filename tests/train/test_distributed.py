@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from meshforge.errors import MeshforgeError
+from meshforge.train.checkpoint import latest_checkpoint, load_ema
 from meshforge.train.distributed import global_batch, launch, rank_slice
 from meshforge.train.logs import read_csv
 from meshforge.train.trainer import train
@@ -59,7 +60,7 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monke
     monkeypatch.setenv("PYTHONPATH", str(root))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     launch(2, "tests.train.ddp_worker", [str(tmp_path / "ddp"), optimizer])
-    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer), tmp_path / "one", device="cpu")
+    train(ToyTask(batch_size=8), toy_config(steps=12, optimizer=optimizer, ema_decay=0.9), tmp_path / "one", device="cpu")
 
     def curve(name):
         return [(r["step"], r["loss"], r["acc"]) for r in read_csv(tmp_path / name / "metrics.csv") if "loss" in r]
@@ -82,6 +83,11 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, monke
     acc_atol = 1e-6 + (1 / 40 if optimizer == "muon" else 0)
     assert np.allclose([a for _, _, a in one], [a for _, _, a in two], rtol=0, atol=acc_atol)
     assert (tmp_path / "ddp" / "checkpoints" / "latest").read_text().strip() == "step_0000012"
+    # Every rank averages its (identical) weights; rank 0's average is the single process's.
+    ema_one, ema_two = (load_ema(latest_checkpoint(tmp_path / name)) for name in ("one", "ddp"))
+    assert sorted(ema_one) == sorted(ema_two)
+    for name in ema_one:
+        torch.testing.assert_close(ema_two[name], ema_one[name], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -90,3 +90,12 @@ def test_config_validation():
         TrainIFlameConfig(data="d", out="o", max_faces=0)
     with pytest.raises(ValueError, match="batch_size"):
         TrainIFlameConfig(data="d", out="o", batch_size=0)
+
+
+def test_bucketed_batches_never_outgrow_a_model_sized_to_the_longest_mesh(data, tmp_path):
+    """A model of exactly the dataset's 100 faces + END (909 positions): bucketing may not pad past it."""
+    from meshforge.models.iflame import IFlameConfig
+
+    t = task(data, tmp_path, batch_size=9, model=IFlameConfig(dim=32, n_heads=2, max_seq_len=909))
+    stream = t.batches(0, 1, seed=0, start_step=0)
+    assert max(next(stream)[0].shape[1] for _ in range(8)) <= 909

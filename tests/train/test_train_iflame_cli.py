@@ -52,6 +52,9 @@ def test_train_then_eval_face_acc(tokens, tmp_path, capsys):
     # The trainer's final evaluation and `meshforge eval` measure the same thing.
     assert result["face_acc"] == pytest.approx(summary["val_face_acc"], abs=1e-6)
     assert result["step"] == 6 and result["kind"] == "iflame"
+    # Without --max-faces, meshes longer than the model (189 positions) are scored on what fits.
+    assert main(["--device", "cpu", "eval", "--metric", "face-acc", "--checkpoint", str(out), "--data", str(tokens),
+                 "--n", "3"]) == 0
 
 
 def test_resume_through_the_cli_extends_the_run(tokens, tmp_path):
@@ -113,3 +116,23 @@ def test_a_batch_larger_than_the_training_split_is_one_line(tokens, tmp_path, ca
     err = capsys.readouterr().err
     assert err.endswith(f"error: --batch-size 1600 is more than the 7 training items of {tokens}: "
                         "pass --batch-size 7 or less\n"), err
+
+
+def test_eval_and_sample_use_the_ema_weights_unless_told_not_to(tokens, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tokens, out, 6, "--ema-decay", "0.9")) == 0
+    assert (out / "checkpoints" / "step_0000006" / "ema.safetensors").is_file()
+    results = {}
+    for flag in ("--ema", "--no-ema"):
+        capsys.readouterr()
+        target = tmp_path / f"eval{flag}.json"
+        assert main(["--device", "cpu", "eval", "--metric", "face-acc", "--checkpoint", str(out), "--data", str(tokens),
+                     "--max-faces", "20", "--n", "3", "--out", str(target), flag]) == 0
+        results[flag] = json.loads(target.read_text())
+        assert f"weights: {results[flag]['weights']}" in capsys.readouterr().out
+    assert results["--ema"]["weights"] == "ema" and results["--no-ema"]["weights"] == "model"
+    assert results["--ema"]["loss"] != results["--no-ema"]["loss"]
+    samples = tmp_path / "samples"
+    assert main(["--device", "cpu", "sample", "--checkpoint", str(out), "--out", str(samples), "--n", "1",
+                 "--max-faces", "2"]) == 0
+    assert json.loads((samples / "stats.json").read_text())["weights"] == "ema"

@@ -63,6 +63,7 @@ class DiTTaskConfig(TrainOptions):
     views: int = 4  # renders per mesh when an SDF dataset is encoded for image conditioning
     eval_meshes: int = 16  # val shapes per evaluation (0: the whole split)
     batch_size: int = 8
+    ema_decay: float = 0.999  # diffusion models are sampled from their EMA weights
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -81,8 +81,10 @@ class IFlameTask:
                 f"model.vocab_size {cfg.model.vocab_size} does not match the dataset's {self.vocab.size} tokens "
                 f"({self.vocab.bits}-bit coordinates); set model.vocab_size={self.vocab.size}"
             )
-        self.max_len = TOKENS_PER_FACE * (cfg.max_faces + 1) if cfg.max_faces else None
-        longest = self.max_len or TOKENS_PER_FACE * (int(manifest["max_faces"]) + 1)
+        longest = TOKENS_PER_FACE * ((cfg.max_faces or int(manifest["max_faces"])) + 1)
+        # Batches round their length up to a bucket (<= 12.5% padding); the model's length caps
+        # that padding, not the meshes, once every mesh fits.
+        self.max_len = longest if cfg.max_faces else cfg.model.max_seq_len
         if longest > cfg.model.max_seq_len:
             raise ConfigError(
                 f"sequences of up to {longest} tokens do not fit model.max_seq_len {cfg.model.max_seq_len}; "
