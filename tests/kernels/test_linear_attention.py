@@ -1,12 +1,16 @@
-"""Decayed linear attention: the chunked CPU path and fla-core's kernels against the recurrence."""
+"""Decayed linear attention: the chunked and parallel forms, the fused parallel kernel (under Triton's
+interpreter on a CPU) and fla-core's kernels against the recurrence."""
 
 import pytest
 import torch
 from meshforge.kernels.linear_attention import (
+    PARALLEL_MAX_LEN,
+    cuda_form,
     decay_slopes,
     linear_attention,
     linear_attention_chunked,
     linear_attention_naive,
+    linear_attention_parallel,
     linear_attention_step,
 )
 
@@ -89,6 +93,64 @@ def test_state_passing_splits_a_sequence_anywhere():
     assert_close_rel(final, whole_final, 2e-6)
 
 
+@pytest.mark.parametrize("T", [1, 63, 150])
+def test_parallel_form_equals_recurrence_with_initial_and_final_state(T):
+    # One chunk of T: the same sums as the recurrence in another order, each output a sum of <= T
+    # float32 terms (relative rounding ~sqrt(T) 2^-24, far inside 2e-6 of the largest output).
+    q, k, v, state = inputs(T, seed=7)
+    slopes = torch.tensor([6.0, 1.0, 0.1, 0.0])  # e^-6 per step underflows the far weights to 0
+    want, want_final = linear_attention_naive(q, k, v, slopes, state, True, scale=0.3)
+    got, got_final = linear_attention_parallel(q, k, v, slopes, state, True, scale=0.3)
+    assert torch.isfinite(got).all() and got.dtype == q.dtype
+    assert_close_rel(got, want, 2e-6)
+    assert_close_rel(got_final, want_final, 2e-6)
+
+
+def test_parallel_gradients_equal_the_chunked_forms():
+    q, k, v, state = (x.double().requires_grad_() for x in inputs(100, seed=8))
+    slopes = decay_slopes(H)
+    grads = []
+    for fn, kw in ((linear_attention_chunked, {"chunk_size": 16}), (linear_attention_parallel, {})):
+        out, final = fn(q, k, v, slopes, state, True, **kw)
+        grads.append(torch.autograd.grad(out.square().sum() + final.sum(), (q, k, v, state)))
+    for chunked, parallel in zip(*grads):
+        assert_close_rel(parallel, chunked, 2e-6)
+
+
+def test_cuda_form_is_parallel_for_short_stateless_sequences_only():
+    assert cuda_form(1, stateful=False) == cuda_form(PARALLEL_MAX_LEN, stateful=False) == "parallel"
+    assert cuda_form(PARALLEL_MAX_LEN + 1, stateful=False) == "chunked"
+    assert cuda_form(9, stateful=True) == "chunked"  # prefill hands its state on: fla's kernels
+
+
+def parallel_triton_inputs(T: int, head_dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, T, 3, head_dim, generator=g, requires_grad=True) for _ in range(3)]
+
+
+# Under the interpreter tl.dot is a float32 matmul: outputs and gradients are sums of <= T (<= 300)
+# float32 products in another order than the reference's, relative rounding ~sqrt(T) 2^-24 each.
+@pytest.mark.parametrize("T, head_dim", [(1, 16), (70, 24), (300, 16)])
+def test_fused_parallel_kernel_matches_the_parallel_form_and_its_gradients(T, head_dim):
+    from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
+
+    # Head 0 reaches back only 14 positions above float32 underflow: at T 300 its far key blocks are
+    # skipped; slope 0 (no decay) makes the last head see everything.
+    slopes = torch.tensor([6.0, 2.0**-4, 0.0])
+    q, k, v = parallel_triton_inputs(T, head_dim, seed=T)
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    got = linear_attention_parallel_triton(q, k, v, slopes, 0.25)
+    want = linear_attention_parallel(qr, kr, vr, slopes, scale=0.25)[0]
+    assert got.shape == want.shape and got.dtype == q.dtype
+    assert_close_rel(got, want, 1e-5)
+    assert_close_rel(got, linear_attention_naive(q, k, v, slopes, scale=0.25)[0], 1e-5)
+    grad_out = torch.randn_like(got)
+    got.backward(grad_out)
+    want.backward(grad_out)
+    for fused, ref in ((q, qr), (k, kr), (v, vr)):
+        assert_close_rel(fused.grad, ref.grad, 1e-5)
+
+
 def test_step_advances_the_state_in_place_like_the_recurrence():
     q, k, v, state = inputs(20, seed=3)
     slopes = decay_slopes(H)
@@ -122,3 +184,23 @@ def test_fla_kernels_match_the_reference_on_cuda(dtype, rel):
     linear_attention_chunked(qc, kc, vc, slopes)[0].square().sum().backward()
     for fast, ref in ((q32, qc), (k32, kc), (v32, vc)):
         assert_close_rel(fast.grad, ref.grad, 5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
+def test_fused_parallel_kernel_matches_the_reference_on_cuda(dtype, rel):
+    """What training runs at short lengths: bf16 P before P V (and TF32 dots in float32), as FlashAttention."""
+    from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
+
+    q, k, v, _ = inputs(700, seed=9, device="cuda", dtype=dtype)
+    slopes = decay_slopes(H).cuda()
+    assert cuda_form(700, stateful=False) == "parallel"
+    assert_close_rel(linear_attention(q, k, v, slopes)[0], linear_attention_naive(q, k, v, slopes)[0], rel)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out = linear_attention_parallel_triton(q, k, v, slopes, D**-0.5)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    linear_attention_parallel(qr, kr, vr, slopes)[0].backward(grad_out.float())
+    for fast, ref in ((q, qr), (k, kr), (v, vr)):
+        assert_close_rel(fast.grad, ref.grad, rel)
