@@ -125,7 +125,7 @@ def test_cuda_form_is_parallel_for_short_stateless_sequences_only():
 
 def parallel_triton_inputs(T: int, head_dim: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, T, 3, head_dim, generator=g, requires_grad=True) for _ in range(3)]
+    return [torch.randn(2, T, 4, head_dim, generator=g, requires_grad=True) for _ in range(3)]
 
 
 # Under the interpreter tl.dot is a float32 matmul: outputs and gradients are sums of <= T (<= 300)
@@ -135,8 +135,9 @@ def test_fused_parallel_kernel_matches_the_parallel_form_and_its_gradients(T, he
     from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
     # Head 0 reaches back only 14 positions above float32 underflow: at T 300 its far key blocks are
-    # skipped; slope 0 (no decay) makes the last head see everything.
-    slopes = torch.tensor([6.0, 2.0**-4, 0.0])
+    # skipped; heads 1 and 2 weigh off-diagonal tiles between 1 and 2^-26 (the factorised decay);
+    # slope 0 (no decay) makes the last head see everything.
+    slopes = torch.tensor([6.0, 2.0**-4, 0.01, 0.0])
     q, k, v = parallel_triton_inputs(T, head_dim, seed=T)
     qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
     got = linear_attention_parallel_triton(q, k, v, slopes, 0.25)

@@ -1,0 +1,161 @@
+"""Which linear-attention form is fastest at which length: the fused parallel kernel against fla's chunked one.
+
+    python benchmarks/linear_attention_forms.py [--batch 32] [--lengths 128 256 ...] [--out benchmarks/results]
+    python benchmarks/linear_attention_forms.py --quick   # CPU smoke test: tiny sizes, PyTorch forms only
+
+One linear-attention call of iFlame's reference model (16 heads of dim 32, bf16, iFlame's decay
+slopes), forward and forward + backward, at each length, for:
+
+- ``parallel``: the fused decay-masked kernel (:mod:`meshforge.kernels.linear_attention.parallel_triton`);
+- ``chunk``: fla-core's ``chunk_simple_gla`` (what ran at every length before);
+- ``softmax``: the full-attention blocks' causal softmax attention (:func:`meshforge.models.attention.causal_attention`,
+  flash-attn or SDPA), the reference point: the interleaved model should not be slower than it.
+
+Lengths to read against the model: a mesh of F faces is ``9 (F + 1)`` tokens at the token level,
+a third of that at the vertex level and a ninth at the face level (synth meshes: ~1.1k / 370 / 123).
+Before timing, each length checks the parallel kernel's output against fla's (bf16 both, the
+largest difference relative to the largest output is recorded). ``crossover_len`` is the longest
+length up to which the parallel form won at every measured length: what
+:data:`meshforge.kernels.linear_attention.PARALLEL_MAX_LEN` should be on this device. Times are
+medians of ``triton.testing.do_bench`` on CUDA (means of a few calls on CPU). Writes
+``linear_attention_forms.json`` (device named) and ``linear_attention_forms.png`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from meshforge.io import atomic_write_json
+from meshforge.kernels.linear_attention import (
+    PARALLEL_MAX_LEN,
+    decay_slopes,
+    linear_attention_chunked,
+    linear_attention_parallel,
+)
+from meshforge.models.attention import causal_attention
+from meshforge.render import render_table_png
+
+RESULTS = Path(__file__).parent / "results"
+LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
+QUICK_LENGTHS = (16, 64, 128)
+
+Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def cuda_forms(slopes: Tensor) -> dict[str, Attention]:
+    from fla.ops.simple_gla import chunk_simple_gla
+    from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
+
+    gamma = -slopes.float()
+    return {
+        "parallel": lambda q, k, v: linear_attention_parallel_triton(q, k, v, slopes, q.shape[-1] ** -0.5),
+        "chunk": lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=gamma)[0],
+        "softmax": causal_attention,
+    }
+
+
+def cpu_forms(slopes: Tensor) -> dict[str, Attention]:
+    """The PyTorch forms: what the smoke test can run (the Triton ones need a GPU to mean anything)."""
+    return {
+        "parallel": lambda q, k, v: linear_attention_parallel(q, k, v, slopes)[0],
+        "chunk": lambda q, k, v: linear_attention_chunked(q, k, v, slopes)[0],
+        "softmax": causal_attention,
+    }
+
+
+def milliseconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
+
+
+def bench_length(forms: dict[str, Attention], shape: tuple[int, ...], dtype, device) -> dict:
+    g = torch.Generator(device=device).manual_seed(shape[1])
+    q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    row: dict = {"T": shape[1]}
+    with torch.no_grad():
+        parallel, chunk = forms["parallel"](q, k, v).float(), forms["chunk"](q, k, v).float()
+        row["parallel_vs_chunk_rel_diff"] = ((parallel - chunk).abs().max() / chunk.abs().max()).item()
+    for name, attend in forms.items():
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = milliseconds(lambda: attend(q, k, v), device)
+        row[f"{name}_fwd_bwd_ms"] = milliseconds(
+            lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out), device
+        )
+    row["chunk_over_parallel"] = row["chunk_fwd_bwd_ms"] / row["parallel_fwd_bwd_ms"]
+    return row
+
+
+def crossover(rows: list[dict]) -> int | None:
+    """The longest length up to which the parallel form's forward + backward won at every length."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["T"]):
+        if row["parallel_fwd_bwd_ms"] > row["chunk_fwd_bwd_ms"]:
+            break
+        best = row["T"]
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: batch 2, 4 heads of 16, short lengths")
+    args = parser.parse_args()
+    if args.quick:
+        device, dtype = torch.device("cpu"), torch.float32
+        args.batch, args.heads, args.head_dim = 2, 4, 16
+        lengths, forms = args.lengths or QUICK_LENGTHS, cpu_forms(decay_slopes(4))
+        device_name = f"cpu ({platform.processor() or platform.machine()})"
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        lengths, forms = args.lengths or LENGTHS, cuda_forms(decay_slopes(args.heads).cuda())
+        device_name = torch.cuda.get_device_name()
+    else:
+        raise SystemExit("this benchmark needs a CUDA device (or --quick for the CPU smoke test)")
+
+    rows = []
+    for T in lengths:
+        rows.append(bench_length(forms, (args.batch, T, args.heads, args.head_dim), dtype, device))
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    result = {
+        "benchmark": "linear_attention_forms",
+        "device": device_name,
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+        "setup": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": str(dtype),
+                  "slopes": "iFlame's decay_slopes", "quick": args.quick,
+                  "timing": "median of triton.testing.do_bench (CUDA), forward alone and forward + backward"},
+        "crossover_len": crossover(rows),
+        "parallel_max_len_in_code": PARALLEL_MAX_LEN,
+        "rows": rows,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "linear_attention_forms.json", result)
+    render_table_png(
+        rows,
+        args.out / "linear_attention_forms.png",
+        title=f"Linear attention forms, {device_name}, B{args.batch} H{args.heads} D{args.head_dim}, "
+        f"crossover {result['crossover_len']}",
+    )
+    print(f"crossover_len {result['crossover_len']} (PARALLEL_MAX_LEN in code: {PARALLEL_MAX_LEN})")
+
+
+if __name__ == "__main__":
+    main()
