@@ -14,7 +14,9 @@ slopes), forward and forward + backward, at each length, for:
 Lengths to read against the model: a mesh of F faces is ``9 (F + 1)`` tokens at the token level,
 a third of that at the vertex level and a ninth at the face level (synth meshes: ~1.1k / 370 / 123).
 Before timing, each length checks the parallel kernel's output against fla's (bf16 both, the
-largest difference relative to the largest output is recorded). ``crossover_len`` is the longest
+largest difference relative to the largest output is recorded). Ratios above 1 in
+``chunk_over_parallel`` / ``softmax_over_parallel`` mean the parallel form is faster (forward +
+backward). ``crossover_len`` is the longest
 length up to which the parallel form won at every measured length: what
 :data:`meshforge.kernels.linear_attention.PARALLEL_MAX_LEN` should be on this device. Times are
 medians of ``triton.testing.do_bench`` on CUDA (means of a few calls on CPU). Writes
@@ -97,6 +99,7 @@ def bench_length(forms: dict[str, Attention], shape: tuple[int, ...], dtype, dev
             lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out), device
         )
     row["chunk_over_parallel"] = row["chunk_fwd_bwd_ms"] / row["parallel_fwd_bwd_ms"]
+    row["softmax_over_parallel"] = row["softmax_fwd_bwd_ms"] / row["parallel_fwd_bwd_ms"]
     return row
 
 
@@ -143,6 +146,8 @@ def main() -> None:
                   "slopes": "iFlame's decay_slopes", "quick": args.quick,
                   "timing": "median of triton.testing.do_bench (CUDA), forward alone and forward + backward"},
         "crossover_len": crossover(rows),
+        "crossover_note": "longest measured length up to which parallel fwd+bwd <= chunk fwd+bwd at every "
+                          "measured length (null: chunk won at the shortest; the longest length: parallel won everywhere)",
         "parallel_max_len_in_code": PARALLEL_MAX_LEN,
         "rows": rows,
     }  # fmt: skip

@@ -35,7 +35,7 @@ from torch import Tensor
 
 BLOCK = 64  # queries and keys per tile (one tile size: the backward's loops start on the diagonal block)
 UNDERFLOW_LOG2 = tl.constexpr(126.0)  # weights below 2^-126 (float32's smallest normal) are skipped
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -59,14 +59,14 @@ def _decay(distance, rate):
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, rate_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     h = bh % n_heads
     base = (bh // n_heads).to(tl.int64) * stride_b + h * stride_h
-    rate = tl.load(rate_ptr + h)
+    rate = tl.load(slope_ptr + h).to(tl.float32) * LOG2E
     d = tl.arange(0, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK)
     row_tile = (rows[:, None] < seq_len) & (d[None, :] < HEAD_DIM)
@@ -93,14 +93,14 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, rate_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, slope_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     h = bh % n_heads
     base = (bh // n_heads).to(tl.int64) * stride_b + h * stride_h
-    rate = tl.load(rate_ptr + h)
+    rate = tl.load(slope_ptr + h).to(tl.float32) * LOG2E
     d = tl.arange(0, BLOCK_D)
     cols = start_n + tl.arange(0, BLOCK)
     col_tile = (cols[:, None] < seq_len) & (d[None, :] < HEAD_DIM)
@@ -140,14 +140,14 @@ def _backward_dkdv_kernel(
 
 @triton.jit
 def _backward_dq_kernel(
-    k_ptr, v_ptr, do_ptr, dq_ptr, rate_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
+    k_ptr, v_ptr, do_ptr, dq_ptr, slope_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     h = bh % n_heads
     base = (bh // n_heads).to(tl.int64) * stride_b + h * stride_h
-    rate = tl.load(rate_ptr + h)
+    rate = tl.load(slope_ptr + h).to(tl.float32) * LOG2E
     d = tl.arange(0, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK)
     row_tile = (rows[:, None] < seq_len) & (d[None, :] < HEAD_DIM)
@@ -170,10 +170,10 @@ def _backward_dq_kernel(
     tl.store(dq_ptr + offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_tile)
 
 
-def _launch(kernel, tensors: tuple[Tensor, ...], rates: Tensor, scale: float) -> None:
+def _launch(kernel, tensors: tuple[Tensor, ...], slopes: Tensor, scale: float) -> None:
     batch, seq_len, heads, head_dim = tensors[0].shape
     kernel[(triton.cdiv(seq_len, BLOCK), batch * heads)](
-        *tensors, rates, seq_len, heads, *tensors[0].stride()[:3], scale,
+        *tensors, slopes, seq_len, heads, *tensors[0].stride()[:3], scale,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
 
@@ -181,29 +181,31 @@ def _launch(kernel, tensors: tuple[Tensor, ...], rates: Tensor, scale: float) ->
 class _ParallelLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
-        rates = (slopes.float() * LOG2E).contiguous()
+        slopes = slopes.contiguous()
         out = torch.empty_like(q)
-        _launch(_forward_kernel, (q, k, v, out), rates, scale)
-        ctx.save_for_backward(q, k, v, rates)
+        _launch(_forward_kernel, (q, k, v, out), slopes, scale)
+        ctx.save_for_backward(q, k, v, slopes)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, rates = ctx.saved_tensors
+        q, k, v, slopes = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), rates, ctx.scale)
-        _launch(_backward_dq_kernel, (k, v, grad_out, dq), rates, ctx.scale)
+        _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), slopes, ctx.scale)
+        _launch(_backward_dq_kernel, (k, v, grad_out, dq), slopes, ctx.scale)
         return dq, dk, dv, None, None
 
 
 def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
-    """``scale * ((Q K^T) * W) V`` for ``[B, T, H, D]`` inputs of one dtype, ``slopes >= 0``; output in ``q.dtype``.
+    """``scale * ((Q K^T) * W) V`` for ``[B, T, H, D]`` inputs, ``slopes [H] >= 0``; output in ``q.dtype``.
 
     Differentiable in ``q, k, v``. The kernels index one set of strides, so the inputs are made
     contiguous (the model's q, k and v are slices of one qkv projection).
     """
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"parallel linear attention needs q, k, v of one shape [B, T, H, D], got {q.shape}, {k.shape}, {v.shape}")
     dtype = q.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
     return _ParallelLinearAttention.apply(q, k, v, slopes, scale)
