@@ -152,6 +152,28 @@ def test_fused_parallel_kernel_matches_the_parallel_form_and_its_gradients(T, he
         assert_close_rel(fused.grad, ref.grad, 1e-5)
 
 
+def test_fused_parallel_kernel_in_half_precision_rounds_like_flash_attention():
+    """P (and dS) go to the input dtype before their matmul: errors of a few fp16 roundings (2^-11).
+
+    fp16 stands in for training's bf16 here: the interpreter's bf16 tl.dot is wrong in Triton 3.9
+    (a plain bf16 tile product is off by 1e8); the bf16 path is checked on CUDA below.
+    """
+    from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
+
+    slopes = decay_slopes(H)
+    q, k, v = (x.half().detach().requires_grad_() for x in parallel_triton_inputs(150, 32, seed=11))
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    got = linear_attention_parallel_triton(q, k, v, slopes, 32**-0.5)
+    want = linear_attention_parallel(qr, kr, vr, slopes)[0]
+    assert got.dtype == torch.float16
+    assert_close_rel(got, want, 2e-3)
+    grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(12)).half()
+    got.backward(grad_out)
+    want.backward(grad_out.float())
+    for fused, ref in ((q, qr), (k, kr), (v, vr)):
+        assert_close_rel(fused.grad, ref.grad, 2e-3)
+
+
 def test_step_advances_the_state_in_place_like_the_recurrence():
     q, k, v, state = inputs(20, seed=3)
     slopes = decay_slopes(H)
@@ -166,7 +188,7 @@ def test_step_advances_the_state_in_place_like_the_recurrence():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
 def test_fla_kernels_match_the_reference_on_cuda(dtype, rel):
-    from fla.ops.simple_gla import fused_recurrent_simple_gla
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     q, k, v, state = inputs(300, seed=4, device="cuda", dtype=dtype)
     slopes = decay_slopes(H).cuda()
@@ -178,10 +200,11 @@ def test_fla_kernels_match_the_reference_on_cuda(dtype, rel):
     rec, rec_final = fused_recurrent_simple_gla(q, k, v, g_gamma=-slopes, initial_state=state, output_final_state=True)
     assert_close_rel(rec, want, rel)
     assert_close_rel(rec_final, want_final, rel)
-    # Gradients of the Triton path against autograd through the chunked reference (fla may use TF32).
+    # Gradients of fla's chunked kernels (what training runs above PARALLEL_MAX_LEN) against autograd
+    # through the chunked reference (fla may use TF32).
     q32, k32, v32 = (x.float().requires_grad_() for x in (q, k, v))
     qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q32, k32, v32))
-    linear_attention(q32, k32, v32, slopes)[0].square().sum().backward()
+    chunk_simple_gla(q32, k32, v32, g_gamma=-slopes)[0].square().sum().backward()
     linear_attention_chunked(qc, kc, vc, slopes)[0].square().sum().backward()
     for fast, ref in ((q32, qc), (k32, kc), (v32, vc)):
         assert_close_rel(fast.grad, ref.grad, 5e-3)
