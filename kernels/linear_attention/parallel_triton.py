@@ -41,14 +41,16 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _reach(rate, seq_len):
     """Largest distance whose weight ``2^(-rate d)`` can be a normal float32 (``rate`` in log2 units)."""
-    return (1.0 / tl.maximum(rate / UNDERFLOW_LOG2, 1.0 / seq_len)).to(tl.int32)  # at most seq_len, even at rate 0
+    # at most seq_len, also at rate 0
+    return (1.0 / tl.maximum(rate / UNDERFLOW_LOG2, 1.0 / seq_len)).to(tl.int32)
 
 
 @triton.jit
 def _weights(rows, cols, rate):
     """The decay mask ``W[rows, cols]`` of a diagonal tile, float32."""
     distance = (rows[:, None] - cols[None, :]).to(tl.float32)
-    return tl.where(distance >= 0, tl.exp2(-rate * tl.maximum(distance, 0.0)), 0.0)  # no inf above the diagonal
+    # clamped: no inf above the diagonal, even where it is masked
+    return tl.where(distance >= 0, tl.exp2(-rate * tl.maximum(distance, 0.0)), 0.0)
 
 
 @triton.jit
@@ -205,7 +207,8 @@ def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Te
     contiguous (the model's q, k and v are slices of one qkv projection).
     """
     if not q.shape == k.shape == v.shape:
-        raise ValueError(f"parallel linear attention needs q, k, v of one shape [B, T, H, D], got {q.shape}, {k.shape}, {v.shape}")
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        raise ValueError(f"parallel linear attention needs q, k, v of one shape [B, T, H, D], got {shapes}")
     dtype = q.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
     return _ParallelLinearAttention.apply(q, k, v, slopes, scale)
