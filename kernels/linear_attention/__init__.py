@@ -174,8 +174,8 @@ def linear_attention(
     ``q, k: [B, T, H, D_k]``, ``v: [B, T, H, D_v]``, ``slopes: [H]`` (positive decay rates),
     ``initial_state: [B, H, D_k, D_v]``. ``scale`` defaults to ``D_k ** -0.5`` (fla's default too).
     Returns the output ``[B, T, H, D_v]`` in ``q.dtype`` and, when asked, the final state.
-    On CPU the chunked form runs at every length: it does T / 64 times fewer FLOPs than the
-    parallel one, and there are no launch costs to amortise.
+    On CPU the chunked form runs at every length: up to 64 positions it is the parallel form, beyond
+    it does fewer FLOPs, and there are no kernel launches to amortise.
     """
     if not q.is_cuda:
         return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale)
