@@ -161,7 +161,9 @@ def test_fused_parallel_kernel_in_half_precision_rounds_like_flash_attention():
     from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
     slopes = decay_slopes(H)
-    q, k, v = (x.half().detach().requires_grad_() for x in parallel_triton_inputs(150, 32, seed=11))
+    # Strided views of one projection, as the model passes them.
+    qkv = torch.stack(parallel_triton_inputs(150, 32, seed=11), 2).half().detach().requires_grad_()
+    q, k, v = qkv.unbind(2)
     qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
     got = linear_attention_parallel_triton(q, k, v, slopes, 32**-0.5)
     want = linear_attention_parallel(qr, kr, vr, slopes)[0]
@@ -170,8 +172,8 @@ def test_fused_parallel_kernel_in_half_precision_rounds_like_flash_attention():
     grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(12)).half()
     got.backward(grad_out)
     want.backward(grad_out.float())
-    for fused, ref in ((q, qr), (k, kr), (v, vr)):
-        assert_close_rel(fused.grad, ref.grad, 2e-3)
+    for fused, ref in zip(qkv.grad.unbind(2), (qr.grad, kr.grad, vr.grad)):
+        assert_close_rel(fused, ref, 2e-3)
 
 
 def test_step_advances_the_state_in_place_like_the_recurrence():
