@@ -155,8 +155,8 @@ def test_fused_parallel_kernel_matches_the_parallel_form_and_its_gradients(T, he
 def test_fused_parallel_kernel_in_half_precision_rounds_like_flash_attention():
     """P (and dS) go to the input dtype before their matmul: errors of a few fp16 roundings (2^-11).
 
-    fp16 stands in for training's bf16 here: the interpreter's bf16 tl.dot is wrong in Triton 3.9
-    (a plain bf16 tile product is off by 1e8); the bf16 path is checked on CUDA below.
+    fp16 stands in for training's bf16 here: the interpreter gets bf16 tiles wrong in Triton 3.9
+    (one loaded, doubled and stored is off by up to 8); the bf16 path is checked on CUDA below.
     """
     from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
