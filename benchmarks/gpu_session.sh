@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_session.sh retrain-interleaved  # the interleaved run of the face-acc pair alone (~1 min
 #                                            # after another iFlame phase)
 #   bash benchmarks/gpu_session.sh iflame-recipe        # recipes/iflame_gpu.yaml alone
+#   bash benchmarks/gpu_session.sh linear-attention     # linear attention's GPU tests, then which form wins
+#                                            # at which length (benchmarks/linear_attention_forms.py, ~1.5 min)
 #
 # Several phases run one after the other in one call: gpu_session.sh ddp-large retrain-interleaved.
 #
@@ -24,7 +26,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe linear-attention)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -129,7 +131,7 @@ ddp_compute_bound() {  # the same comparison where a step is compute-bound: 128 
   done
 }
 
-if [ "$*" != iflame-recipe ]; then  # the recipe makes its own data
+if [ "$*" != iflame-recipe ] && [ "$*" != linear-attention ]; then  # these need no token data
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
 for phase in "$@"; do
@@ -157,6 +159,10 @@ case $phase in
   ddp-large) ddp_compute_bound ;;
   iflame-recipe)  # recipes/iflame_gpu.yaml alone, 45 s of training (~4 min on a fresh machine)
     ( export CUDA_VISIBLE_DEVICES=0; iflame_recipe ) >"$LOGS/iflame-recipe.log" 2>&1 ;;
+  linear-attention)
+    ( export CUDA_VISIBLE_DEVICES=0
+      timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_linear_attention.py &&
+      timed python3 benchmarks/linear_attention_forms.py ) >"$LOGS/linear-attention.log" 2>&1 ;;
   retrain-interleaved)  # the interleaved run of the face-acc pair again, after a change to the model
     ( export CUDA_VISIBLE_DEVICES=0; lane_train interleaved ) >"$LOGS/retrain-interleaved.log" 2>&1 ;;
   *) echo "unknown phase $phase"; exit 2 ;;

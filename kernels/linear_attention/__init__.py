@@ -10,23 +10,41 @@ weights fade geometrically with distance. iFlame's slopes are the ALiBi ones,
 ``s_h = 2^(-8 (h + 1) / H)`` (:func:`decay_slopes`), identical in every layer.
 
 Layout is ``[B, T, H, D]`` throughout (fla-core's), states are ``[B, H, D_k, D_v]`` in float32.
-Three implementations of the same map:
+Implementations of the same map:
 
 - :func:`linear_attention_naive`: the recurrence above, one position at a time (the reference);
 - :func:`linear_attention_chunked`: pure PyTorch, chunks of 64 positions: decay-masked attention
   inside a chunk plus the state carried in from the previous chunks (the CPU path);
+- :func:`linear_attention_parallel`: the same with one chunk spanning the sequence,
+  ``O = scale ((Q K^T) * W) V`` with the decay mask ``W[t, j] = exp(-s (t - j))`` for ``j <= t``:
+  quadratic in T, like softmax attention without the softmax (the reference of the next one);
+- ``parallel_triton``: that parallel form fused in Triton, FlashAttention-style (the ``[T, T]``
+  weights never reach memory, the backward recomputes them; memory ``O(T D)``); training on
+  CUDA at short lengths;
 - fla-core's Triton kernels on CUDA: ``chunk_simple_gla`` with ``g_gamma = -s`` (log-decay per head).
 
-:func:`linear_attention` dispatches between the last two; :func:`linear_attention_step` advances
-a cached state by one position in place (what decoding uses on every device).
+:func:`linear_attention` chooses by device and length (:func:`cuda_form`); :func:`linear_attention_step`
+advances a cached state by one position in place (what decoding uses on every device).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 CHUNK_SIZE = 64
+# Longest sequence the fused parallel kernel takes on CUDA; fla's chunked kernels take longer ones.
+# The parallel form costs ~T^2 D FLOPs per head against the chunked form's ~T (C + D) D (C = 64),
+# but fla launches several kernels per call (local cumsum, state passing, output; more backward)
+# with fixed costs that dominate at iFlame's head dim 32 and short lengths. Memory is not the
+# limit: the fused kernel never holds the [B, H, T, T] weights (unfused, at batch 48 and 16 heads
+# they would take 1.0 GB in bf16 at T = 801, the face level of 800-face meshes, 8.9 GB at its
+# vertex level and 80 GB at its token level, T = 7,209). 1024 covers the synth data's token level
+# (~1.1k) and every coarser level; the lead sets it from benchmarks/linear_attention_forms.py's
+# crossover on the H200 (the JSON's ``crossover_len``).
+PARALLEL_MAX_LEN = 1024
 
 
 def decay_slopes(n_heads: int) -> Tensor:
@@ -114,6 +132,34 @@ def linear_attention_chunked(
     return out.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
 
 
+def linear_attention_parallel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The decay-masked quadratic form ``scale ((Q K^T) * W) V`` (+ the carried state), in PyTorch.
+
+    The chunked form with a single chunk the length of the sequence: its ``[H, T, T]`` decay table
+    is ``exp(-s relu(t - j))`` masked to ``j <= t``, which underflows to 0 far from the diagonal and
+    never overflows. Float32 inside; keeps ``[B, H, T, T]`` scores for autograd, so it is a
+    reference (of the fused kernel) rather than a path for long sequences.
+    """
+    return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale, max(q.shape[1], 1))
+
+
+Form = Literal["parallel", "chunked"]
+
+
+def cuda_form(seq_len: int, stateful: bool) -> Form:
+    """Which CUDA kernel :func:`linear_attention` runs: the fused parallel one up to PARALLEL_MAX_LEN
+    positions when no state goes in or comes out (training's case), fla's chunked kernels otherwise."""
+    return "parallel" if seq_len <= PARALLEL_MAX_LEN and not stateful else "chunked"
+
+
 def linear_attention(
     q: Tensor,
     k: Tensor,
@@ -123,21 +169,27 @@ def linear_attention(
     output_final_state: bool = False,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Decayed causal linear attention over whole sequences; fla-core's Triton kernel on CUDA.
+    """Decayed causal linear attention over whole sequences; Triton kernels on CUDA (:func:`cuda_form`).
 
     ``q, k: [B, T, H, D_k]``, ``v: [B, T, H, D_v]``, ``slopes: [H]`` (positive decay rates),
     ``initial_state: [B, H, D_k, D_v]``. ``scale`` defaults to ``D_k ** -0.5`` (fla's default too).
     Returns the output ``[B, T, H, D_v]`` in ``q.dtype`` and, when asked, the final state.
+    On CPU the chunked form runs at every length: up to 64 positions it is the parallel form, beyond
+    it does fewer FLOPs, and there are no kernel launches to amortise.
     """
-    if q.is_cuda:
-        from fla.ops.simple_gla import chunk_simple_gla  # Triton: imported only where it can run
+    if not q.is_cuda:
+        return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale)
+    scale = _default_scale(q, scale)
+    if cuda_form(q.shape[1], initial_state is not None or output_final_state) == "parallel":
+        from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
-        o, final = chunk_simple_gla(
-            q, k, v, g_gamma=-slopes.float(), scale=_default_scale(q, scale),
-            initial_state=initial_state, output_final_state=output_final_state,
-        )
-        return o, final
-    return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale)
+        return linear_attention_parallel_triton(q, k, v, slopes, scale), None
+    from fla.ops.simple_gla import chunk_simple_gla  # Triton: imported only where it can run
+
+    return chunk_simple_gla(
+        q, k, v, g_gamma=-slopes.float(), scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )  # fmt: skip
 
 
 def linear_attention_step(
@@ -163,9 +215,12 @@ def linear_attention_step(
 
 __all__ = [
     "CHUNK_SIZE",
+    "PARALLEL_MAX_LEN",
+    "cuda_form",
     "decay_slopes",
     "linear_attention",
     "linear_attention_chunked",
     "linear_attention_naive",
+    "linear_attention_parallel",
     "linear_attention_step",
 ]
