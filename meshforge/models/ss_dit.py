@@ -27,12 +27,13 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
 from meshforge.runtime import sdpa
-from meshforge.sparse.attention import sinusoidal_position_encoding, window_attention
+from meshforge.sparse.attention import DenseBackend, sinusoidal_position_encoding, window_attention
 from meshforge.sparse.tensor import SparseTensor, Windows
 
 
@@ -50,6 +51,10 @@ class SSDiTConfig:
     ssa_block_cmp: int = 4  # m_cmp: compression blocks of m_cmp^3 voxels
     ssa_block_slc: int = 8  # m_slc: selection blocks (a multiple of m_cmp)
     ssa_topk: int = 8  # selection blocks each query attends to
+    # SDPA kernels of the full / window attention ("auto": flash-attn's varlen kernel where it runs,
+    # else SDPA without cuDNN; "flash" / "cudnn" / "efficient" / "math": that SDPA kernel alone).
+    dense_backend: DenseBackend = "auto"
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (long latents)
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "heads", "kv_heads", "window", "ssa_block_cmp", "ssa_block_slc", "ssa_topk"):
@@ -116,15 +121,18 @@ def batch_windows(x: SparseTensor) -> Windows:
     """Each non-empty batch item as one attention "window": full attention within every sequence.
 
     Empty items get no window: an all-masked window would put NaNs into the padded attention.
+    Cached on the tensor, like the other coordinate structures: every block of a forward shares it.
     """
-    counts = x.batch_offsets.diff()
-    counts = counts[counts > 0]
-    return Windows(
-        perm=torch.arange(len(x), device=x.device),
-        cu_seqlens=F.pad(counts.cumsum(0), (1, 0)).int(),
-        window_ids=torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts),
-        max_len=int(counts.max()) if len(counts) else 0,
-    )
+    if "batch_windows" not in x.cache:
+        counts = x.batch_offsets.diff()
+        counts = counts[counts > 0]
+        x.cache["batch_windows"] = Windows(
+            perm=torch.arange(len(x), device=x.device),
+            cu_seqlens=F.pad(counts.cumsum(0), (1, 0)).int(),
+            window_ids=torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts),
+            max_len=int(counts.max()) if len(counts) else 0,
+        )
+    return x.cache["batch_windows"]
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: SparseTensor, mask: torch.Tensor) -> torch.Tensor:
@@ -185,10 +193,10 @@ class SelfAttention(nn.Module):
             groups = cfg.heads // cfg.kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             if cfg.attention == "full":
-                out = window_attention(q, k, v, batch_windows(x))
+                out = window_attention(q, k, v, batch_windows(x), cfg.dense_backend)
             else:
                 windows = x.windows(cfg.window, self.shift)
-                grouped = window_attention(q[windows.perm], k[windows.perm], v[windows.perm], windows)
+                grouped = window_attention(q[windows.perm], k[windows.perm], v[windows.perm], windows, cfg.dense_backend)
                 out = torch.empty_like(grouped)
                 out[windows.perm] = grouped
         return self.proj(out.reshape(n, -1))
@@ -225,9 +233,9 @@ class CrossAttention(nn.Module):
 # Blocks
 
 
-def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """AdaLN: per-item shift and scale ``[B, dim]`` applied to the tokens ``h [N, dim]`` of each item."""
-    return h * (1 + scale[batch]) + shift[batch]
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x: SparseTensor) -> torch.Tensor:
+    """AdaLN: per-item shift and scale ``[B, dim]`` applied to the tokens ``h [N, dim]`` of each item of ``x``."""
+    return h * (1 + x.per_row(scale)) + x.per_row(shift)
 
 
 class DiTBlock(nn.Module):
@@ -249,13 +257,12 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: SparseTensor, c: torch.Tensor, cond: Cond | None) -> SparseTensor:
-        batch = x.coords[:, 0].long()
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=-1)
         h = x.feats
-        h = h + gate1[batch] * self.attn(x.replace(modulate(self.norm1(h), shift1, scale1, batch)))
+        h = h + x.per_row(gate1) * self.attn(x.replace(modulate(self.norm1(h), shift1, scale1, x)))
         if self.cross is not None:
             h = h + self.cross(x, self.norm2(h), cond)
-        h = h + gate2[batch] * self.mlp(modulate(self.norm3(h), shift2, scale2, batch))
+        h = h + x.per_row(gate2) * self.mlp(modulate(self.norm3(h), shift2, scale2, x))
         return x.replace(h)
 
 
@@ -292,16 +299,21 @@ class SSDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: SparseTensor, t: torch.Tensor, cond: Cond | None = None) -> SparseTensor:
-        batch = x.coords[:, 0].long()
         h = self.in_embed(x.feats) + sinusoidal_position_encoding(x.coords[:, 1:], self.config.dim).to(x.feats.dtype)
         c = self.t_embed(t)
         if self.cond_embed is not None:
             c = c + self.cond_embed(cond.vector)
         h = x.replace(h)
         for block in self.blocks:
-            h = block(h, c, cond)
+            if self.config.grad_checkpoint and torch.is_grad_enabled():
+                # The block's activations are recomputed in backward; the coordinate structures
+                # (SSA layouts, windows) live in the tensor's cache and are not rebuilt.
+                feats = checkpoint(lambda f, blk=block: blk(h.replace(f), c, cond).feats, h.feats, use_reentrant=False)
+                h = h.replace(feats)
+            else:
+                h = block(h, c, cond)
         shift, scale = self.out_modulation(F.silu(c)).chunk(2, dim=-1)
-        return x.replace(self.head(modulate(self.out_norm(h.feats), shift, scale, batch)))
+        return x.replace(self.head(modulate(self.out_norm(h.feats), shift, scale, x)))
 
 
 # ---------------------------------------------------------------------------------------------
