@@ -265,7 +265,10 @@ class _Run:
         amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
-        deadline = time.perf_counter() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
+        # The clock starts after this run's first step, which compiles kernels (Triton, flash-linear-
+        # attention) and autotunes: on a fresh machine that alone can take a minute or more.
+        limit_s = 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
+        deadline = math.inf
         with closing(batches), closing(profiler), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
             while self.step < cfg.steps:
@@ -294,6 +297,8 @@ class _Run:
                         opt.zero_grad(set_to_none=True)
                 profiler.step()
                 self.step += 1
+                if deadline == math.inf:
+                    deadline = time.perf_counter() + limit_s
                 window.add(values)
                 last = self.step == cfg.steps or out_of_time
                 if out_of_time and self.step < cfg.steps and env.is_main:
