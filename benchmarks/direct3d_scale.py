@@ -133,6 +133,26 @@ def failure(exc: BaseException) -> str:
 # vae
 
 
+def vae_step(task: VAETask, cfg: VaeTaskConfig, device: torch.device, voxels: list[int]) -> Callable[[], None]:
+    """One step as the trainer takes it: the task's next batch, loss under autocast, backward, AdamW."""
+    model = task.build_model().to(device).train()
+    optimizers = build_optimizers(model, TrainConfig.from_options(cfg, seed=0))
+    amp = autocast_dtype("auto", device)
+    batches = task.batches(0, 1, seed=0, start_step=0)
+
+    def step() -> None:
+        batch = to_device(next(batches), device)
+        voxels.append(len(batch["sdf"]))
+        with torch.autocast(device.type, amp, enabled=amp is not None):
+            loss, _ = task.loss(model, batch)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def vae_section(sizes: Sizes, device: torch.device, work: Path, budget_s: float) -> list[dict]:
     model_cfg = sizes.vae_model or dataclasses.asdict(reference_models()[0])
     rows = []
@@ -143,34 +163,17 @@ def vae_section(sizes: Sizes, device: torch.device, work: Path, budget_s: float)
                                   workers=0, device=str(device)))
         cfg = from_dict(VaeTaskConfig, {"data": data, "out": work / f"vae{resolution}", "batch_size": batch_size,
                                         "model": model_cfg, "optimizer": "adamw"})
-        task = VAETask(cfg)
         seed_everything(0)
         reset_peak(device)
         row: dict[str, Any] = {"resolution": resolution, "batch": batch_size}
+        voxels: list[int] = []
         try:
-            model = task.build_model().to(device).train()
-            optimizers = build_optimizers(model, TrainConfig.from_options(cfg, seed=0))
-            amp = autocast_dtype("auto", device)
-            batches = task.batches(0, 1, seed=0, start_step=0)
-            voxels: list[int] = []
-
-            def step() -> None:
-                batch = to_device(next(batches), device)
-                voxels.append(len(batch["sdf"]))
-                with torch.autocast(device.type, amp, enabled=amp is not None):
-                    loss, _ = task.loss(model, batch)
-                loss.backward()
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-            times = timed_steps(step, device, budget_s)
+            times = timed_steps(vae_step(VAETask(cfg), cfg, device, voxels), device, budget_s)
             row.update(input_voxels=round(statistics.mean(voxels)), step_s=round(statistics.median(times), 3),
                        steps_timed=len(times), peak_gib=peak_gib(device))
         except (RuntimeError, AssertionError) as exc:  # spconv's int32 assertion, out of memory
             row.update(error=failure(exc), peak_gib=peak_gib(device))
         rows.append(row)
-        del task
     return rows
 
 
@@ -309,7 +312,7 @@ def sample_section(sizes: Sizes, device: torch.device, steps: int = 30, cfg_scal
         seconds["decode_and_mesh"] = time.perf_counter() - sum(seconds.values()) - start
     return {"resolution": r, "latent_tokens": len(coords), "steps": steps, "cfg_scale": cfg_scale,
             "seconds": round(sum(seconds.values()), 2), **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
-            "peak_gib": peak_gib(device), "faces": int(len(meshes[0][1])), "weights": "untrained (timing only)"}
+            "peak_gib": peak_gib(device), "faces": len(meshes[0][1]), "weights": "untrained (timing only)"}
 
 
 # ---------------------------------------------------------------------------------------------

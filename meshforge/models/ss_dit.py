@@ -281,6 +281,11 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
+def _block_feats(block: DiTBlock, x: SparseTensor, feats: torch.Tensor, c: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+    """``block`` on ``x``'s voxels with ``feats``: a function of tensors, for activation checkpointing."""
+    return block(x.replace(feats), c, cond).feats
+
+
 class SSDiT(nn.Module):
     """Velocity of a noisy sparse tensor: ``forward(x_t, t [B], cond) -> SparseTensor [N, in_channels]``."""
 
@@ -308,8 +313,7 @@ class SSDiT(nn.Module):
             if self.config.grad_checkpoint and torch.is_grad_enabled():
                 # The block's activations are recomputed in backward; the coordinate structures
                 # (SSA layouts, windows) live in the tensor's cache and are not rebuilt.
-                feats = checkpoint(lambda f, blk=block: blk(h.replace(f), c, cond).feats, h.feats, use_reentrant=False)
-                h = h.replace(feats)
+                h = h.replace(checkpoint(_block_feats, block, h, h.feats, c, cond, use_reentrant=False))
             else:
                 h = block(h, c, cond)
         shift, scale = self.out_modulation(F.silu(c)).chunk(2, dim=-1)

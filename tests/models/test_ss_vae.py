@@ -124,7 +124,7 @@ def test_overfits_one_shape_and_reconstructs_it_unguided():
 def test_a_pass_in_conv_slabs_equals_the_one_pass_pass(monkeypatch):
     """With spconv's limit lowered to a few hundred rows, every convolution of the encoder and the
     decoder runs in slabs: the reconstruction and the weights' gradients do not change."""
-    import meshforge.sparse.conv as conv
+    from meshforge.sparse import conv
 
     torch.manual_seed(0)
     model = tiny().double()

@@ -121,7 +121,7 @@ def test_spconv_in_slabs_equals_one_pass_forward_and_backward(layer, monkeypatch
     The limit is lowered so that these few hundred voxels split into several slabs. Every output
     sums the same products in both runs, so float64 agrees to rounding.
     """
-    import meshforge.sparse.conv as conv
+    from meshforge.sparse import conv
 
     x = random_tensor(5, sizes=(300, 0, 150), grid=(16, 8, 10)).to(torch.float64)
     make = {"subm3": lambda: SparseSubMConv3d(3, 4, 3), "subm5": lambda: SparseSubMConv3d(3, 4, 5),
