@@ -30,5 +30,7 @@ stage = Stage(
         "val_fraction": "Fraction of meshes (by content hash, as tokenize) in the val split.",
         "workers": "CPU worker processes (0 = all cores); the CUDA path uses one process.",
         "device": "cpu, cuda or auto.",
+        "sign_backend": "Winding numbers: torch (the reference), pcu (point-cloud-utils' fast winding numbers, "
+        "CPU), auto (pcu on the CPU when installed).",
     },
 )
