@@ -371,6 +371,10 @@ def table_rows(result: dict) -> list[dict]:
         if recon.get("fscore") is not None:
             shown.append({"measure": "recipe r256 recon (F@0.01 / input floor)",
                           "value": f"{recon['fscore']:.3f} / {recon['input_sdf_fscore']:.3f}"})
+        numbers = {k: v for k, v in rec["generation"].items() if isinstance(v, float)}
+        if numbers:
+            shown.append({"measure": "recipe r256 samples vs val",
+                          "value": ", ".join(f"{k} {v:.3g}" for k, v in numbers.items())})
     return shown
 
 
@@ -401,7 +405,8 @@ def main() -> None:
     result |= {"benchmark": "direct3d_scale", "device": device_name(device), "torch": torch.__version__,
                "quick": args.quick, "reference": str(REFERENCE.relative_to(REFERENCE.parents[1])),
                "dit_tokens": "band voxels of sdf-voxelize at the latent grid R/8 (what an 8x SS-VAE keeps); "
-                             "random features; unconditional; bf16 autocast on CUDA"}
+                             "random features; unconditional; bf16 autocast on CUDA; the reference recipe's "
+                             "grad_checkpoint (as set there) for every attention"}
     with tempfile.TemporaryDirectory() as tmp:
         if "vae" in sections:
             result["vae"] = vae_section(sizes, device, Path(tmp), args.budget_s)
