@@ -260,8 +260,8 @@ def profile_dit(sizes: Sizes, device: torch.device, rows: int = 25) -> str:
     with profile(activities=activities) as prof:
         step()
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 # ---------------------------------------------------------------------------------------------
