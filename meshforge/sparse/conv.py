@@ -31,6 +31,7 @@ tensor like the whole tensor's. Gradients flow through the gathers and the conca
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import torch
@@ -50,8 +51,9 @@ BACKENDS: tuple[str, ...] = ("spconv", "torch")
 
 # Feature bytes (rows x channels x element size of the input or the output, whichever is larger)
 # above which a spconv convolution runs in slabs. spconv's limit is 2^31; a slab is sized to half
-# of this so that its halo fits too. Tests lower it to force slabs at tiny sizes.
-MAX_FEATURE_BYTES = 2**31 - 1
+# of this so that its halo fits too. MESHFORGE_SPCONV_SLAB_BYTES lowers it should another of
+# spconv's buffers reach the limit first; tests lower it to force slabs at tiny sizes.
+MAX_FEATURE_BYTES = int(os.environ.get("MESHFORGE_SPCONV_SLAB_BYTES", str(2**31 - 1)))
 
 
 def conv_slabs(x: SparseTensor, channels: int, element_size: int, stride: int = 1) -> list[tuple[int, int]] | None:
