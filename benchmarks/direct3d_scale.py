@@ -53,6 +53,7 @@ from meshforge.models.ss_vae import SSVAE, SSVAEConfig
 from meshforge.render import render_table_png
 from meshforge.runtime import console, cpu_model, resolve_device, seed_everything
 from meshforge.sample.flow import guided_velocity, integrate
+from meshforge.sparse.conv import MAX_FEATURE_BYTES
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.config import TrainConfig
 from meshforge.train.optim import build_optimizers
@@ -404,6 +405,7 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.is_file() else {}
     result |= {"benchmark": "direct3d_scale", "device": device_name(device), "torch": torch.__version__,
                "quick": args.quick, "reference": str(REFERENCE.relative_to(REFERENCE.parents[1])),
+               "spconv_slab_bytes": MAX_FEATURE_BYTES,
                "dit_tokens": "band voxels of sdf-voxelize at the latent grid R/8 (what an 8x SS-VAE keeps); "
                              "random features; unconditional; bf16 autocast on CUDA; the reference recipe's "
                              "grad_checkpoint (as set there) for every attention"}
