@@ -9,7 +9,7 @@ import random
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -60,12 +60,26 @@ def has_module(name: str) -> bool:
 # Every SDPA kernel but cuDNN's, which builds an execution plan for each new shape: meshforge's
 # attention sees a new shape at nearly every call (bucketed token lengths, sparse latents and
 # windows of varying sizes, a growing K/V length), and on an H200 a plan cost ~15 ms of host time.
-_ANY_SHAPE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A caller whose shapes repeat (one long sequence per step) may ask for one kernel by name.
+SDPA_BACKENDS: dict[str, list[SDPBackend]] = {
+    "any": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+SdpaBackend = Literal["any", "flash", "cudnn", "efficient", "math"]
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` restricted to kernels that take any shape as it comes."""
-    with sdpa_kernel(_ANY_SHAPE_SDPA):
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: SdpaBackend = "any", **kwargs) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on the kernels of ``backend``.
+
+    ``any`` (the default) is every kernel that takes any shape as it comes (not cuDNN); a named one
+    is that kernel alone, and torch raises when it cannot run the call (flash takes no mask).
+    """
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {backend!r} (known: {', '.join(SDPA_BACKENDS)})")
+    with sdpa_kernel(SDPA_BACKENDS[backend]):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 

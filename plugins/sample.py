@@ -50,5 +50,7 @@ stage = Stage(
         "sampler": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate).",
         "image": "SS-DiT: condition on this image.",
         "class_label": "SS-DiT: condition on this class label.",
+        "simplify": "Decimate every mesh to at most this many faces (needs fast-simplification: meshforge[post]).",
+        "fill_holes": "Fill the holes of every mesh (boundary loops) before writing it.",
     },
 )

@@ -33,5 +33,7 @@ stage = Stage(
         "resplit": "Split by content hash even a source with its own train/val split (MeshGPT's pickle).",
         "workers": "CPU worker processes (0 = all cores); the CUDA path uses one process.",
         "device": "cpu, cuda or auto.",
+        "sign_backend": "Winding numbers: torch (the reference), pcu (point-cloud-utils' fast winding numbers, "
+        "CPU), auto (pcu on the CPU when installed).",
     },
 )

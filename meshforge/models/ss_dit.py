@@ -27,12 +27,13 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
 from meshforge.runtime import sdpa
-from meshforge.sparse.attention import sinusoidal_position_encoding, window_attention
+from meshforge.sparse.attention import DenseBackend, sinusoidal_position_encoding, window_attention
 from meshforge.sparse.tensor import SparseTensor, Windows
 
 
@@ -53,6 +54,10 @@ class SSDiTConfig:
     # Queries sharing one top-k selection (SSAConfig.query_tile; the paper selects per query):
     # smaller tiles follow each query's own choice more closely (benchmarks/ssa_selection.py).
     ssa_query_tile: int = 64
+    # SDPA kernels of the full / window attention ("auto": flash-attn's varlen kernel where it runs,
+    # else SDPA without cuDNN; "flash" / "cudnn" / "efficient" / "math": that SDPA kernel alone).
+    dense_backend: DenseBackend = "auto"
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (long latents)
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "heads", "kv_heads", "window", "ssa_block_cmp", "ssa_block_slc", "ssa_topk"):
@@ -121,15 +126,18 @@ def batch_windows(x: SparseTensor) -> Windows:
     """Each non-empty batch item as one attention "window": full attention within every sequence.
 
     Empty items get no window: an all-masked window would put NaNs into the padded attention.
+    Cached on the tensor, like the other coordinate structures: every block of a forward shares it.
     """
-    counts = x.batch_offsets.diff()
-    counts = counts[counts > 0]
-    return Windows(
-        perm=torch.arange(len(x), device=x.device),
-        cu_seqlens=F.pad(counts.cumsum(0), (1, 0)).int(),
-        window_ids=torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts),
-        max_len=int(counts.max()) if len(counts) else 0,
-    )
+    if "batch_windows" not in x.cache:
+        counts = x.batch_offsets.diff()
+        counts = counts[counts > 0]
+        x.cache["batch_windows"] = Windows(
+            perm=torch.arange(len(x), device=x.device),
+            cu_seqlens=F.pad(counts.cumsum(0), (1, 0)).int(),
+            window_ids=torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts),
+            max_len=int(counts.max()) if len(counts) else 0,
+        )
+    return x.cache["batch_windows"]
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: SparseTensor, mask: torch.Tensor) -> torch.Tensor:
@@ -196,10 +204,10 @@ class SelfAttention(nn.Module):
             groups = cfg.heads // cfg.kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             if cfg.attention == "full":
-                out = window_attention(q, k, v, batch_windows(x))
+                out = window_attention(q, k, v, batch_windows(x), cfg.dense_backend)
             else:
                 windows = x.windows(cfg.window, self.shift)
-                grouped = window_attention(q[windows.perm], k[windows.perm], v[windows.perm], windows)
+                grouped = window_attention(q[windows.perm], k[windows.perm], v[windows.perm], windows, cfg.dense_backend)
                 out = torch.empty_like(grouped)
                 out[windows.perm] = grouped
         return self.proj(out.reshape(n, -1))
@@ -238,7 +246,7 @@ class CrossAttention(nn.Module):
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x: SparseTensor) -> torch.Tensor:
     """AdaLN: per-item shift and scale ``[B, dim]`` applied to the tokens ``h [N, dim]`` of each item of ``x``."""
-    return h * (1 + x.broadcast_items(scale)) + x.broadcast_items(shift)
+    return h * (1 + x.per_row(scale)) + x.per_row(shift)
 
 
 class DiTBlock(nn.Module):
@@ -262,10 +270,10 @@ class DiTBlock(nn.Module):
     def forward(self, x: SparseTensor, c: torch.Tensor, cond: Cond | None) -> SparseTensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=-1)
         h = x.feats
-        h = h + x.broadcast_items(gate1) * self.attn(x.replace(modulate(self.norm1(h), shift1, scale1, x)))
+        h = h + x.per_row(gate1) * self.attn(x.replace(modulate(self.norm1(h), shift1, scale1, x)))
         if self.cross is not None:
             h = h + self.cross(x, self.norm2(h), cond)
-        h = h + x.broadcast_items(gate2) * self.mlp(modulate(self.norm3(h), shift2, scale2, x))
+        h = h + x.per_row(gate2) * self.mlp(modulate(self.norm3(h), shift2, scale2, x))
         return x.replace(h)
 
 
@@ -282,6 +290,11 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = 1000.0 * t.float()[:, None] * freqs
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def _block_feats(block: DiTBlock, x: SparseTensor, feats: torch.Tensor, c: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+    """``block`` on ``x``'s voxels with ``feats``: a function of tensors, for activation checkpointing."""
+    return block(x.replace(feats), c, cond).feats
 
 
 class SSDiT(nn.Module):
@@ -308,7 +321,12 @@ class SSDiT(nn.Module):
             c = c + self.cond_embed(cond.vector)
         h = x.replace(h)
         for block in self.blocks:
-            h = block(h, c, cond)
+            if self.config.grad_checkpoint and torch.is_grad_enabled():
+                # The block's activations are recomputed in backward; the coordinate structures
+                # (SSA layouts, windows) live in the tensor's cache and are not rebuilt.
+                h = h.replace(checkpoint(_block_feats, block, h, h.feats, c, cond, use_reentrant=False))
+            else:
+                h = block(h, c, cond)
         shift, scale = self.out_modulation(F.silu(c)).chunk(2, dim=-1)
         return x.replace(self.head(modulate(self.out_norm(h.feats), shift, scale, x)))
 

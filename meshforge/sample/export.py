@@ -20,6 +20,7 @@ import numpy as np
 
 from meshforge.data.canonical import CanonicalMesh
 from meshforge.data.synth import mesh_bytes
+from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.render import Mesh, render_grid
 from meshforge.runtime import track
@@ -32,6 +33,26 @@ GRID = "grid.png"
 def mesh_from_canonical(mesh: CanonicalMesh) -> Mesh:
     """Float geometry of a canonical (already merged and cleaned) mesh: cell centres in [-0.5, 0.5]."""
     return mesh.float_vertices(), np.asarray(mesh.faces, dtype=np.int64)
+
+
+def postprocess(mesh: Mesh, simplify: int | None = None, fill_holes: bool = False) -> Mesh:
+    """The clean-up the released Direct3D-S2 pipeline gives its meshes: holes filled (trimesh's
+    boundary-loop fans), then quadric decimation to at most ``simplify`` faces (fast-simplification,
+    optional: ``pip install 'meshforge[post]'``). Marching cubes at 1024^3 makes millions of faces."""
+    vertices, faces = mesh
+    if fill_holes and len(faces):
+        import trimesh
+
+        filled = trimesh.Trimesh(vertices, faces, process=True)
+        trimesh.repair.fill_holes(filled)
+        vertices, faces = np.asarray(filled.vertices), np.asarray(filled.faces)
+    if simplify is not None and len(faces) > simplify:
+        try:
+            import fast_simplification
+        except ImportError:
+            raise MeshforgeError("--simplify needs fast-simplification: pip install 'meshforge[post]'") from None
+        vertices, faces = fast_simplification.simplify(np.asarray(vertices, np.float32), faces, target_count=simplify)
+    return np.asarray(vertices, np.float32), np.asarray(faces, np.int64)
 
 
 def mesh_problem(vertices: np.ndarray, faces: np.ndarray) -> str | None:

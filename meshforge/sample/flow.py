@@ -167,5 +167,7 @@ def sample_meshes(
         part = condition[start : start + count] if condition is not None else None
         with amp:
             latents = sample_latents(model, part, count, steps, cfg_scale, sampler, generator, device)
-            meshes.extend(vae.decode_to_mesh(latents))
+            # Decoded one shape at a time: at 1024^3 a shape alone has ~1e7 finest voxels.
+            for coords, feats in latents.items():
+                meshes.extend(vae.decode_to_mesh(SparseTensor.from_items([coords], [feats], latents.spatial_shape)))
     return meshes

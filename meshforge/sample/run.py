@@ -23,7 +23,7 @@ from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, decode_tokens, encode_
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.render import Mesh
 from meshforge.runtime import console, seed_everything
-from meshforge.sample.export import FORMATS, mesh_from_canonical, write_samples
+from meshforge.sample.export import FORMATS, mesh_from_canonical, postprocess, write_samples
 from meshforge.sample.iflame import check_shaping
 
 
@@ -51,6 +51,9 @@ class SampleStageConfig:
     sampler: Literal["euler", "heun"] = "euler"  # ODE integrator
     image: Path | None = None
     class_label: str | None = None
+    # Post-processing of every mesh (as the released Direct3D-S2 pipeline does)
+    simplify: int | None = None  # decimate to at most this many faces (needs meshforge[post])
+    fill_holes: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:
@@ -65,6 +68,8 @@ class SampleStageConfig:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.image is not None and self.class_label is not None:
             raise ValueError("give an image or a class label, not both")
+        if self.simplify is not None and self.simplify < 4:
+            raise ValueError(f"simplify must be at least 4 faces, got {self.simplify}")
 
 
 # A sampler returns the meshes, stats for stats.json and, when it completed prompts, the prompts.
@@ -194,6 +199,8 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
     seed_everything(seed)
     with torch.no_grad():
         meshes, extra, prompts = SAMPLERS[kind](model, meta, cfg, device, seed)
+    if cfg.simplify is not None or cfg.fill_holes:
+        meshes = [postprocess(m, cfg.simplify, cfg.fill_holes) for m in meshes]
     stats = write_samples(
         meshes,
         cfg.out,

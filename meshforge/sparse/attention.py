@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from meshforge.runtime import has_module, sdpa
+from meshforge.runtime import SdpaBackend, has_module, sdpa
 from meshforge.sparse.tensor import SparseTensor, Windows
 
 
@@ -41,8 +42,15 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Wi
     return flash_attn_varlen_func(q, k, v, cu, cu, windows.max_len, windows.max_len)
 
 
-def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:
+def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
+                 backend: SdpaBackend = "any") -> torch.Tensor:
     lengths = windows.cu_seqlens.diff().long()
+    if windows.count * windows.max_len == len(q):
+        # Windows of one length (a batch of one sequence): a plain reshape, and no mask, so that
+        # every kernel (flash included) can take the call.
+        shape = (windows.count, windows.max_len, *q.shape[1:])
+        out = sdpa(*(t.view(shape).transpose(1, 2) for t in (q, k, v)), backend=backend)
+        return out.transpose(1, 2).reshape(q.shape)
     slot = torch.arange(len(q), device=q.device) - windows.cu_seqlens[:-1].long()[windows.window_ids]
     shape = (windows.count, windows.max_len, *q.shape[1:])
 
@@ -53,30 +61,42 @@ def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Win
 
     valid = torch.arange(windows.max_len, device=q.device)[None, :] < lengths[:, None]
     # Padded query rows see their window's real keys (never an empty row), and are dropped below.
-    out = sdpa(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
+    out = sdpa(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :], backend=backend)
     return out.transpose(1, 2)[windows.window_ids, slot]
 
 
-def _sdpa_per_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:
+def _sdpa_per_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
+                     backend: SdpaBackend) -> torch.Tensor:
     bounds = windows.cu_seqlens.tolist()
-    outs = [sdpa(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+    outs = [sdpa(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), backend=backend)[0].transpose(0, 1)
             for a, b in itertools.pairwise(bounds)]
     return torch.cat(outs) if outs else torch.empty_like(q)
 
 
-# Up to this many windows (full attention over the items of a batch), one call per window: without a
-# padding mask SDPA can run its flash kernel, whereas a mask sends it to the memory-efficient one, which
-# on an H200 at 123k tokens took ~3x as long as flash (0.66 s vs 0.2 s forward per call).
+# Up to this many windows of different lengths (full attention over the items of a batch), one call
+# per window: without a padding mask SDPA can run its flash kernel, whereas a mask sends it to the
+# memory-efficient one, which took 0.66 s forward per call at 123k tokens on an H200 (the profile in
+# benchmarks/results/ss_dit_profile_before_fixes.json).
 FEW_WINDOWS = 8
 
+DenseBackend = Literal["auto", "any", "flash", "cudnn", "efficient", "math"]
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:
-    """Softmax attention within each window; ``q, k, v``: ``[N, heads, head_dim]`` in window order."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and has_module("flash_attn"):
-        return _flash_varlen(q, k, v, windows)
-    if windows.count <= FEW_WINDOWS:
-        return _sdpa_per_window(q, k, v, windows)
-    return _padded_sdpa(q, k, v, windows)
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
+                     backend: DenseBackend = "auto") -> torch.Tensor:
+    """Softmax attention within each window; ``q, k, v``: ``[N, heads, head_dim]`` in window order.
+
+    ``auto``: FlashAttention's varlen kernel where it can run, else SDPA over the windows (one call
+    each when there are few, else padded); any other ``backend`` is that SDPA kernel set
+    (:data:`meshforge.runtime.SDPA_BACKENDS`).
+    """
+    if backend == "auto":
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and has_module("flash_attn"):
+            return _flash_varlen(q, k, v, windows)
+        backend = "any"
+    if 1 < windows.count <= FEW_WINDOWS and windows.count * windows.max_len != len(q):
+        return _sdpa_per_window(q, k, v, windows, backend)
+    return _padded_sdpa(q, k, v, windows, backend)
 
 
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:

@@ -17,12 +17,21 @@ device) and run on a backend chosen per module:
   the reference the tests compare spconv against and runs wherever torch runs; a further backend
   (torchsparse, a Triton kernel) is one more branch of :meth:`_SparseConv.forward`.
 
+Past spconv's int32 limit (its implicit-GEMM kernels address features with 32-bit offsets and
+assert above 2^31 bytes: two shapes at R 512, one at R 1024 in a VAE's finest levels) a convolution
+runs over slabs of voxels (:func:`conv_slabs`): a sparse convolution is local, so the outputs whose
+x lies in a slab depend only on the inputs within the kernel's reach of it. Each slab convolves its
+inputs (the slab plus a halo of ``k // 2`` planes each side for a submanifold conv; exactly its
+children for a strided one) and keeps its own outputs; the slabs' rulebooks are cached on the
+tensor like the whole tensor's. Gradients flow through the gathers and the concatenation.
+
 :func:`avg_pool` and :class:`SparseUpsample` move between octree levels without any dense grid.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import torch
@@ -39,6 +48,33 @@ from meshforge.sparse.tensor import (
 
 Backend = Literal["spconv", "torch"]
 BACKENDS: tuple[str, ...] = ("spconv", "torch")
+
+# Feature bytes (rows x channels x element size of the input or the output, whichever is larger)
+# above which a spconv convolution runs in slabs. spconv's limit is 2^31; a slab is sized to half
+# of this so that its halo fits too. MESHFORGE_SPCONV_SLAB_BYTES lowers it should another of
+# spconv's buffers reach the limit first; tests lower it to force slabs at tiny sizes.
+MAX_FEATURE_BYTES = int(os.environ.get("MESHFORGE_SPCONV_SLAB_BYTES", str(2**31 - 1)))
+
+
+def conv_slabs(x: SparseTensor, channels: int, element_size: int, stride: int = 1) -> list[tuple[int, int]] | None:
+    """Ranges ``[x0, x1)`` of output x coordinates (in units of the output grid) covering every voxel
+    of ``x``, each with at most ~half :data:`MAX_FEATURE_BYTES` of features; None when one range would do.
+
+    ``stride``: output x of an input voxel is ``x // stride`` (a strided conv's outputs).
+    """
+    row_bytes = channels * element_size
+    if len(x) * row_bytes <= MAX_FEATURE_BYTES:
+        return None
+    per_plane = torch.bincount(x.coords[:, 1].long() // stride).tolist()
+    target = max(MAX_FEATURE_BYTES // (2 * row_bytes), 1)
+    slabs, start, rows = [], 0, 0
+    for plane, count in enumerate(per_plane):
+        if rows and rows + count > target:
+            slabs.append((start, plane))
+            start, rows = plane, 0
+        rows += count
+    slabs.append((start, len(per_plane)))
+    return slabs
 
 
 class _SparseConv(nn.Module):
@@ -140,10 +176,32 @@ class SparseSubMConv3d(_SparseConv):
         super().__init__(in_channels, out_channels, kernel_size, bias, backend)
 
     def _forward_spconv(self, x: SparseTensor) -> SparseTensor:
+        slabs = conv_slabs(x, max(self.in_channels, self.out_channels), self.weight.element_size())
+        if slabs is None:
+            return x.replace(self._subm_spconv(x))
+        radius = self.kernel_size // 2
+        parts = x.cache.setdefault(("subm_slabs", radius, tuple(slabs)), {})
+        outputs, rows = [], []
+        for lo, hi in slabs:
+            if (lo, hi) not in parts:
+                px = x.coords[:, 1]
+                inputs = ((px >= lo - radius) & (px < hi + radius)).nonzero().squeeze(1)
+                own = ((px[inputs] >= lo) & (px[inputs] < hi)).nonzero().squeeze(1)
+                # The slab's own tensor cache holds its rulebooks for the level's other convolutions.
+                parts[(lo, hi)] = (inputs, own, {})
+            inputs, own, cache = parts[(lo, hi)]
+            slab = SparseTensor(x.feats[inputs], x.coords[inputs], x.spatial_shape, x.batch_size, cache)
+            outputs.append(self._subm_spconv(slab)[own])
+            rows.append(inputs[own])
+        order = torch.empty_like(x.item_ids)
+        order[torch.cat(rows)] = torch.arange(len(x), device=x.device)
+        return x.replace(torch.cat(outputs)[order])
+
+    def _subm_spconv(self, x: SparseTensor) -> torch.Tensor:
         # A submanifold rulebook depends only on the voxels and the kernel: one key per kernel size.
         out = self._run_spconv(x, subm=True, stride=1, indice_key=f"subm{self.kernel_size}")
         x.cache["spconv_rulebooks"] = out.indice_dict
-        return x.replace(out.features)
+        return out.features
 
     def _forward_torch(self, x: SparseTensor) -> SparseTensor:
         table = neighbour_table(x, self.kernel_size)
@@ -176,9 +234,21 @@ class SparseConv3d(_SparseConv):
     def _forward_spconv(self, x: SparseTensor) -> SparseTensor:
         coarse, _ = self._coarse(x)
         shape = coarse_shape(x.spatial_shape, self.kernel_size)
-        out = self._run_spconv(x, subm=False, stride=self.kernel_size, indice_key=None)
-        order = lookup(coord_keys(out.indices, shape), coord_keys(coarse, shape))
-        return SparseTensor(out.features[order], coarse, shape, x.batch_size)
+        slabs = conv_slabs(x, max(self.in_channels, self.out_channels), self.weight.element_size(), self.kernel_size)
+        features, indices = [], []
+        # Outputs never share inputs (kernel = stride): a slab is exactly the children of its outputs.
+        for lo, hi in slabs or [(0, shape[0])]:
+            if slabs is None:
+                part = x
+            else:
+                ox = x.coords[:, 1] // self.kernel_size
+                rows = ((ox >= lo) & (ox < hi)).nonzero().squeeze(1)
+                part = SparseTensor(x.feats[rows], x.coords[rows], x.spatial_shape, x.batch_size)
+            out = self._run_spconv(part, subm=False, stride=self.kernel_size, indice_key=None)
+            features.append(out.features)
+            indices.append(out.indices)
+        order = lookup(coord_keys(torch.cat(indices), shape), coord_keys(coarse, shape))
+        return SparseTensor(torch.cat(features)[order], coarse, shape, x.batch_size)
 
     def _forward_torch(self, x: SparseTensor) -> SparseTensor:
         coarse, parent = self._coarse(x)

@@ -31,7 +31,7 @@ class TrainOptions:
     compile: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gpus: int = 1  # processes on this node; more than 1 launches them through torch.distributed.run
-    time_limit_min: float = 0.0  # stop (checkpoint, evaluate) once training has run this long; 0: no limit
+    time_limit_min: float = 0.0  # stop (checkpoint, evaluate) this long after the first step; 0: no limit
     profile_steps: int = 0  # torch.profiler over this many steps after a warm-up (see meshforge.train.profiling)
     ema_decay: float = 0.0  # keep an EMA of the weights with this decay (0: none), see meshforge.train.ema
 
@@ -85,8 +85,8 @@ TRAIN_FIELD_HELP = {
     "precision": "auto: bf16 autocast on CUDA, fp32 on CPU.",
     "gpus": "Processes on this node, one per GPU, launched by torchrun; needs that many CUDA devices "
     "unless --device cpu is given (then CPU processes over gloo).",
-    "time_limit_min": "Stop after this many minutes of training, as at the last step (checkpoint, evaluation, "
-    "curves); --resume continues the schedule. 0: no limit.",
+    "time_limit_min": "Stop after this many minutes of training (counted from the end of the first step, which "
+    "compiles kernels), as at the last step (checkpoint, evaluation, curves); --resume continues the schedule. 0: no limit.",
     "profile_steps": "Profile this many steps (after 10 warm-up steps) on every rank: OUT/profile/ holds each rank's "
     "trace (Perfetto), top operators and a summary (step time, GPU busy fraction, kernel launches, phases).",
     "ema_decay": "Keep an exponential moving average of the weights with this decay (warmed up as "

@@ -282,7 +282,10 @@ class _Run:
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
         interrupted = False
-        deadline = time.perf_counter() + 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
+        # The clock starts after this run's first step, which compiles kernels (Triton, flash-linear-
+        # attention) and autotunes: on a fresh machine that alone can take a minute or more.
+        limit_s = 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
+        deadline = math.inf
         with closing(batches), closing(profiler), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
             while self.step < cfg.steps:
@@ -315,6 +318,8 @@ class _Run:
                         self.ema.update(self.step)
                 profiler.step()
                 self.step += 1
+                if deadline == math.inf:
+                    deadline = time.perf_counter() + limit_s
                 window.add(values)
                 last = self.step == cfg.steps or out_of_time or interrupted
                 if out_of_time and self.step < cfg.steps and env.is_main:

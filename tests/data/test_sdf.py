@@ -24,6 +24,7 @@ from meshforge.data.sdf import (
 from meshforge.data.shards import is_val, split_key
 from meshforge.data.synth import generate, synth_mesh
 from meshforge.errors import ConfigError, MeshforgeError
+from meshforge.runtime import has_module
 from meshforge.sparse.marching_cubes import marching_cubes
 from meshforge.stages import RunContext
 
@@ -90,14 +91,19 @@ def test_results_do_not_depend_on_the_chunk_size():
     assert torch.equal(whole.sdf, pieces.sdf)
 
 
-def test_signs_agree_with_an_exact_inside_test_on_overlapping_parts():
+SIGN_BACKENDS = ["torch", pytest.param("pcu", marks=pytest.mark.skipif(
+    not has_module("point_cloud_utils"), reason="needs point-cloud-utils"))]
+
+
+@pytest.mark.parametrize("sign_backend", SIGN_BACKENDS)
+def test_signs_agree_with_an_exact_inside_test_on_overlapping_parts(sign_backend):
     # Synth furniture is a union of intersecting convex boxes and cylinders: not watertight as a
     # whole, the case where winding numbers beat per-triangle normal tests.
     agree, total = 0, 0
     for i, family in enumerate(("table", "chair", "shelf", "stool")):
         v, f = synth_mesh(family, 1, i)
         v = framed(v, rotate=(0.2 * i, 0.4, 0.1))
-        sdf = voxelize(v, f, 32)
+        sdf = voxelize(v, f, 32, sign_backend=sign_backend)
         inside = inside_union_of_convex_parts(v, f, sdf.centres().double().numpy())
         agree += int(((sdf.sdf < 0).numpy() == inside).sum())
         total += len(sdf)
@@ -115,12 +121,13 @@ def test_winding_number_is_one_inside_zero_outside_and_half_on_an_open_plane():
     assert torch.allclose(w.abs(), torch.tensor([0.5, 0.5]), atol=1e-3) and w[0] * w[1] < 0
 
 
-def test_a_mesh_with_holes_remeshes_closed_and_keeps_its_inside():
+@pytest.mark.parametrize("sign_backend", SIGN_BACKENDS)
+def test_a_mesh_with_holes_remeshes_closed_and_keeps_its_inside(sign_backend):
     sphere = trimesh.creation.icosphere(2, radius=0.4)
     # Punch two holes of a few faces each: narrower than the band, so they must be sealed.
     hole = np.argsort(sphere.triangles_center[:, 0])
     faces = np.delete(sphere.faces, np.r_[hole[:3], hole[-2:]], axis=0)
-    sdf = voxelize(sphere.vertices, faces, 32, band=3.0)
+    sdf = voxelize(sphere.vertices, faces, 32, band=3.0, sign_backend=sign_backend)
     closed = inside_union_of_convex_parts(sphere.vertices, sphere.faces, sdf.centres().double().numpy())
     assert ((sdf.sdf < 0).numpy() == closed).mean() > 0.99
     vertices, tris = marching_cubes(sdf.coords, sdf.sdf, 32)
@@ -324,3 +331,19 @@ def test_meshgpt_pickle_keeps_its_split_and_synset_labels(tmp_path):
     # The hash rule decides each mesh (one may move to val so that val is not empty).
     train = SparseSDFDataset(tmp_path / "sdf", "train")
     assert len(train) >= 3 and not any(is_val(split_key(*train.mesh(i)), 0.05) for i in range(len(train)))
+
+
+@pytest.mark.skipif(not has_module("point_cloud_utils"), reason="needs point-cloud-utils")
+@pytest.mark.parametrize("family", ["table", "chair", "lamp", "shelf"])
+def test_point_cloud_utils_signs_equal_the_torch_reference(family):
+    """The CPU backend changes only the sign, and the sign only where the winding number is near
+    0.5: within a voxel of the surface (w jumps by 1 across it, so away from the surface the
+    multipole error of the fast winding number, far below 0.5, cannot flip it). Distances are the
+    same computation, so they are bitwise equal."""
+    v, f = synth_mesh(family, 0, 1)
+    v = framed(v, rotate=(0.3, 0.2, 0.7))
+    torch_ref, fast = (voxelize(v, f, 40, sign_backend=b) for b in ("torch", "pcu"))
+    assert torch.equal(torch_ref.coords, fast.coords) and torch.equal(torch_ref.sdf.abs(), fast.sdf.abs())
+    away = torch_ref.sdf.abs() * 40 > 1.0
+    assert torch.equal((torch_ref.sdf < 0)[away], (fast.sdf < 0)[away])
+    assert ((torch_ref.sdf < 0) == (fast.sdf < 0)).float().mean() > 0.999

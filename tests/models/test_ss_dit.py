@@ -228,3 +228,22 @@ def test_ssa_trains_its_gates_and_compression_position_encoding():
     for p in (attn.gates.weight, attn.cmp_pe_k, attn.cmp_pe_v):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert ("ssa-layout", attn.ssa) in x.cache  # built once per coordinate set, shared by the layers
+
+
+@pytest.mark.parametrize("attention", ["full", "ssa"])
+def test_gradient_checkpointing_changes_neither_outputs_nor_gradients(attention):
+    x = batch(seed=4)
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    cond = cond_of(3, [2, 3, 1])
+    model = tiny(attention, cond_dim=16)
+    results = []
+    for flag in (False, True):
+        model.config.grad_checkpoint = flag
+        model.zero_grad()
+        out = model(x.replace(x.feats.clone()), t, cond).feats
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.equal(a, b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)

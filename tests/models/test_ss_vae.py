@@ -119,3 +119,27 @@ def test_overfits_one_shape_and_reconstructs_it_unguided():
     (vertices, faces), = model.decode_to_mesh(model.encode(x))
     radius = np.linalg.norm(vertices, axis=1)
     assert len(faces) > 100 and np.abs(radius - 0.3).max() < 1.5 / 16  # within 1.5 voxels of the sphere
+
+
+def test_a_pass_in_conv_slabs_equals_the_one_pass_pass(monkeypatch):
+    """With spconv's limit lowered to a few hundred rows, every convolution of the encoder and the
+    decoder runs in slabs: the reconstruction and the weights' gradients do not change."""
+    from meshforge.sparse import conv
+
+    torch.manual_seed(0)
+    model = tiny().double()
+    x = batch(shell(12, 0.3), resolution=12)  # 960 voxels
+    x = x.replace(x.feats.double())
+
+    def run():
+        out = model(x.replace(x.feats), sample=False)
+        loss = out.sdf.feats.square().sum() + out.exist_logits.square().sum()
+        return out.sdf.feats.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    whole, whole_grads = run()
+    monkeypatch.setattr(conv, "MAX_FEATURE_BYTES", 400 * 16 * 8)  # slabs of ~200 rows of 16 float64 channels
+    sliced, sliced_grads = run()
+    torch.testing.assert_close(sliced, whole, rtol=1e-9, atol=1e-9)
+    for a, b in zip(sliced_grads, whole_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

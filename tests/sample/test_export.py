@@ -9,10 +9,13 @@ import trimesh
 from meshforge.data.canonical import canonicalize
 from meshforge.data.synth import synth_mesh
 from meshforge.data.tokens import Vocab, decode_tokens, encode_mesh
+from meshforge.errors import MeshforgeError
+from meshforge.runtime import has_module
 from meshforge.sample.export import (
     is_watertight,
     mesh_from_canonical,
     mesh_stats,
+    postprocess,
     sample_files,
     write_samples,
 )
@@ -97,3 +100,28 @@ def test_rewriting_a_folder_drops_the_previous_samples(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("sample_*")) == ["sample_000.obj"]
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only files the previous stats listed go
     assert sample_files(tmp_path) == [[tmp_path / "sample_000.obj"]]
+
+
+def test_postprocess_fills_holes_and_simplifies_to_the_face_budget():
+    sphere = trimesh.creation.icosphere(3)  # 1,280 faces
+    holed = np.delete(sphere.faces, [0], axis=0)  # a one-triangle hole
+    assert not is_watertight(sphere.vertices, holed)
+    vertices, faces = postprocess((sphere.vertices, holed), fill_holes=True)
+    assert is_watertight(vertices, faces) and len(faces) == len(sphere.faces)
+    if has_module("fast_simplification"):
+        vertices, faces = postprocess((sphere.vertices, sphere.faces), simplify=300)
+        assert 200 <= len(faces) <= 300 and is_watertight(vertices, faces)
+        # Still the unit sphere: decimation moves the surface by a fraction of an edge (~0.1).
+        assert np.abs(np.linalg.norm(vertices, axis=1) - 1).max() < 0.05
+    # Under the budget nothing changes.
+    vertices, faces = postprocess((sphere.vertices, sphere.faces), simplify=5000)
+    assert np.array_equal(faces, sphere.faces)
+
+
+def test_postprocess_without_fast_simplification_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fast_simplification", None)  # makes the import fail
+    sphere = trimesh.creation.icosphere(2)
+    with pytest.raises(MeshforgeError, match=r"pip install 'meshforge\[post\]'"):
+        postprocess((sphere.vertices, sphere.faces), simplify=100)

@@ -122,6 +122,10 @@ def test_dit_sampler_gets_its_options(monkeypatch, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["count"] == stats["watertight"] == 2 and stats["meshes_per_s"] > 0
 
+    # Post-processing applies to what the sampler returns (a tetrahedron has 4 faces: under any budget).
+    assert cli("--device cpu sample --checkpoint {} --out {} --n 1 --fill-holes --simplify 4", tmp_path, out) == 0
+    assert json.loads((out / "stats.json").read_text())["watertight"] == 1
+
     missing_image = tmp_path / "nope.png"
     assert cli("--device cpu sample --checkpoint {} --out {} --image {}", tmp_path, out, missing_image) == 1
 
@@ -141,6 +145,7 @@ def test_other_kinds_cannot_sample(monkeypatch, tmp_path):
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"image": "a.png", "class_label": "chair"}, "not both"),
+        ({"simplify": 2}, "simplify"),
     ],
 )
 def test_config_validation(options, problem):

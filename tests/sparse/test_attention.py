@@ -85,3 +85,27 @@ def test_position_encoding_is_a_per_axis_sinusoid():
     # Different positions get different codes.
     many = torch.stack(torch.meshgrid(*[torch.arange(6)] * 3, indexing="ij"), -1).reshape(-1, 3)
     assert len(torch.unique(sinusoidal_position_encoding(many, 24), dim=0)) == len(many)
+
+
+def test_one_window_per_sequence_of_equal_lengths_needs_no_mask_and_matches_the_loop():
+    """Equal window lengths take the unpadded, unmasked path (which SDPA's flash kernel accepts)."""
+    from meshforge.sparse.tensor import Windows
+
+    n, count = 48, 3
+    windows = Windows(perm=torch.arange(n), cu_seqlens=torch.arange(0, n + 1, n // count, dtype=torch.int32),
+                      window_ids=torch.arange(n) // (n // count), max_len=n // count)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, 2, 8, generator=g) for _ in range(3))
+    expected = window_attention_reference(q, k, v, windows)
+    for backend in ("auto", "math"):
+        torch.testing.assert_close(window_attention(q, k, v, windows, backend), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_backends_are_named():
+    from meshforge.runtime import sdpa
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(sdpa(q, k, v, backend="math"), sdpa(q, k, v), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown SDPA backend"):
+        sdpa(q, k, v, backend="fast")

@@ -112,3 +112,35 @@ def test_upsample_makes_the_kept_children_with_per_child_maps():
     everything = up(x)
     assert len(everything) == 8 * len(x)
     assert (lookup(coord_keys(everything.coords, (8, 8, 8)), coord_keys(y.coords, (8, 8, 8))) >= 0).all()
+
+
+@pytest.mark.parametrize("layer", ["subm3", "subm5", "strided"])
+def test_spconv_in_slabs_equals_one_pass_forward_and_backward(layer, monkeypatch):
+    """Past the int32 limit convolutions run over x slabs with halos: same outputs and gradients.
+
+    The limit is lowered so that these few hundred voxels split into several slabs. Every output
+    sums the same products in both runs, so float64 agrees to rounding.
+    """
+    from meshforge.sparse import conv
+
+    x = random_tensor(5, sizes=(300, 0, 150), grid=(16, 8, 10)).to(torch.float64)
+    make = {"subm3": lambda: SparseSubMConv3d(3, 4, 3), "subm5": lambda: SparseSubMConv3d(3, 4, 5),
+            "strided": lambda: SparseConv3d(3, 4, 2)}[layer]
+    module = make().double()
+    g = torch.Generator().manual_seed(5)
+
+    def run(feats):
+        y = module(SparseTensor(feats, x.coords, x.spatial_shape, x.batch_size))
+        weights = torch.randn(y.feats.shape, generator=g.manual_seed(6), dtype=torch.float64)
+        grads = torch.autograd.grad((y.feats * weights).sum(), (feats, module.weight, module.bias))
+        return y, grads
+
+    whole, whole_grads = run(x.feats.clone().requires_grad_())
+    monkeypatch.setattr(conv, "MAX_FEATURE_BYTES", 60 * 4 * 8)  # slabs of ~30 rows of 4 float64 channels
+    slabs = conv.conv_slabs(x, 4, 8, 2 if layer == "strided" else 1)
+    assert slabs is not None and len(slabs) >= 3
+    sliced, sliced_grads = run(x.feats.clone().requires_grad_())
+    assert torch.equal(sliced.coords, whole.coords)
+    torch.testing.assert_close(sliced.feats, whole.feats, rtol=1e-12, atol=1e-12)
+    for a, b in zip(sliced_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -104,17 +104,17 @@ def test_replace_shares_the_cache_and_to_keeps_int_coords():
         SparseTensor(x.feats, x.coords[:, :3], x.spatial_shape, x.batch_size)
 
 
-def test_broadcast_items_equals_indexing_forward_and_backward():
-    """The one-hot GEMM backward sums each item's rows exactly as indexing's backward does
-    (float64: the two sum the same terms in another order, ~1e-15 apart)."""
-    x = random_tensor(5, sizes=(40, 0, 25, 7)).to(torch.float64)
-    g = torch.Generator().manual_seed(5)
-    values = torch.randn(x.batch_size, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(len(x), 6, generator=g, dtype=torch.float64)
-    out = x.broadcast_items(values)
-    expected = values[x.coords[:, 0].long()]
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    (ours,) = torch.autograd.grad(out, values, grad)
-    (theirs,) = torch.autograd.grad(expected, values, grad)
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    assert torch.equal(ours[1], torch.zeros(6, dtype=torch.float64))  # the empty item gets no gradient
+def test_per_row_is_indexing_by_item_forward_and_backward():
+    """per_row's GEMM backward sums each item's rows: the gradient of ``values[item]`` (in float64
+    both sum the same numbers; only the order differs, far below the tolerance)."""
+    x = random_tensor(3, sizes=(40, 0, 25), channels=3).to(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(x.batch_size, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(len(x), 5, 2, generator=g, dtype=torch.float64)
+    rows = x.per_row(values)
+    reference = values[x.coords[:, 0].long()]
+    assert torch.equal(rows, reference)
+    (grad,) = torch.autograd.grad((rows * weights).sum(), values)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), values)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grad[1], torch.zeros(5, 2, dtype=torch.float64))  # the empty item

@@ -40,31 +40,34 @@ def test_resume_continues_the_same_loss_curve(tmp_path, optimizer):
 
 
 class SlowToyTask(ToyTask):
-    """Every training step takes 10 s of a fake clock."""
+    """Every training step takes 10 s of a fake clock, the first ``first_s`` (compiling kernels)."""
 
-    def __init__(self, clock: list[float], **kwargs):
+    def __init__(self, clock: list[float], first_s: float = 10.0, **kwargs):
         super().__init__(**kwargs)
-        self.clock = clock
+        self.clock, self.first_s, self.calls = clock, first_s, 0
 
     def loss(self, model, batch):
-        self.clock[0] += 10.0
+        self.clock[0] += self.first_s if self.calls == 0 else 10.0
+        self.calls += 1
         return super().loss(model, batch)
 
 
 def test_time_limit_stops_like_a_last_step_and_resume_finishes_the_curve(tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("meshforge.train.trainer.time.perf_counter", lambda: clock[0])
-    summary = train(SlowToyTask(clock, batch_size=8), toy_config(time_limit_min=1.0), tmp_path / "split", device="cpu")
-    # 60 s: step 7 is the first to finish past the limit; it is logged, evaluated and checkpointed.
-    assert summary["stopped_by_time_limit"] and summary["last_step"] == 7
-    assert latest_checkpoint(tmp_path / "split").name == "step_0000007"
+    summary = train(SlowToyTask(clock, first_s=100.0, batch_size=8), toy_config(time_limit_min=1.0),
+                    tmp_path / "split", device="cpu")
+    # The 60 s count from the end of the 100 s first step: step 8 (at 170 s) is the first to finish
+    # past them; it is logged, evaluated and checkpointed.
+    assert summary["stopped_by_time_limit"] and summary["last_step"] == 8
+    assert latest_checkpoint(tmp_path / "split").name == "step_0000008"
     rows = read_csv(tmp_path / "split" / "metrics.csv")
-    assert [r["step"] for r in rows if "val_loss" in r] == [7]
+    assert [r["step"] for r in rows if "val_loss" in r] == [8]
     assert (tmp_path / "split" / "curves.png").is_file()
     monkeypatch.undo()
 
     resumed = train(ToyTask(batch_size=8), toy_config(), tmp_path / "split", device="cpu", resume=True)
-    assert resumed["resumed_from"] == 7 and not resumed["stopped_by_time_limit"] and resumed["last_step"] == 40
+    assert resumed["resumed_from"] == 8 and not resumed["stopped_by_time_limit"] and resumed["last_step"] == 40
     train(ToyTask(batch_size=8), toy_config(), tmp_path / "full", device="cpu")
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert sorted(b) == list(range(1, 41)) and max(abs(a[s] - b[s]) for s in a) <= 1e-6

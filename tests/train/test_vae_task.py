@@ -8,7 +8,7 @@ import torch
 from meshforge_plugins.cli import main
 
 from meshforge.config import from_dict
-from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError
 from meshforge.models.ss_vae import SSVAE
@@ -63,6 +63,18 @@ def test_multi_resolution_batches(data, tmp_path):
         assert (b["coords"][:, 0].diff() >= 0).all()
     assert seen == {16, 32}
     assert torch.equal(next(t.batches(0, 1, seed=1, start_step=3))["coords"], b["coords"])  # resumable
+
+
+def test_lower_resolutions_voxelise_the_stored_mesh_with_the_datas_band(data, tmp_path):
+    """Below the data's R a batch is the stored mesh voxelised at R (interpolating 32 -> 16 would keep
+    only half the band): the same voxels and SDF as voxelising the mesh at 16 directly."""
+    t = task(data, tmp_path, resolutions=[16], batch_size=1)
+    item = t.item_at(t.train_set, 0, 16)
+    vertices, faces = t.train_set.mesh(0)
+    direct = voxelize(vertices, faces, 16, 2.5)
+    assert item.resolution == 16 and torch.equal(item.coords, direct.coords) and torch.equal(item.sdf, direct.sdf)
+    assert item.sdf.abs().max() * 16 > 0.9 * 2.5  # the whole band, in voxels of the new grid
+    assert t.item_at(t.train_set, 0, 32).resolution == 32
 
 
 def test_resolutions_must_fit_the_model(data, tmp_path):
