@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
 from meshforge.kernels.decode_attention import decode_attention
-from meshforge.kernels.decode_step import linear_decode_step, rotary_kv_append
+from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rotary_kv_append
 from meshforge.kernels.linear_attention import decay_slopes, linear_attention
 from meshforge.kernels.rotary import rotate_qk
 from meshforge.models.attention import causal_attention
@@ -222,18 +222,19 @@ class Attention(nn.Module):
         state = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
         return StateCache(state, torch.exp(-self.slopes.float()).to(device))
 
-    def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
-        """``x [B, dim]`` at position ``at`` of this block's level -> ``[B, dim]``.
+    def step(self, x: Tensor, norm: RMSNorm, at: StepPosition, cache: BlockCache) -> Tensor:
+        """``x + attn(norm(x))`` for the residual stream ``x [B, dim]`` at position ``at`` of this block's level.
 
-        Between the two GEMMs each kind is one fused op on CUDA (:mod:`meshforge.kernels.decode_step`).
+        The norm rides in the ``qkv`` GEMM and the residual add in the output projection's; between
+        the two GEMMs each kind is one fused op on CUDA (:mod:`meshforge.kernels.decode_step`).
         """
-        qkv = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.head_dim)
+        qkv = fused_linear(x, self.qkv.weight, norm.weight, norm.eps).view(x.shape[0], 3, self.n_heads, self.head_dim)
         if isinstance(cache, KVCache):
             q = rotary_kv_append(qkv, at.cos, at.sin, cache.k, cache.v, at.index)
             out = decode_attention(q, cache.k, cache.v, at.length)
         else:
             out = linear_decode_step(qkv, at.cos, at.sin, cache.decay, cache.state, self.out_norm.weight, self.out_norm.eps)
-        return self.proj(out.flatten(-2))
+        return fused_linear(out.flatten(-2), self.proj.weight, residual=x)
 
 
 class Block(nn.Module):
@@ -251,8 +252,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
-        x = x + self.attn.step(self.attn_norm(x), at, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        """:meth:`forward` at one position (in eval: no dropout), each projection one fused GEMM:
+        ``norm -> qkv``, attention, ``proj -> + x``, ``norm -> gate_up -> SwiGLU``, ``down -> + x``."""
+        x = self.attn.step(x, self.attn_norm, at, cache)
+        mlp = self.mlp
+        hidden = fused_linear(x, mlp.gate_up.weight, self.mlp_norm.weight, self.mlp_norm.eps, swiglu=True)
+        return fused_linear(hidden, mlp.down.weight, residual=x)
 
 
 def pool(x: Tensor) -> Tensor:
@@ -383,4 +388,4 @@ class IFlame(nn.Module):
         tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, token_at, dec)
         cache.position = t + 1
         pos.add_(1)
-        return self.head(self.norm(tok))
+        return fused_linear(tok, self.head.weight, self.norm.weight, self.norm.eps)
