@@ -21,7 +21,10 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_N = 16  # output columns per program: the smallest a tensor-core dot takes
-MAX_BLOCK_K = 256
+# A slice of K is one load of the weight tile per program: few, wide slices keep the whole tile in
+# flight at once (what a launch-bound step waits on), capped so the row tile stays in registers.
+MAX_BLOCK_K = 512
+MAX_TILE = 8192  # BLOCK_M * BLOCK_K
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -102,7 +105,7 @@ def fused_linear_triton(
         raise ValueError(f"residual must be [M, N] = {(rows, n)} in {x.dtype} with unit stride on N")
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_k = min(MAX_BLOCK_K, max(16, triton.next_power_of_2(k)))
+    block_k = min(MAX_BLOCK_K, MAX_TILE // block_m, max(16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(rows, block_m))
     _fused_linear_kernel[grid](
         x, x if norm_weight is None else norm_weight.contiguous(), weight, out if residual is None else residual, out,
