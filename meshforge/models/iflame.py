@@ -33,6 +33,17 @@ blocks keep static K/V buffers, linear blocks a ``d x d`` state per head, and th
 stages advance only when a vertex (3 tokens) / face (9 tokens) completes. Positions are read from a
 device tensor, so a step's launches depend only on the position modulo 9: nine CUDA graphs replay
 every step of a generation (:mod:`meshforge.sample.decoding`).
+
+A step at batch 1-16 is launch-bound, so a block's step is as few kernels as its data flow allows
+(:mod:`meshforge.kernels.decode_step`): ``norm -> qkv``, the attention op, ``proj -> + x``,
+``norm -> gate_up -> SwiGLU``, ``down -> + x``, each one launch: 5 for a linear block, 7 for a full
+one (split-K attention is two kernels after the K/V append), where the unfused ops launched 15 / 17
+(each RMSNorm three: to float32, norm, back; SiLU and its product; both residual adds). Around the
+blocks a step launches the embedding, rotary lookups (3 a level), the group writes, the skip adds
+(2 each) and the fused final norm + head. For the reference model (4/4/8/4/4 blocks, 1 in 4 full)
+that is 53 launches at 6 of the 9 phases, 106 when a vertex completes and 156 when a face does:
+76 a step on average (the unfused steps: 136 / 269 / 399, 195 on average; the full-attention
+baseline 94, was 212).
 """
 
 from __future__ import annotations
