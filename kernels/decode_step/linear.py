@@ -48,8 +48,8 @@ def _fused_linear_kernel(
     if HAS_NORM:
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = _load_rows(x_ptr, rows, k0 + tl.arange(0, BLOCK_K), stride_xm, M, K).to(tl.float32)
-            sum_sq += tl.sum(x * x, axis=1)
+            row_slice = _load_rows(x_ptr, rows, k0 + tl.arange(0, BLOCK_K), stride_xm, M, K).to(tl.float32)
+            sum_sq += tl.sum(row_slice * row_slice, axis=1)
         inv_rms = 1.0 / tl.sqrt(sum_sq / K + eps)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -57,18 +57,18 @@ def _fused_linear_kernel(
     w_mask_n = (cols < N)[None, :]
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = _load_rows(x_ptr, rows, ks, stride_xm, M, K)
+        x_slice = _load_rows(x_ptr, rows, ks, stride_xm, M, K)
         if HAS_NORM:
             gain = tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * inv_rms[:, None] * gain[None, :]).to(dtype)
+            x_slice = (x_slice.to(tl.float32) * inv_rms[:, None] * gain[None, :]).to(dtype)
+        x_dot = x_slice.to(DOT_DTYPE)
         w_mask = (ks < K)[:, None] & w_mask_n
-        x = x.to(DOT_DTYPE)
         w_tile = w_ptr + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]: W^T
-        w = tl.load(w_tile, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        gate_w = tl.load(w_tile, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(x_dot, gate_w, acc, input_precision=PRECISION)
         if SWIGLU:
-            up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0).to(DOT_DTYPE)
-            acc_up = tl.dot(x, up, acc_up, input_precision=PRECISION)
+            up_w = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0).to(DOT_DTYPE)
+            acc_up = tl.dot(x_dot, up_w, acc_up, input_precision=PRECISION)
 
     out = acc.to(dtype)
     if SWIGLU:
