@@ -13,6 +13,8 @@ output projection that does not need the whole K/V cache:
 A third, :func:`fused_linear`, carries the elementwise work around each of a block's four projections
 into the GEMM itself: the pre-norm RMSNorm before ``qkv`` and ``gate_up``, the SwiGLU activation
 after ``gate_up``, the residual add after ``proj`` and ``down`` (and the final norm before the head).
+A block's step is then 5 launches (linear attention) or 7 (full: append, split-K and merge) instead
+of the unfused ops' 15 / 17 (:meth:`meshforge.models.iflame.Block.step`).
 
 Each has a PyTorch reference (``*_reference``: the CPU path, and the definition the tests hold the
 fused form to) built from the same pieces the training forward pass uses, and a Triton kernel of

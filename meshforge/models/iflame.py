@@ -34,16 +34,6 @@ stages advance only when a vertex (3 tokens) / face (9 tokens) completes. Positi
 device tensor, so a step's launches depend only on the position modulo 9: nine CUDA graphs replay
 every step of a generation (:mod:`meshforge.sample.decoding`).
 
-A step at batch 1-16 is launch-bound, so a block's step is as few kernels as its data flow allows
-(:mod:`meshforge.kernels.decode_step`): ``norm -> qkv``, the attention op, ``proj -> + x``,
-``norm -> gate_up -> SwiGLU``, ``down -> + x``, each one launch: 5 for a linear block, 7 for a full
-one (split-K attention is two kernels after the K/V append), where the unfused ops launched 15 / 17
-(each RMSNorm three: to float32, norm, back; SiLU and its product; both residual adds). Around the
-blocks a step launches the embedding, rotary lookups (3 a level), the group writes, the skip adds
-(2 each) and the fused final norm + head. For the reference model (4/4/8/4/4 blocks, 1 in 4 full)
-that is 53 launches at 6 of the 9 phases, 106 when a vertex completes and 156 when a face does:
-76 a step on average (the unfused steps: 136 / 269 / 399, 195 on average; the full-attention
-baseline 94, was 212).
 """
 
 from __future__ import annotations
@@ -264,7 +254,11 @@ class Block(nn.Module):
 
     def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
         """:meth:`forward` at one position (in eval: no dropout), each projection one fused GEMM:
-        ``norm -> qkv``, attention, ``proj -> + x``, ``norm -> gate_up -> SwiGLU``, ``down -> + x``."""
+        ``norm -> qkv``, attention, ``proj -> + x``, ``norm -> gate_up -> SwiGLU``, ``down -> + x``.
+
+        5 launches for a linear block, 7 for a full one (K/V append, split-K attention and its merge);
+        the unfused ops launched 15 / 17 (each RMSNorm three: to float32, norm, back; SiLU and its
+        product; both residual adds)."""
         x = self.attn.step(x, self.attn_norm, at, cache)
         mlp = self.mlp
         hidden = fused_linear(x, mlp.gate_up.weight, self.mlp_norm.weight, self.mlp_norm.eps, swiglu=True)
@@ -377,6 +371,12 @@ class IFlame(nn.Module):
         run when this token completes a vertex, the face stage when it completes a face. Which of
         them run, and which group slots are written, depend on ``cache.position`` modulo 9 only;
         the kernels read positions from ``cache.device_position``.
+
+        A step at batch 1-16 is launch-bound. Around the blocks (:meth:`Block.step`) it launches the
+        embedding, rotary lookups (3 a level), group writes, skip adds (2 each) and the fused final
+        norm + head: for the reference model (4/4/8/4/4 blocks, 1 in 4 full) 53 launches at 6 of the
+        9 phases, 106 when a vertex completes, 156 when a face does, 76 a step on average (unfused:
+        136 / 269 / 399, 195 on average; the full-attention baseline 94, was 212).
         """
         t = cache.position
         if t >= cache.max_len:
