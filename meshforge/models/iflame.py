@@ -33,7 +33,6 @@ blocks keep static K/V buffers, linear blocks a ``d x d`` state per head, and th
 stages advance only when a vertex (3 tokens) / face (9 tokens) completes. Positions are read from a
 device tensor, so a step's launches depend only on the position modulo 9: nine CUDA graphs replay
 every step of a generation (:mod:`meshforge.sample.decoding`).
-
 """
 
 from __future__ import annotations
