@@ -66,9 +66,10 @@ def fused_linear_reference(
     residual: Tensor | None = None,
     swiglu: bool = False,
 ) -> Tensor:
-    """``x [M, K]`` -> ``[M, N]``: ``RMSNorm(x)`` (when ``norm_weight`` is given) times ``weight^T`` (``[N, K]``,
-    or ``[2N, K]``: gate rows then up rows, with ``swiglu``), then ``silu(gate) * up`` (``swiglu``),
-    then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in its order."""
+    """``x [M, K]`` -> ``[M, N]``: ``RMSNorm(x)`` (when ``norm_weight`` is given) times ``weight^T``
+    (``[N, K]``, or ``[2N, K]``: gate rows then up rows, with ``swiglu``), then ``silu(gate) * up``
+    (``swiglu``), then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in
+    its order."""
     if norm_weight is not None:
         x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
     out = F.linear(x, weight)

@@ -91,26 +91,33 @@ def fused_linear_triton(
     swiglu: bool = False,
 ) -> Tensor:
     if x.ndim != 2 or weight.ndim != 2 or x.stride(-1) != 1 or not weight.is_contiguous():
-        raise ValueError(f"x must be [M, K] with unit stride on K and weight a contiguous [N, K]; got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"x must be [M, K] with unit stride on K and weight a contiguous [N, K]; got "
+            f"{tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     rows, k = x.shape
     if weight.shape[1] != k or weight.dtype != x.dtype:
-        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not take x {tuple(x.shape)} {x.dtype}")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} {weight.dtype} does not take x {tuple(x.shape)} {x.dtype}"
+        )
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"a SwiGLU weight stacks gate and up rows: an even count, got {weight.shape[0]}")
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not match the width {k}")
-    if residual is not None and (residual.shape != (rows, n) or residual.stride(-1) != 1 or residual.dtype != x.dtype):
+    if residual is not None and (
+        residual.shape != (rows, n) or residual.stride(-1) != 1 or residual.dtype != x.dtype
+    ):
         raise ValueError(f"residual must be [M, N] = {(rows, n)} in {x.dtype} with unit stride on N")
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_k = min(MAX_BLOCK_K, MAX_TILE // block_m, max(16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(rows, block_m))
+    norm = x if norm_weight is None else norm_weight.contiguous()  # a placeholder pointer when unused
+    res = out if residual is None else residual
     _fused_linear_kernel[grid](
-        x, x if norm_weight is None else norm_weight.contiguous(), weight, out if residual is None else residual, out,
-        rows, n, k, x.stride(0), weight.stride(0), out.stride(0) if residual is None else residual.stride(0),
-        out.stride(0), eps,
+        x, norm, weight, res, out,
+        rows, n, k, x.stride(0), weight.stride(0), res.stride(0), out.stride(0), eps,
         HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None,
         # Triton's interpreter multiplies bf16 operands as their raw bits; the product of two bf16
         # values is exact in float32, so a float32 dot of the same operands is the same sum there.

@@ -223,12 +223,13 @@ class Attention(nn.Module):
         return StateCache(state, torch.exp(-self.slopes.float()).to(device))
 
     def step(self, x: Tensor, norm: RMSNorm, at: StepPosition, cache: BlockCache) -> Tensor:
-        """``x + attn(norm(x))`` for the residual stream ``x [B, dim]`` at position ``at`` of this block's level.
+        """``x + attn(norm(x))`` for the residual stream ``x [B, dim]`` at position ``at`` of the level.
 
         The norm rides in the ``qkv`` GEMM and the residual add in the output projection's; between
         the two GEMMs each kind is one fused op on CUDA (:mod:`meshforge.kernels.decode_step`).
         """
-        qkv = fused_linear(x, self.qkv.weight, norm.weight, norm.eps).view(x.shape[0], 3, self.n_heads, self.head_dim)
+        qkv = fused_linear(x, self.qkv.weight, norm.weight, norm.eps)
+        qkv = qkv.view(x.shape[0], 3, self.n_heads, self.head_dim)
         if isinstance(cache, KVCache):
             q = rotary_kv_append(qkv, at.cos, at.sin, cache.k, cache.v, at.index)
             out = decode_attention(q, cache.k, cache.v, at.length)
@@ -252,7 +253,8 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
-        """:meth:`forward` at one position (in eval: no dropout), each projection one fused GEMM:
+        """:meth:`forward` at one position, without dropout (decoding runs in eval), each projection
+        one fused GEMM:
         ``norm -> qkv``, attention, ``proj -> + x``, ``norm -> gate_up -> SwiGLU``, ``down -> + x``.
 
         5 launches for a linear block, 7 for a full one (K/V append, split-K attention and its merge);

@@ -15,10 +15,10 @@ float32 sums may run in another order: ``K 2^-24 sum_k |x_k w_nk|`` at worst, al
 
 import pytest
 import torch
-from torch.nn import functional as F
-
 from meshforge.kernels.decode_step import fused_linear, fused_linear_reference
 from meshforge.kernels.decode_step.linear import fused_linear_triton
+from torch.nn import functional as F
+
 from meshforge.models.layers import RMSNorm, SwiGLU
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +65,8 @@ def check(x, weight, kwargs, got):
 
 
 def test_reference_is_the_training_blocks_own_ops():
-    """norm -> gate_up -> SwiGLU, then down + residual: exactly ``x + SwiGLU(RMSNorm(x))`` of the training forward."""
+    """norm -> gate_up -> SwiGLU, then down + residual: exactly the training forward's
+    ``x + SwiGLU(RMSNorm(x))``."""
     torch.manual_seed(0)
     norm, mlp = RMSNorm(32), SwiGLU(32, 64).eval()
     with torch.no_grad():
@@ -119,20 +120,28 @@ def test_fused_linears_match_the_references_at_full_size_in_bf16(batch, monkeypa
 def test_a_model_step_through_the_triton_kernels_follows_the_reference_step(monkeypatch):
     """Every fused op of :meth:`IFlame.step` in its Triton form (as on CUDA, here under the
     interpreter): the shapes and strides the model hands the kernels are ones they take, and the
-    9 steps of a face (every level; a full and a linear block on each) give the reference logits in float32."""
+    9 steps of a face (every level; a full and a linear block on each) give the reference logits
+    in float32."""
     from meshforge.kernels.decode_attention.split_k import decode_attention_triton
     from meshforge.kernels.decode_step.fused import linear_decode_step_triton, rotary_kv_append_triton
+
     from meshforge.models import iflame
     from meshforge.models.iflame import IFlame, IFlameConfig
 
     torch.manual_seed(0)
-    model = IFlame(IFlameConfig(dim=32, n_heads=2, blocks=(2, 1, 1, 1, 1), full_every=2, max_seq_len=9)).eval()
+    config = IFlameConfig(dim=32, n_heads=2, blocks=(2, 1, 1, 1, 1), full_every=2, max_seq_len=9)
+    model = IFlame(config).eval()
     tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cache = model.init_cache(2, 9)
         want = [model.step(tokens[:, t], cache) for t in range(9)]
-        for name, triton_form in [("fused_linear", fused_linear_triton), ("linear_decode_step", linear_decode_step_triton),
-                                  ("rotary_kv_append", rotary_kv_append_triton), ("decode_attention", decode_attention_triton)]:
+        triton_forms = {
+            "fused_linear": fused_linear_triton,
+            "linear_decode_step": linear_decode_step_triton,
+            "rotary_kv_append": rotary_kv_append_triton,
+            "decode_attention": decode_attention_triton,
+        }
+        for name, triton_form in triton_forms.items():
             monkeypatch.setattr(iflame, name, triton_form)
         cache = model.init_cache(2, 9)
         got = [model.step(tokens[:, t], cache) for t in range(9)]
