@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu_session.sh iflame-recipe        # recipes/iflame_gpu.yaml alone
 #   bash benchmarks/gpu_session.sh linear-attention     # linear attention's GPU tests, then which form wins
 #                                            # at which length (benchmarks/linear_attention_forms.py, ~1.5 min)
+#   bash benchmarks/gpu_session.sh decode    # decoding's GPU tests, then iflame_vs_full --only decode
+#                                            # (batches 1, 16, 64) on one GPU (~3 min)
 #
 # Several phases run one after the other in one call: gpu_session.sh ddp-large retrain-interleaved.
 #
@@ -26,7 +28,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe linear-attention)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe linear-attention decode)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -83,7 +85,7 @@ lane_train_then_gpu_tests() {
 
 decoding_tests() {
   timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
-    tests/kernels/test_decode_step.py tests/sample/test_decoding.py
+    tests/kernels/test_decode_step.py tests/kernels/test_decode_linear.py tests/sample/test_decoding.py
 }
 
 iflame_vs_full() {
@@ -131,7 +133,9 @@ ddp_compute_bound() {  # the same comparison where a step is compute-bound: 128 
   done
 }
 
-if [ "$*" != iflame-recipe ] && [ "$*" != linear-attention ]; then  # these need no token data
+needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
+for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention) ;; *) needs_data=true ;; esac; done
+if $needs_data; then
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
 for phase in "$@"; do
@@ -163,6 +167,9 @@ case $phase in
     ( export CUDA_VISIBLE_DEVICES=0
       timed python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_linear_attention.py &&
       timed python3 benchmarks/linear_attention_forms.py ) >"$LOGS/linear-attention.log" 2>&1 ;;
+  decode)  # the decoding figures alone: benchmarks/results/iflame_vs_full_decode.json
+    ( export CUDA_VISIBLE_DEVICES=0; decoding_tests
+      timed python3 benchmarks/iflame_vs_full.py --only decode --decode-batches 1 16 64 ) >"$LOGS/decode.log" 2>&1 ;;
   retrain-interleaved)  # the interleaved run of the face-acc pair again, after a change to the model
     ( export CUDA_VISIBLE_DEVICES=0; lane_train interleaved ) >"$LOGS/retrain-interleaved.log" 2>&1 ;;
   *) echo "unknown phase $phase"; exit 2 ;;

@@ -3,6 +3,7 @@
     python benchmarks/iflame_vs_full.py [--batch 48] [--faces 800] [--decode-faces 4000]
         [--window-faces 10] [--windows 5] [--runs RUN_INTERLEAVED RUN_FULL]
     python benchmarks/iflame_vs_full.py --rescore-face-acc --runs RUN_INTERLEAVED RUN_FULL
+    python benchmarks/iflame_vs_full.py --only decode [--decode-batches 1 16]
 
 Measures, for both ``attention`` settings of the reference model (512 wide, 16 heads, 4/4/8/4/4):
 training step time and peak memory (forward + backward + AdamW, bf16 autocast, random tokens of
@@ -16,7 +17,8 @@ val face accuracy, the trainer's final evaluation over the whole val split (``su
 ``--rescore-face-acc`` replaces only those figures in an existing result (after retraining a run)
 and records where they came from. Writes ``benchmarks/results/iflame_vs_full.json``
 naming the device, and the results table as a PNG beside it; ``--device cpu`` with small sizes is a
-smoke test.
+smoke test. ``--only decode`` measures decoding and the caches alone (about two minutes on an H200)
+and writes ``iflame_vs_full_decode.json`` unless ``--out`` says otherwise.
 
 Decoding is timed in windows rather than over a whole generation (4 settings x 36,000 sequential
 steps would take far too long). The cost of one ``IFlame.step`` depends only on its position: the
@@ -57,6 +59,7 @@ from meshforge.runtime import console, resolve_device
 from meshforge.sample.decoding import make_decoder
 
 RESULT = Path(__file__).parent / "results" / "iflame_vs_full.json"
+DECODE_RESULT = RESULT.with_name("iflame_vs_full_decode.json")
 VOCAB = Vocab(7)
 
 
@@ -209,10 +212,14 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"))
-    parser.add_argument("--out", type=Path, default=RESULT, help="JSON; the table PNG goes beside it")
+    parser.add_argument("--only", choices=["decode"], help="decode: skip the training steps (and their bound)")
+    parser.add_argument("--out", type=Path, help=f"JSON, the table PNG beside it (default {RESULT.name}, "
+                        f"{DECODE_RESULT.name} with --only decode)")
     parser.add_argument("--rescore-face-acc", action="store_true",
                         help="only replace the face-acc figures of --out with those of --runs (after retraining them)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = DECODE_RESULT if args.only == "decode" else RESULT
     if args.rescore_face_acc:
         if not args.runs:
             parser.error("--rescore-face-acc needs --runs")
@@ -221,6 +228,8 @@ def main() -> None:
     # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
     if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
         parser.error("need --windows >= 2 and 1 <= --window-faces <= --decode-faces")
+    if args.only and args.runs:
+        parser.error("--runs compares trained runs: not with --only")
     accuracy, runs = face_acc(dict(zip(("interleaved", "full"), args.runs))) if args.runs else ({}, None)
     device = resolve_device(args.device)
     max_len = TOKENS_PER_FACE * (max(args.faces, args.decode_faces) + 1)
@@ -235,8 +244,10 @@ def main() -> None:
 
     results: dict[str, dict[str, Any]] = {}
     for kind, cfg in configs.items():
-        console.print(f"[bold]{kind}[/bold]: training step at {args.batch} x {args.faces} faces")
-        results[kind] = {"train": train_step(cfg, device, args.batch, args.faces, args.train_steps)}
+        results[kind] = {}
+        if args.only != "decode":
+            console.print(f"[bold]{kind}[/bold]: training step at {args.batch} x {args.faces} faces")
+            results[kind]["train"] = train_step(cfg, device, args.batch, args.faces, args.train_steps)
         torch.manual_seed(0)
         model = IFlame(cfg).to(device).eval()
         for batch, graphs in itertools.product(args.decode_batches, decode_modes):
@@ -251,14 +262,18 @@ def main() -> None:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    console.print("[bold]bound[/bold]: training step with the attention operators free")
-    with attention_operators_free():
-        free = train_step(configs["full"], device, args.batch, args.faces, args.train_steps)
+    free = None
+    if args.only != "decode":
+        console.print("[bold]bound[/bold]: training step with the attention operators free")
+        with attention_operators_free():
+            free = train_step(configs["full"], device, args.batch, args.faces, args.train_steps)
     plain = IFlame(IFlameConfig(**base, attention="full", blocks=(0, 0, 0, 0, 24))).to(device)
     plain_cache = plain.init_cache(1, TOKENS_PER_FACE * args.decode_faces, device, torch.bfloat16).nbytes()
     del plain
 
     inter, full = results["interleaved"], results["full"]
+    # With --only decode there are no training figures: their ratios are None.
+    train_i, train_f, bound = inter.get("train", {}), full.get("train", {}), free or {}
 
     def decode_ratio(batch: int) -> float | None:
         key = f"decode_b{batch}"
@@ -267,11 +282,11 @@ def main() -> None:
     summary = {
         "benchmark": "iflame_vs_full",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "train_step_time_ratio": ratio(inter["train"]["step_s"], full["train"]["step_s"]),
-        "peak_memory_ratio": ratio(inter["train"]["peak_bytes"], full["train"]["peak_bytes"]),
+        "train_step_time_ratio": ratio(train_i.get("step_s"), train_f.get("step_s")),
+        "peak_memory_ratio": ratio(train_i.get("peak_bytes"), train_f.get("peak_bytes")),
         # The least any replacement of the attention operators could reach against this baseline.
-        "train_step_time_ratio_bound": ratio(free["step_s"], full["train"]["step_s"]),
-        "peak_memory_ratio_bound": ratio(free["peak_bytes"], full["train"]["peak_bytes"]),
+        "train_step_time_ratio_bound": ratio(bound.get("step_s"), train_f.get("step_s")),
+        "peak_memory_ratio_bound": ratio(bound.get("peak_bytes"), train_f.get("peak_bytes")),
         "attention_free_train": free,
         # At the first --decode-batches (batch 1 by default); every batch also has its own key.
         "decode_throughput_ratio": decode_ratio(args.decode_batches[0]),
@@ -309,10 +324,11 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
     def row(name: str, a: float | None, b: float | None, fmt: str) -> None:
         rows.append({"figure": name, "interleaved": cell(a, fmt), "full": cell(b, fmt), "ratio": cell(ratio(a, b), ".3f")})
 
-    row("train step (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
-    row("train step, attention free (s)", free["step_s"], full["train"]["step_s"], ".3f")
-    row("peak memory (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
-    row("peak memory, attention free (GB)", free["peak_gb"], full["train"]["peak_gb"], ".2f")
+    if free is not None:  # not with --only decode
+        row("train step (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
+        row("train step, attention free (s)", free["step_s"], full["train"]["step_s"], ".3f")
+        row("peak memory (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
+        row("peak memory, attention free (GB)", free["peak_gb"], full["train"]["peak_gb"], ".2f")
     for key in (k for k in inter if k.startswith("decode_")):
         batch = key.rsplit("_b", 1)[1]
         mode = " (eager)" if key.startswith("decode_eager") else ""

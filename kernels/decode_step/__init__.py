@@ -1,7 +1,7 @@
-"""One decoding position of an attention block, from its ``qkv`` projection to what attention reads.
+"""One decoding position of a transformer block: its projections and what lies between them.
 
 A decoding step of iFlame is launch-bound: at batch 1-16 a block's dozens of tiny kernels cost
-more than their arithmetic. These two ops fuse everything between a block's ``qkv`` GEMM and its
+more than their arithmetic. Two ops fuse everything between a block's ``qkv`` GEMM and its
 output projection that does not need the whole K/V cache:
 
 - :func:`linear_decode_step` (linear-attention blocks): rotate ``q, k``, advance the per-head state
@@ -10,13 +10,21 @@ output projection that does not need the whole K/V cache:
   K/V cache at the step's position (read from the device) and return the rotated ``q`` for
   :func:`meshforge.kernels.decode_attention.decode_attention`.
 
+A third, :func:`fused_linear`, carries the elementwise work around each of a block's four projections
+into the GEMM itself: the pre-norm RMSNorm before ``qkv`` and ``gate_up``, the SwiGLU activation
+after ``gate_up``, the residual add after ``proj`` and ``down`` (and the final norm before the head).
+A block's step is then 5 launches (linear attention) or 7 (full: append, split-K and merge) instead
+of the unfused ops' 15 / 17 (:meth:`meshforge.models.iflame.Block.step`).
+
 Each has a PyTorch reference (``*_reference``: the CPU path, and the definition the tests hold the
 fused form to) built from the same pieces the training forward pass uses, and a Triton kernel of
-one program per (sequence, head) in :mod:`meshforge.kernels.decode_step.fused`, used on CUDA when
-the head width is a power of two. The fused kernels round where the references round (the
-rotation and the attention output to the activations' dtype), so both agree up to the order of
-float32 sums. Shapes: ``qkv [B, 3, H, D]`` (the GEMM output viewed as q, k, v), rotary tables
-``cos, sin [1, D]`` float32, states ``[B, H, D, D]`` float32, caches ``[B, H, L_max, D]``.
+one program per (sequence, head) in :mod:`meshforge.kernels.decode_step.fused` (used on CUDA when
+the head width is a power of two), or per tile of output columns in
+:mod:`meshforge.kernels.decode_step.linear`. The fused kernels round where the references round (the
+rotation and the attention output, the normed GEMM input, the GEMM output, ``silu(gate)`` and
+the residual sum to the activations' dtype), so both agree up to the order of float32 sums.
+Shapes: ``qkv [B, 3, H, D]`` (the GEMM output viewed as q, k, v), rotary tables ``cos, sin [1, D]``
+float32, states ``[B, H, D, D]`` float32, caches ``[B, H, L_max, D]``; a linear's rows ``[B, K]``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,43 @@ def rotary_kv_append_reference(
     return q
 
 
+def fused_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    residual: Tensor | None = None,
+    swiglu: bool = False,
+) -> Tensor:
+    """``x [M, K]`` -> ``[M, N]``: ``RMSNorm(x)`` (when ``norm_weight`` is given) times ``weight^T``
+    (``[N, K]``, or ``[2N, K]``: gate rows then up rows, with ``swiglu``), then ``silu(gate) * up``
+    (``swiglu``), then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in
+    its order."""
+    if norm_weight is not None:
+        x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
+    out = F.linear(x, weight)
+    if swiglu:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out if residual is None else residual + out
+
+
+def fused_linear(
+    x: Tensor,
+    weight: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    residual: Tensor | None = None,
+    swiglu: bool = False,
+) -> Tensor:
+    """:func:`fused_linear_reference`, as one Triton kernel on CUDA."""
+    if x.is_cuda and x.stride(-1) == 1 and weight.dtype == x.dtype and weight.is_contiguous():
+        from meshforge.kernels.decode_step.linear import fused_linear_triton
+
+        return fused_linear_triton(x, weight, norm_weight, eps, residual, swiglu)
+    return fused_linear_reference(x, weight, norm_weight, eps, residual, swiglu)
+
+
 def _fusable(qkv: Tensor) -> bool:
     head_dim = qkv.shape[-1]
     return qkv.is_cuda and head_dim >= 2 and head_dim & (head_dim - 1) == 0 and qkv.is_contiguous()
@@ -76,6 +121,8 @@ def rotary_kv_append(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_c
 
 
 __all__ = [
+    "fused_linear",
+    "fused_linear_reference",
     "linear_decode_step",
     "linear_decode_step_reference",
     "rotary_kv_append",
