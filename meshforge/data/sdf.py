@@ -56,7 +56,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -94,19 +94,63 @@ CHUNK = {"cpu": 1 << 21, "cuda": 1 << 24}
 
 @dataclass
 class SdfConfig:
-    input: Path
-    out: Path
-    resolution: int = 64
-    band: float = 3.0  # tau in voxels: voxels with |sdf| < band / resolution are kept
-    sharp_angle_deg: float = 30.0  # dihedral angle above which an edge is sharp
-    sharp_radius: float = 1.5  # voxels: band voxels this close to a sharp edge are flagged
-    fill: float = 0.9  # the normalised mesh is scaled by this, leaving a margin for the band
-    max_faces: int = 50_000  # winding numbers cost O(voxels x faces)
-    val_fraction: float = 0.05
-    resplit: bool = False  # split sources with their own train/val split by content hash too
-    workers: int = 0  # CPU worker processes (0 = every core); the CUDA path runs in one process
-    device: str = "auto"
-    sign_backend: SignBackend = "auto"  # winding numbers: auto = point-cloud-utils on the CPU when installed
+    input: Path = field(
+        metadata={
+            "help": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf (or .gz), MeshGPT/MeshAnything "
+            "pkl/npz."
+        },
+    )
+    out: Path = field(
+        metadata={"help": "Dataset folder to write (an unfinished one with the same settings is resumed)."},
+    )
+    resolution: int = field(default=64, metadata={"help": "Grid resolution R (voxels per side)."})
+    band: float = field(  # tau in voxels: voxels with |sdf| < band / resolution are kept
+        default=3.0,
+        metadata={
+            "help": "Narrow band tau in voxels: keep voxels with |sdf| < tau / R (> sqrt(3) for watertight "
+            "re-meshing)."
+        },
+    )
+    sharp_angle_deg: float = field(  # dihedral angle above which an edge is sharp
+        default=30.0,
+        metadata={"help": "Dihedral angle (degrees) above which an edge is sharp."},
+    )
+    sharp_radius: float = field(  # voxels: band voxels this close to a sharp edge are flagged
+        default=1.5,
+        metadata={"help": "Flag band voxels within this many voxels of a sharp edge."},
+    )
+    fill: float = field(  # the normalised mesh is scaled by this, leaving a margin for the band
+        default=0.9,
+        metadata={
+            "help": "Scale of the normalised mesh inside the grid (the margin keeps the band inside it)."
+        },
+    )
+    max_faces: int = field(  # winding numbers cost O(voxels x faces)
+        default=50_000,
+        metadata={"help": "Skip meshes with more faces (the sign test costs voxels x faces)."},
+    )
+    val_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of meshes (by content hash, as tokenize) in the val split."},
+    )
+    resplit: bool = field(  # split sources with their own train/val split by content hash too
+        default=False,
+        metadata={
+            "help": "Split by content hash even a source with its own train/val split (MeshGPT's pickle)."
+        },
+    )
+    workers: int = field(  # CPU worker processes (0 = every core); the CUDA path runs in one process
+        default=0,
+        metadata={"help": "CPU worker processes (0 = all cores); the CUDA path uses one process."},
+    )
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto."})
+    sign_backend: SignBackend = field(  # winding numbers: auto = point-cloud-utils on the CPU when installed
+        default="auto",
+        metadata={
+            "help": "Winding numbers: torch (the reference), pcu (point-cloud-utils' fast winding numbers, "
+            "CPU), auto (pcu on the CPU when installed)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 8 <= self.resolution <= 4096:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -41,18 +41,53 @@ from meshforge.runtime import console
 
 @dataclass
 class TokenizeConfig:
-    input: Path
-    out: Path
-    bits: int = 7
-    max_faces: int = 800
-    val_fraction: float = 0.05
-    workers: int = 0  # 0 = every core
-    dedupe: bool = True
-    resplit: bool = False  # split sources with their own train/val split by content hash too
+    input: Path = field(
+        metadata={
+            "help": "Folder (or file) of meshes: obj/off/ply/stl/glb/gltf (or .gz), MeshGPT/MeshAnything "
+            "pkl/npz."
+        },
+    )
+    out: Path = field(
+        metadata={
+            "help": "Dataset folder to write (default: ./meshforge-data/tokens/NAME, NAME the input folder's "
+            "name)."
+        },
+    )
+    bits: int = field(
+        default=7,
+        metadata={"help": "Quantisation bits per coordinate (vocabulary 2**bits + 3)."},
+    )
+    max_faces: int = field(
+        default=800,
+        metadata={"help": "Skip meshes with more faces after canonicalisation."},
+    )
+    val_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Fraction of meshes (by content hash) in the val split, for sources without their own."
+        },
+    )
+    workers: int = field(default=0, metadata={"help": "Worker processes (0 = all cores)."})  # 0 = every core
+    dedupe: bool = field(default=True, metadata={"help": "Keep identical canonical meshes once."})
+    resplit: bool = field(  # split sources with their own train/val split by content hash too
+        default=False,
+        metadata={
+            "help": "Split by content hash even a source with its own train/val split (MeshGPT's pickle)."
+        },
+    )
     # Augmentation the training loader applies (stored in the manifest; tokens are un-augmented).
-    augment_scale_min: float = 0.75
-    augment_scale_max: float = 1.25
-    augment_shift: float = 0.1
+    augment_scale_min: float = field(
+        default=0.75,
+        metadata={"help": "Training augmentation: smallest per-axis scale."},
+    )
+    augment_scale_max: float = field(
+        default=1.25,
+        metadata={"help": "Training augmentation: largest per-axis scale."},
+    )
+    augment_shift: float = field(
+        default=0.1,
+        metadata={"help": "Training augmentation: largest per-axis shift (normalised units)."},
+    )
 
     def __post_init__(self) -> None:
         Vocab(self.bits)  # validates the range
