@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from meshforge import workspace
-from meshforge.data.sdf import SdfConfig, voxelize_folder
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.stages import RunContext, Stage
 
 

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from meshforge.config import load_yaml
-from meshforge.data.sdf import SdfConfig, SparseSDF, SparseSDFDataset, resample, voxelize
+from meshforge.data.sdf import SparseSDF, resample, voxelize
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig
 from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig, loss_terms
 from meshforge.sparse.tensor import SparseTensor
