@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from meshforge.config import field_types, from_dict, load_yaml, parse_override, set_path
+from meshforge.config import field_help, field_types, from_dict, load_yaml, parse_override, set_path
 from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.runtime import console
 from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
@@ -99,11 +99,6 @@ def _ordered_fields(stage: Stage) -> list[dataclasses.Field]:
     return sorted(dataclasses.fields(stage.config), key=rank)
 
 
-def _help(f: dataclasses.Field) -> str:
-    """A field's CLI help: ``field(metadata={"help": ...})`` on the config dataclass."""
-    return f.metadata.get("help", "")
-
-
 def _config_reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(name, type, default, help) of every field of ``cls``, nested sections flattened as ``section.key``."""
     rows = []
@@ -115,7 +110,7 @@ def _config_reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, 
             continue
         default = _default(f)
         shown = "(required)" if default is dataclasses.MISSING else _show(default)
-        rows.append((name, _metavar(tp) or "on|off", shown, _help(f) or _describe(tp)))
+        rows.append((name, _metavar(tp) or "on|off", shown, field_help(cls, f.name) or _describe(tp)))
     return rows
 
 
@@ -153,7 +148,7 @@ def _parameters(stage: Stage) -> list[inspect.Parameter]:
             note = ""
         else:
             note = f"[default: {_show(default)}]"
-        help_text = " ".join(x for x in (_help(f), _describe(tp), note) if x)
+        help_text = " ".join(x for x in (field_help(stage.config, f.name), _describe(tp), note) if x)
         if f.name in stage.positional:
             param_default = typer.Argument(None, help=help_text, show_default=False, metavar=f.name.upper())
         else:

@@ -171,7 +171,7 @@ def test_every_builtin_option_has_help_from_its_config_field(capsys):
     --help, --help-config and the docs; a new option without help fails here."""
     import dataclasses
 
-    from meshforge.config import field_types
+    from meshforge.config import field_help, field_types
     from meshforge.stages import discover_stages
 
     stages = discover_stages().stages
@@ -180,6 +180,11 @@ def test_every_builtin_option_has_help_from_its_config_field(capsys):
         types_ = field_types(config)
         for f in dataclasses.fields(config):
             if not dataclasses.is_dataclass(types_[f.name]):  # nested sections are listed per field
-                assert f.metadata.get("help"), f"{name}: --{f.name} has no help"
+                assert field_help(config, f.name), f"{name}: --{f.name} has no help"
     assert main(["sdf-voxelize", "--help"]) == 0
     assert "Grid resolution R (voxels per side)." in " ".join(capsys.readouterr().out.split())
+    # A subclass that only changes a default keeps its base class's help.
+    assert main(["train-dit", "--help"]) == 0
+    assert "Global batch size, split evenly over the --gpus processes. [default: 8]" in " ".join(
+        capsys.readouterr().out.split()
+    )

@@ -98,18 +98,8 @@ class DiTTaskConfig(TrainOptions):
         default=16,
         metadata={"help": "Val shapes per evaluation (0: all)."},
     )
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "Global batch size, split evenly over the --gpus processes."},
-    )
-    ema_decay: float = field(  # diffusion models are sampled from their EMA weights
-        default=0.999,
-        metadata={
-            "help": "Keep an exponential moving average of the weights with this decay (warmed up as "
-            "min(decay, (1+t)/(10+t))), saved in each checkpoint; sample and eval use it unless "
-            "--no-ema. 0: none."
-        },
-    )
+    batch_size: int = 8
+    ema_decay: float = 0.999  # diffusion models are sampled from their EMA weights
 
     def __post_init__(self) -> None:
         super().__post_init__()

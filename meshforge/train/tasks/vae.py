@@ -86,10 +86,7 @@ class VaeTaskConfig(TrainOptions):
         default=8,
         metadata={"help": "Val shapes per evaluation (0: all)."},
     )
-    batch_size: int = field(
-        default=4,
-        metadata={"help": "Global batch size, split evenly over the --gpus processes."},
-    )
+    batch_size: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
