@@ -75,7 +75,7 @@ class EvalConfig:
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Meshes per forward pass."})
-    ema: bool = field(  # a checkpoint's EMA weights when it has them
+    ema: bool = field(
         default=True,
         metadata={
             "help": "face-acc/perplexity/recon: use the checkpoint's EMA weights when it has them (--no-ema: "

@@ -42,28 +42,28 @@ class SdfConfig:
         metadata={"help": "Dataset folder to write (an unfinished one with the same settings is resumed)."},
     )
     resolution: int = field(default=64, metadata={"help": "Grid resolution R (voxels per side)."})
-    band: float = field(  # tau in voxels: voxels with |sdf| < band / resolution are kept
+    band: float = field(
         default=3.0,
         metadata={
             "help": "Narrow band tau in voxels: keep voxels with |sdf| < tau / R (> sqrt(3) for watertight "
             "re-meshing)."
         },
     )
-    sharp_angle_deg: float = field(  # dihedral angle above which an edge is sharp
+    sharp_angle_deg: float = field(
         default=30.0,
         metadata={"help": "Dihedral angle (degrees) above which an edge is sharp."},
     )
-    sharp_radius: float = field(  # voxels: band voxels this close to a sharp edge are flagged
+    sharp_radius: float = field(
         default=1.5,
         metadata={"help": "Flag band voxels within this many voxels of a sharp edge."},
     )
-    fill: float = field(  # the normalised mesh is scaled by this, leaving a margin for the band
+    fill: float = field(
         default=0.9,
         metadata={
             "help": "Scale of the normalised mesh inside the grid (the margin keeps the band inside it)."
         },
     )
-    max_faces: int = field(  # winding numbers cost O(voxels x faces)
+    max_faces: int = field(
         default=50_000,
         metadata={"help": "Skip meshes with more faces (the sign test costs voxels x faces)."},
     )
@@ -71,18 +71,18 @@ class SdfConfig:
         default=0.05,
         metadata={"help": "Fraction of meshes (by content hash, as tokenize) in the val split."},
     )
-    resplit: bool = field(  # split sources with their own train/val split by content hash too
+    resplit: bool = field(
         default=False,
         metadata={
             "help": "Split by content hash even a source with its own train/val split (MeshGPT's pickle)."
         },
     )
-    workers: int = field(  # CPU worker processes (0 = every core); the CUDA path runs in one process
+    workers: int = field(
         default=0,
         metadata={"help": "CPU worker processes (0 = all cores); the CUDA path uses one process."},
     )
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto."})
-    sign_backend: SignBackend = field(  # winding numbers: auto = point-cloud-utils on the CPU when installed
+    sign_backend: SignBackend = field(
         default="auto",
         metadata={
             "help": "Winding numbers: torch (the reference), pcu (point-cloud-utils' fast winding numbers, "

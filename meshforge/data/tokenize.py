@@ -57,9 +57,9 @@ class TokenizeConfig:
             "help": "Fraction of meshes (by content hash) in the val split, for sources without their own."
         },
     )
-    workers: int = field(default=0, metadata={"help": "Worker processes (0 = all cores)."})  # 0 = every core
+    workers: int = field(default=0, metadata={"help": "Worker processes (0 = all cores)."})
     dedupe: bool = field(default=True, metadata={"help": "Keep identical canonical meshes once."})
-    resplit: bool = field(  # split sources with their own train/val split by content hash too
+    resplit: bool = field(
         default=False,
         metadata={
             "help": "Split by content hash even a source with its own train/val split (MeshGPT's pickle)."

@@ -47,10 +47,7 @@ class SampleStageConfig:
         metadata={"help": "Mesh file formats to write (obj, ply, glb)."},
     )
     # iFlame
-    temperature: float = field(  # 0: greedy
-        default=1.0,
-        metadata={"help": "iFlame: softmax temperature (0: greedy)."},
-    )
+    temperature: float = field(default=1.0, metadata={"help": "iFlame: softmax temperature (0: greedy)."})
     top_k: int | None = field(
         default=None,
         metadata={"help": "iFlame: sample among the k most likely tokens (default: all)."},
@@ -59,7 +56,7 @@ class SampleStageConfig:
         default=None,
         metadata={"help": "iFlame: nucleus sampling mass (default: no truncation)."},
     )
-    max_faces: int | None = field(  # None: what the checkpoint was trained on
+    max_faces: int | None = field(
         default=None,
         metadata={
             "help": "iFlame: stop a mesh after this many faces (default: what the checkpoint was trained "
@@ -72,20 +69,20 @@ class SampleStageConfig:
             "help": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging)."
         },
     )
-    prompt: Path | None = field(  # complete these meshes: a mesh file or a token dataset folder (its val split)
+    prompt: Path | None = field(
         default=None,
         metadata={
             "help": "iFlame: complete meshes from this mesh file or token dataset folder (its val meshes in "
             "turn); writes NAME_prompt files beside the completions, prompt faces green in grid.png."
         },
     )
-    prompt_faces: int = field(  # leading faces (canonical order) of each prompt mesh
+    prompt_faces: int = field(
         default=4,
         metadata={
             "help": "iFlame with --prompt: leading faces (canonical order) of each mesh fed as the prompt."
         },
     )
-    ema: bool = field(  # the checkpoint's EMA weights when it has them
+    ema: bool = field(
         default=True,
         metadata={
             "help": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained)."
@@ -97,14 +94,14 @@ class SampleStageConfig:
         default=7.0,
         metadata={"help": "SS-DiT: classifier-free guidance scale (conditional models)."},
     )
-    sampler: Literal["euler", "heun"] = field(  # ODE integrator
+    sampler: Literal["euler", "heun"] = field(
         default="euler",
         metadata={"help": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate)."},
     )
     image: Path | None = field(default=None, metadata={"help": "SS-DiT: condition on this image."})
     class_label: str | None = field(default=None, metadata={"help": "SS-DiT: condition on this class label."})
     # Post-processing of every mesh (as the released Direct3D-S2 pipeline does)
-    simplify: int | None = field(  # decimate to at most this many faces (needs meshforge[post])
+    simplify: int | None = field(
         default=None,
         metadata={
             "help": "Decimate every mesh to at most this many faces (needs fast-simplification: "

@@ -31,11 +31,8 @@ class TrainOptions:
         metadata={"help": "Decoupled weight decay of matrices (not of norms, biases, scalars)."},
     )
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps before the cosine decay."})
-    min_lr_ratio: float = field(  # the cosine ends at lr * min_lr_ratio
-        default=0.1,
-        metadata={"help": "The cosine ends at lr times this."},
-    )
-    grad_clip: float = field(  # max global gradient norm; 0 disables clipping
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "The cosine ends at lr times this."})
+    grad_clip: float = field(
         default=1.0,
         metadata={"help": "Clip the global gradient norm to this (0: no clipping)."},
     )
@@ -48,35 +45,32 @@ class TrainOptions:
         metadata={"help": "AdamW betas, e.g. 0.9,0.95."},
     )
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon's Nesterov momentum."})
-    checkpoint_every: int = field(  # also at the end, and on Ctrl-C
+    checkpoint_every: int = field(
         default=500,
         metadata={"help": "Checkpoint every N steps (and at the end, and on Ctrl-C)."},
     )
-    keep_checkpoints: int = field(  # the newest N step folders are kept
-        default=3,
-        metadata={"help": "Keep the newest N checkpoints."},
-    )
+    keep_checkpoints: int = field(default=3, metadata={"help": "Keep the newest N checkpoints."})
     log_every: int = field(
         default=10,
         metadata={"help": "Write a metrics.csv row every N steps (averages over them)."},
     )
-    eval_every: int = field(  # 0: evaluate only at the end
+    eval_every: int = field(
         default=500,
         metadata={"help": "Evaluate on the val split every N steps (0: only at the end)."},
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
-    precision: Literal["auto", "fp32", "bf16"] = field(  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto",
         metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU."},
     )
-    gpus: int = field(  # processes on this node; more than 1 launches them through torch.distributed.run
+    gpus: int = field(
         default=1,
         metadata={
             "help": "Processes on this node, one per GPU, launched by torchrun; needs that many CUDA devices "
             "unless --device cpu is given (then CPU processes over gloo)."
         },
     )
-    time_limit_min: float = field(  # stop (checkpoint, evaluate) this long after the first step; 0: no limit
+    time_limit_min: float = field(
         default=0.0,
         metadata={
             "help": "Stop after this many minutes of training (counted from the end of the first step, which "

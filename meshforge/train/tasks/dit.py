@@ -72,7 +72,7 @@ class DiTTaskConfig(TrainOptions):
         metadata={"help": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run)."},
     )
     model: LatentFlowConfig = field(default_factory=LatentFlowConfig)
-    cond_dropout: float = field(  # probability of training an item on the null condition (for CFG)
+    cond_dropout: float = field(
         default=0.1,
         metadata={
             "help": "Probability of training an item on the null condition (classifier-free guidance)."
@@ -90,14 +90,8 @@ class DiTTaskConfig(TrainOptions):
         default=1.0,
         metadata={"help": "Weight of the structure (occupancy) flow's loss."},
     )
-    views: int = field(  # renders per mesh when an SDF dataset is encoded for image conditioning
-        default=4,
-        metadata={"help": "Renders per mesh when encoding for image conditioning."},
-    )
-    eval_meshes: int = field(  # val shapes per evaluation (0: the whole split)
-        default=16,
-        metadata={"help": "Val shapes per evaluation (0: all)."},
-    )
+    views: int = field(default=4, metadata={"help": "Renders per mesh when encoding for image conditioning."})
+    eval_meshes: int = field(default=16, metadata={"help": "Val shapes per evaluation (0: all)."})
     batch_size: int = 8
     ema_decay: float = 0.999  # diffusion models are sampled from their EMA weights
 

@@ -61,16 +61,13 @@ class TrainIFlameConfig(TrainOptions):
         default=True,
         metadata={"help": "Random per-axis scale/shift at load time (the dataset's ranges)."},
     )
-    max_faces: int | None = field(  # train on at most this many leading faces per mesh (None: all)
+    max_faces: int | None = field(
         default=None,
         metadata={"help": "Train on at most this many leading faces of each mesh."},
     )
-    eval_meshes: int = field(  # val meshes per evaluation (0: the whole split)
-        default=256,
-        metadata={"help": "Val meshes per evaluation (0: all)."},
-    )
+    eval_meshes: int = field(default=256, metadata={"help": "Val meshes per evaluation (0: all)."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of evaluation."})
-    length_groups: int = field(  # batches drawn together and formed of meshes of similar length (1: plain shuffle)
+    length_groups: int = field(
         default=16,
         metadata={
             "help": "Draw this many batches at once and form them of meshes of similar length, so batches "

@@ -61,7 +61,7 @@ class VaeTaskConfig(TrainOptions):
         metadata={"help": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run)."},
     )
     model: SSVAEConfig = field(default_factory=SSVAEConfig)
-    resolutions: list[int] | None = field(  # R drawn per step from these (None: the data's own)
+    resolutions: list[int] | None = field(
         default=None,
         metadata={
             "help": "Grid resolutions drawn at random per step, e.g. 256,384,512 (default: the data's); each "
@@ -82,10 +82,7 @@ class VaeTaskConfig(TrainOptions):
         default=1.0,
         metadata={"help": "Weight of the BCE of the decoder's voxel-existence (pruning) logits."},
     )
-    eval_meshes: int = field(  # val shapes per evaluation (0: the whole split)
-        default=8,
-        metadata={"help": "Val shapes per evaluation (0: all)."},
-    )
+    eval_meshes: int = field(default=8, metadata={"help": "Val shapes per evaluation (0: all)."})
     batch_size: int = 4
 
     def __post_init__(self) -> None:
