@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from meshforge.data.sdf import SPLITS, SparseSDFDataset
+from meshforge.data.sdf_dataset import SPLITS, SparseSDFDataset
 from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json
 from meshforge.runtime import console, track

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from meshforge.data.sdf import SparseSDFDataset
+from meshforge.data.sdf_dataset import SparseSDFDataset
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.metrics.geometry import FSCORE_TAU, reconstruction_metrics
 from meshforge.render import render_grid

@@ -31,29 +31,87 @@ from meshforge.sample.iflame import check_shaping
 class SampleStageConfig:
     """Options of ``meshforge sample``; options of the other model kind are ignored."""
 
-    checkpoint: Path
-    out: Path
-    n: int = 16
-    batch_size: int = 16
-    formats: list[str] = field(default_factory=lambda: ["obj"])
+    checkpoint: Path = field(
+        metadata={
+            "help": "Checkpoint: a run folder, its checkpoints folder or a step folder (default: the newest "
+            "iFlame or SS-DiT run under ./runs)."
+        },
+    )
+    out: Path = field(
+        metadata={"help": "Folder for sample_000.obj ..., grid.png and stats.json (default: RUN/samples)."},
+    )
+    n: int = field(default=16, metadata={"help": "Number of meshes to sample."})
+    batch_size: int = field(default=16, metadata={"help": "Meshes sampled at once."})
+    formats: list[str] = field(
+        default_factory=lambda: ["obj"],
+        metadata={"help": "Mesh file formats to write (obj, ply, glb)."},
+    )
     # iFlame
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    max_faces: int | None = None  # None: what the checkpoint was trained on
-    cuda_graphs: bool = True
-    prompt: Path | None = None  # complete these meshes: a mesh file or a token dataset folder (its val split)
-    prompt_faces: int = 4  # leading faces (canonical order) of each prompt mesh
-    ema: bool = True  # the checkpoint's EMA weights when it has them
+    temperature: float = field(default=1.0, metadata={"help": "iFlame: softmax temperature (0: greedy)."})
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "iFlame: sample among the k most likely tokens (default: all)."},
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "iFlame: nucleus sampling mass (default: no truncation)."},
+    )
+    max_faces: int | None = field(
+        default=None,
+        metadata={
+            "help": "iFlame: stop a mesh after this many faces (default: what the checkpoint was trained "
+            "on)."
+        },
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging)."
+        },
+    )
+    prompt: Path | None = field(
+        default=None,
+        metadata={
+            "help": "iFlame: complete meshes from this mesh file or token dataset folder (its val meshes in "
+            "turn); writes NAME_prompt files beside the completions, prompt faces green in grid.png."
+        },
+    )
+    prompt_faces: int = field(
+        default=4,
+        metadata={
+            "help": "iFlame with --prompt: leading faces (canonical order) of each mesh fed as the prompt."
+        },
+    )
+    ema: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained)."
+        },
+    )
     # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
-    steps: int = 30
-    cfg_scale: float = 7.0
-    sampler: Literal["euler", "heun"] = "euler"  # ODE integrator
-    image: Path | None = None
-    class_label: str | None = None
+    steps: int = field(default=30, metadata={"help": "SS-DiT: ODE integration steps."})
+    cfg_scale: float = field(
+        default=7.0,
+        metadata={"help": "SS-DiT: classifier-free guidance scale (conditional models)."},
+    )
+    sampler: Literal["euler", "heun"] = field(
+        default="euler",
+        metadata={"help": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate)."},
+    )
+    image: Path | None = field(default=None, metadata={"help": "SS-DiT: condition on this image."})
+    class_label: str | None = field(default=None, metadata={"help": "SS-DiT: condition on this class label."})
     # Post-processing of every mesh (as the released Direct3D-S2 pipeline does)
-    simplify: int | None = None  # decimate to at most this many faces (needs meshforge[post])
-    fill_holes: bool = False
+    simplify: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decimate every mesh to at most this many faces (needs fast-simplification: "
+            "meshforge[post])."
+        },
+    )
+    fill_holes: bool = field(
+        default=False,
+        metadata={"help": "Fill the holes of every mesh (boundary loops) before writing it."},
+    )
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:

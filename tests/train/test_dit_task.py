@@ -11,7 +11,8 @@ from meshforge_plugins.cli import main
 
 from meshforge.config import from_dict, to_dict
 from meshforge.data.latents import LatentDataset, encode_dataset
-from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError, InputError
 from meshforge.models.ss_dit import LatentFlow, flow_loss_terms
