@@ -8,7 +8,7 @@ slopes), forward and forward + backward, at each length, for:
 
 - ``parallel``: the fused decay-masked kernel (:mod:`meshforge.kernels.linear_attention.parallel_triton`);
 - ``chunk``: fla-core's ``chunk_simple_gla`` (what ran at every length before);
-- ``softmax``: the full-attention blocks' causal softmax attention (:func:`meshforge.models.attention.causal_attention`,
+- ``softmax``: the full-attention blocks' causal softmax attention (:func:`meshforge.kernels.attention.causal_attention`,
   flash-attn or SDPA), the reference point: the interleaved model should not be slower than it.
 
 Lengths to read against the model: a mesh of F faces is ``9 (F + 1)`` tokens at the token level,
@@ -54,7 +54,7 @@ from meshforge.kernels.linear_attention import (
 from torch import Tensor
 
 from meshforge.io import atomic_write_json
-from meshforge.models.attention import causal_attention
+from meshforge.kernels.attention import causal_attention
 from meshforge.models.iflame import IFlameConfig
 from meshforge.render import render_table_png
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from meshforge.models.attention import causal_attention
+from meshforge.kernels.attention import causal_attention
 from meshforge.models.iflame import IFlame, IFlameConfig, KVCache, StateCache
 
 SMALL = {"dim": 64, "n_heads": 4, "max_seq_len": 90}
