@@ -32,7 +32,7 @@ from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
 from meshforge.kernels.ssa.triton_path import BLOCK_N, branch_plans, compression_branch, to_block_order
 
-from ssa_tokens import random_tokens, surface_tokens
+from latent_tokens import random_tokens, surface_tokens
 
 from meshforge.io import atomic_write_json
 from meshforge.render import render_table_png

@@ -1,4 +1,4 @@
-"""Voxel token sets of the SSA benchmarks (``ssa_vs_dense.py``, ``ssa_selection.py``): real sparse
+"""Voxel token sets of the benchmarks (``ssa_vs_dense.py``, ``ssa_selection.py``, ``direct3d_scale.py``): real sparse
 latents (synth meshes voxelised at a latent resolution, a 1-voxel band) and uniformly random voxels.
 
 Imported by the benchmark scripts beside it (a script's own folder is on ``sys.path``).
@@ -19,7 +19,7 @@ def surface_tokens(family: str, resolution: int, device: torch.device) -> torch.
     """Voxel coordinates ``[N, 3]`` of the surface band of synth mesh ``family`` (seed 0) at ``resolution``."""
     vertices, faces = synth_mesh(family, seed=0, index=0)
     sdf = voxelize(normalize_vertices(vertices) * 0.9, faces, resolution, band=1.0, device=device)
-    return sdf.coords.long()
+    return sdf.coords.to(device).long()
 
 
 def random_tokens(n: int, occupancy: float, seed: int, device: torch.device) -> torch.Tensor:
