@@ -36,7 +36,7 @@ from torch import Tensor
 from meshforge.kernels.linear_attention.chunked import CHUNK_SIZE, linear_attention_chunked, linear_attention_parallel
 from meshforge.kernels.linear_attention.naive import decay_slopes, default_scale, linear_attention_naive
 from meshforge.kernels.linear_attention.step import linear_attention_step
-from meshforge.kernels.utils import Backend, resolve_backend
+from meshforge.kernels.utils import resolve_backend
 
 # Longest sequence the fused parallel kernel takes on CUDA; fla's chunked kernels take longer ones.
 # The parallel form costs ~T^2 D FLOPs per head against the chunked form's ~T (C + D) D (C = 64),
@@ -51,6 +51,9 @@ PARALLEL_MAX_LEN = 1024
 
 
 Form = Literal["parallel", "chunked"]
+# "triton" is the CUDA choice of cuda_form; "parallel_triton" / "chunk_triton" force one of its kernels.
+LinearBackend = Literal["auto", "triton", "parallel_triton", "chunk_triton", "torch", "reference"]
+FORMS = ("triton", "parallel_triton", "chunk_triton", "torch", "reference")
 
 
 def cuda_form(seq_len: int, stateful: bool) -> Form:
@@ -67,7 +70,7 @@ def linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
-    backend: Backend = "auto",
+    backend: LinearBackend = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Decayed causal linear attention over whole sequences; Triton kernels on CUDA (:func:`cuda_form`).
 
@@ -76,15 +79,21 @@ def linear_attention(
     Returns the output ``[B, T, H, D_v]`` in ``q.dtype`` and, when asked, the final state.
     On CPU the chunked form runs at every length: up to 64 positions it is the parallel form, beyond
     it does fewer FLOPs, and there are no kernel launches to amortise. ``backend``: ``torch`` is the
-    chunked form, ``reference`` the recurrence (:mod:`.naive`), ``triton`` the CUDA choice.
+    chunked form, ``reference`` the recurrence (:mod:`.naive`), ``triton`` the CUDA choice,
+    ``parallel_triton`` (no states) / ``chunk_triton`` one CUDA kernel whatever the length.
     """
-    form = resolve_backend("linear_attention", backend, q.is_cuda)
+    form = resolve_backend("linear_attention", backend, q.is_cuda, FORMS)
+    stateful = initial_state is not None or output_final_state
     if form == "reference":
         return linear_attention_naive(q, k, v, slopes, initial_state, output_final_state, scale)
     if form == "torch":
         return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale)
     scale = default_scale(q, scale)
-    if cuda_form(q.shape[1], initial_state is not None or output_final_state) == "parallel":
+    if form == "triton":
+        form = "parallel_triton" if cuda_form(q.shape[1], stateful) == "parallel" else "chunk_triton"
+    if form == "parallel_triton":
+        if stateful:
+            raise ValueError("linear_attention: the parallel Triton form takes and returns no state")
         from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
         return linear_attention_parallel_triton(q, k, v, slopes, scale), None
@@ -98,7 +107,9 @@ def linear_attention(
 
 __all__ = [
     "CHUNK_SIZE",
+    "FORMS",
     "PARALLEL_MAX_LEN",
+    "LinearBackend",
     "cuda_form",
     "decay_slopes",
     "linear_attention",
