@@ -56,8 +56,8 @@ from meshforge.sample.flow import guided_velocity, integrate
 from meshforge.sparse.conv import MAX_FEATURE_BYTES
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.config import TrainConfig
-from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
 from meshforge.train.distributed import DistEnv
+from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
 from meshforge.train.trainer import TrainingRun, autocast_dtype, to_device
 
 RESULTS = Path(__file__).parent / "results"

@@ -9,10 +9,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from meshforge.kernels.linear_attention import LinearBackend
 from torch.nn import functional as F
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
-from meshforge.kernels.linear_attention import LinearBackend
 from meshforge.models.iflame import Attention, IFlame, IFlameConfig
 
 VOCAB = Vocab(7)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from iflame_steps import train_step  # the step iflame_vs_full.json's figures come from
+from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.linear_attention import (
     PARALLEL_MAX_LEN,
     decay_slopes,
@@ -51,7 +52,6 @@ from meshforge.kernels.linear_attention import (
 from torch import Tensor
 
 from meshforge.io import atomic_write_json
-from meshforge.kernels.attention import causal_attention
 from meshforge.models.iflame import IFlameConfig
 from meshforge.render import render_table_png
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from latent_tokens import surface_tokens  # the same real latents as the speed benchmark
-
 from meshforge.kernels.ssa import SSAConfig, build_layout, spatial_sparse_attention
 from meshforge.kernels.ssa.reference import compress_reference, tile_sharing_error
 

@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 import triton
+from latent_tokens import random_tokens, surface_tokens
 from meshforge.kernels.attention import sdpa
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, range_attn, spatial_sparse_attention
 from meshforge.kernels.ssa.plans import selection_plan
 from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
 from meshforge.kernels.ssa.triton_path import BLOCK_N, branch_plans, compression_branch, to_block_order
-
-from latent_tokens import random_tokens, surface_tokens
 
 from meshforge.io import atomic_write_json
 from meshforge.render import render_table_png

@@ -14,9 +14,9 @@ from meshforge.kernels.attention.varlen import FEW_SEQUENCES, varlen_attention
 
 __all__ = [
     "DENSE_BACKENDS",
-    "DenseBackend",
     "FEW_SEQUENCES",
     "SDPA_BACKENDS",
+    "DenseBackend",
     "SdpaBackend",
     "causal_attention",
     "causal_attention_reference",

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
-from torch import Tensor
-
 from meshforge.kernels.attention.reference import causal_attention_reference
 from meshforge.kernels.attention.sdpa import sdpa
 from meshforge.kernels.utils import has_flash_attn
+from torch import Tensor
 
 # "auto", flash-attn's own kernels, the reference, or one of SDPA's kernel sets (SDPA_BACKENDS).
 DenseBackend = Literal["auto", "flash_attn", "reference", "any", "flash", "cudnn", "efficient", "math"]

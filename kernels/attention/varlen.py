@@ -11,12 +11,11 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch import Tensor
-
 from meshforge.kernels.attention.causal import DENSE_BACKENDS, DenseBackend, flash_attn_runs
 from meshforge.kernels.attention.reference import varlen_attention_reference
 from meshforge.kernels.attention.sdpa import SdpaBackend, sdpa
 from meshforge.kernels.utils import group_ids
+from torch import Tensor
 
 # Up to this many sequences of different lengths (full attention over the items of a batch), one call
 # per sequence: without a padding mask SDPA can run its flash kernel, whereas a mask sends it to the

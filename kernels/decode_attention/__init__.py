@@ -22,10 +22,9 @@ the result is ``[B, H, D]`` in ``q.dtype``, softmax scale ``D ** -0.5``, accumul
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from meshforge.kernels.decode_attention.reference import decode_attention_reference
 from meshforge.kernels.utils import Backend, resolve_backend
+from torch import Tensor
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, backend: Backend = "auto") -> Tensor:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from meshforge.kernels.attention import sdpa
+from torch import Tensor
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:

@@ -29,14 +29,13 @@ float32, states ``[B, H, D, D]`` float32, caches ``[B, H, L_max, D]``; a linear'
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from meshforge.kernels.decode_step.reference import (
     fused_linear_reference,
     linear_decode_step_reference,
     rotary_kv_append_reference,
 )
 from meshforge.kernels.utils import Backend, resolve_backend
+from torch import Tensor
 
 FORMS = ("triton", "reference")
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-from torch.nn import functional as F
-
 from meshforge.kernels.linear_attention import linear_attention_step
 from meshforge.kernels.rotary import rotate_qk
+from torch import Tensor
+from torch.nn import functional as F
 
 
 def _rotated_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:

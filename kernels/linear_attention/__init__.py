@@ -31,12 +31,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor
-
-from meshforge.kernels.linear_attention.chunked import CHUNK_SIZE, linear_attention_chunked, linear_attention_parallel
+from meshforge.kernels.linear_attention.chunked import (
+    CHUNK_SIZE,
+    linear_attention_chunked,
+    linear_attention_parallel,
+)
 from meshforge.kernels.linear_attention.naive import decay_slopes, default_scale, linear_attention_naive
 from meshforge.kernels.linear_attention.step import linear_attention_step
 from meshforge.kernels.utils import resolve_backend
+from torch import Tensor
 
 # Longest sequence the fused parallel kernel takes on CUDA; fla's chunked kernels take longer ones.
 # The parallel form costs ~T^2 D FLOPs per head against the chunked form's ~T (C + D) D (C = 64),

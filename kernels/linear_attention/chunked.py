@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from meshforge.kernels.linear_attention.naive import default_scale, state_or_zeros
+from torch import Tensor
 
 CHUNK_SIZE = 64
 

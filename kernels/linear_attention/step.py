@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from meshforge.kernels.linear_attention.naive import default_scale
+from torch import Tensor
 
 
 def linear_attention_step(

@@ -10,14 +10,13 @@ Triton is imported only when the kernel path runs.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from meshforge.kernels.ssa.blocks import SSALayout, build_layout
 from meshforge.kernels.ssa.compress import compress_kv, pool_blocks, pool_sorted
 from meshforge.kernels.ssa.config import SSAConfig
 from meshforge.kernels.ssa.gathered import ssa_gathered
 from meshforge.kernels.ssa.reference import ssa_reference
 from meshforge.kernels.utils import Backend, resolve_backend
+from torch import Tensor
 
 
 def spatial_sparse_attention(

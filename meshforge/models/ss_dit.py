@@ -30,8 +30,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from meshforge.kernels.attention import DenseBackend, sdpa, varlen_attention
-from meshforge.kernels.utils import group_ids, offsets_of
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
+from meshforge.kernels.utils import group_ids, offsets_of
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
 from meshforge.sparse.attention import sinusoidal_position_encoding

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from meshforge.kernels.attention import (
     FEW_SEQUENCES,
     causal_attention,
@@ -11,6 +10,7 @@ from meshforge.kernels.attention import (
     varlen_attention,
     varlen_attention_reference,
 )
+
 from meshforge.sparse.tensor import Windows
 from tests.sparse.test_tensor import random_tensor
 

@@ -14,8 +14,8 @@ from meshforge.kernels.ssa import (
     gathered,
     spatial_sparse_attention,
     ssa_reference,
+    triton_path,
 )
-from meshforge.kernels.ssa import triton_path
 from meshforge.kernels.ssa.reference import (
     block_scores_reference,
     compress_reference,

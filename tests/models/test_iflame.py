@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from meshforge.kernels.attention import causal_attention
 from torch.nn import functional as F
 
-from meshforge.kernels.attention import causal_attention
 from meshforge.models.iflame import IFlame, IFlameConfig, KVCache, StateCache
 
 SMALL = {"dim": 64, "n_heads": 4, "max_seq_len": 90}

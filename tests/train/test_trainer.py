@@ -6,8 +6,8 @@ import torch
 
 from meshforge.errors import MeshforgeError
 from meshforge.train.checkpoint import latest_checkpoint, load_model
-from meshforge.train.logs import read_csv
 from meshforge.train.distributed import DistEnv
+from meshforge.train.logs import read_csv
 from meshforge.train.trainer import TrainingRun, _Window, train
 from tests.train.toy import ToyTask, toy_config
 
