@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from latent_tokens import surface_tokens
 from rich.table import Table
 
 from meshforge.config import from_dict, load_yaml
-from meshforge.data.canonical import normalize_vertices
-from meshforge.data.sdf import voxelize
 from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
-from meshforge.data.synth import generate, synth_mesh
+from meshforge.data.synth import generate
 from meshforge.io import atomic_write_json
 from meshforge.models.ss_dit import SSDiT, SSDiTConfig, flow_loss_terms, occupancy_patches
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
@@ -57,9 +56,9 @@ from meshforge.sample.flow import guided_velocity, integrate
 from meshforge.sparse.conv import MAX_FEATURE_BYTES
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.config import TrainConfig
-from meshforge.train.optim import build_optimizers
+from meshforge.train.distributed import DistEnv
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
-from meshforge.train.trainer import autocast_dtype, to_device
+from meshforge.train.trainer import TrainingRun, autocast_dtype, to_device
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = Path(__file__).parents[1] / "recipes" / "direct3d_reference.yaml"
@@ -136,21 +135,16 @@ def failure(exc: BaseException) -> str:
 
 
 def vae_step(task: VAETask, cfg: VaeTaskConfig, device: torch.device, voxels: list[int]) -> Callable[[], None]:
-    """One step as the trainer takes it: the task's next batch, loss under autocast, backward, AdamW."""
-    model = task.build_model().to(device).train()
-    optimizers = build_optimizers(model, TrainConfig.from_options(cfg, seed=0))
-    amp = autocast_dtype("auto", device)
+    """One step as the trainer takes it (:meth:`TrainingRun.train_step`): the task's next batch, loss
+    under autocast, backward, clipping, the non-finite check, AdamW."""
+    run = TrainingRun(task, TrainConfig.from_options(cfg, seed=0), cfg.out, DistEnv(), device)
+    model = run.model.train()
     batches = task.batches(0, 1, seed=0, start_step=0)
 
     def step() -> None:
         batch = to_device(next(batches), device)
         voxels.append(len(batch["sdf"]))
-        with torch.autocast(device.type, amp, enabled=amp is not None):
-            loss, _ = task.loss(model, batch)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        run.train_step(model, batch)
 
     return step
 
@@ -185,9 +179,7 @@ def vae_section(sizes: Sizes, device: torch.device, work: Path, budget_s: float)
 
 def table_tokens(grid: int, device: torch.device) -> torch.Tensor:
     """int32 ``(0, x, y, z)`` band voxels of the synth table at resolution ``grid``: a latent token set."""
-    vertices, faces = synth_mesh("table", seed=0, index=0)
-    sdf = voxelize(normalize_vertices(vertices) * 0.9, faces, grid, band=1.0, device=device)
-    xyz = sdf.coords.to(device).int()
+    xyz = surface_tokens("table", grid, device).int()
     return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.int32, device=device), xyz], 1)
 
 

@@ -39,20 +39,16 @@ import argparse
 import itertools
 import json
 import time
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
+from iflame_steps import VOCAB, synchronize, train_step
 from rich.table import Table
-from torch.nn import functional as F
 
-from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
+from meshforge.data.tokens import TOKENS_PER_FACE
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json
-from meshforge.models import iflame as iflame_module
 from meshforge.models.iflame import IFlame, IFlameConfig
 from meshforge.render import render_table_png
 from meshforge.runtime import console, resolve_device
@@ -60,65 +56,6 @@ from meshforge.sample.decoding import make_decoder
 
 RESULT = Path(__file__).parent / "results" / "iflame_vs_full.json"
 DECODE_RESULT = RESULT.with_name("iflame_vs_full_decode.json")
-VOCAB = Vocab(7)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeat: int) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeat
-
-
-@contextmanager
-def attention_operators_free():
-    """Softmax and linear attention return their values unchanged: projections, RoPE, norms and MLPs
-    still run. A step timed like this bounds what any cheaper attention operator could save."""
-    with (
-        mock.patch.object(iflame_module, "causal_attention", lambda q, k, v: v),
-        mock.patch.object(iflame_module, "linear_attention", lambda q, k, v, slopes: (v, None)),
-    ):
-        yield
-
-
-def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, steps: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = IFlame(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, VOCAB.levels, (batch, TOKENS_PER_FACE * (faces + 1)), device=device)
-
-    def step() -> None:
-        with autocast(device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x.roll(-1, 1).flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        seconds = timed(step, device, warmup=2, repeat=steps)
-    except torch.cuda.OutOfMemoryError:
-        return {"step_s": None, "peak_bytes": None, "peak_gb": None, "oom": True}
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"step_s": seconds, "peak_bytes": peak, "peak_gb": None if peak is None else peak / 1e9, "oom": False}
-
-
 def window_starts(decode_faces: int, window_faces: int, windows: int) -> list[int]:
     """First faces of the timed windows: ``windows`` evenly spread over ``[0, decode_faces - window_faces]``
     (fewer when short generations round several onto one face)."""
@@ -265,8 +202,7 @@ def main() -> None:
     free = None
     if args.only != "decode":
         console.print("[bold]bound[/bold]: training step with the attention operators free")
-        with attention_operators_free():
-            free = train_step(configs["full"], device, args.batch, args.faces, args.train_steps)
+        free = train_step(configs["full"], device, args.batch, args.faces, args.train_steps, operators_free=True)
     plain = IFlame(IFlameConfig(**base, attention="full", blocks=(0, 0, 0, 0, 24))).to(device)
     plain_cache = plain.init_cache(1, TOKENS_PER_FACE * args.decode_faces, device, torch.bfloat16).nbytes()
     del plain

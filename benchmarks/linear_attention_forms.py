@@ -8,7 +8,7 @@ slopes), forward and forward + backward, at each length, for:
 
 - ``parallel``: the fused decay-masked kernel (:mod:`meshforge.kernels.linear_attention.parallel_triton`);
 - ``chunk``: fla-core's ``chunk_simple_gla`` (what ran at every length before);
-- ``softmax``: the full-attention blocks' causal softmax attention (:func:`meshforge.models.attention.causal_attention`,
+- ``softmax``: the full-attention blocks' causal softmax attention (:func:`meshforge.kernels.attention.causal_attention`,
   flash-attn or SDPA), the reference point: the interleaved model should not be slower than it.
 
 Lengths to read against the model: a mesh of F faces is ``9 (F + 1)`` tokens at the token level,
@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
-from unittest import mock
 
 import torch
-from meshforge.kernels import linear_attention as linear_attention_module
+from iflame_steps import train_step  # the step iflame_vs_full.json's figures come from
+from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.linear_attention import (
     PARALLEL_MAX_LEN,
     decay_slopes,
@@ -54,18 +52,14 @@ from meshforge.kernels.linear_attention import (
 from torch import Tensor
 
 from meshforge.io import atomic_write_json
-from meshforge.models.attention import causal_attention
 from meshforge.models.iflame import IFlameConfig
 from meshforge.render import render_table_png
-
-sys.path.insert(0, str(Path(__file__).parent))
-from iflame_vs_full import train_step  # the step iflame_vs_full.json's figures come from
 
 RESULTS = Path(__file__).parent / "results"
 LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_LENGTHS = (16, 64, 128)
 MODEL_FACES = (122, 240)  # the synth mean (token level ~1.1k, just above PARALLEL_MAX_LEN) and twice it
-LINEAR_FORMS = {"as_dispatched": None, "chunk_only": "chunked", "parallel_only": "parallel"}
+LINEAR_FORMS = {"as_dispatched": "auto", "chunk_only": "chunk_triton", "parallel_only": "parallel_triton"}
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -136,11 +130,11 @@ def model_steps(cfg: IFlameConfig, faces: int, batch: int, steps: int, device: t
     """Training-step time of the full and interleaved models, the latter with each linear form."""
     tokens = 9 * (faces + 1)
     rows = []
-    for attention, forms in (("full", {"-": None}), ("interleaved", LINEAR_FORMS)):
+    for attention, forms in (("full", {"-": "auto"}), ("interleaved", LINEAR_FORMS)):
         for label, form in forms.items():
-            force = mock.patch.object(linear_attention_module, "cuda_form", lambda seq_len, stateful, form=form: form)
-            with force if form else nullcontext():
-                step = train_step(replace(cfg, attention=attention), device, batch, faces, steps)
+            # The forced forms are CUDA kernels; a CPU smoke test runs the PyTorch form under every label.
+            backend = form if device.type == "cuda" else "auto"
+            step = train_step(replace(cfg, attention=attention), device, batch, faces, steps, linear_backend=backend)
             samples = None if step["step_s"] is None else batch / step["step_s"]
             rows.append({"faces": faces, "tokens": tokens, "attention": attention, "linear_form": label,
                          "step_ms": None if step["step_s"] is None else step["step_s"] * 1e3,

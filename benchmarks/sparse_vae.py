@@ -34,11 +34,11 @@ from meshforge.data.synth import generate
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction
 from meshforge.render import render_table_png
-from meshforge.runtime import console, cpu_model, resolve_device, seed_everything
+from meshforge.runtime import console, cpu_model, resolve_device
 from meshforge.train.config import TrainConfig
-from meshforge.train.optim import build_optimizers
+from meshforge.train.distributed import DistEnv
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
-from meshforge.train.trainer import autocast_dtype, to_device, train
+from meshforge.train.trainer import TrainingRun, to_device, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,16 +103,17 @@ def voxelisation(synth: Path, root: Path, resolutions: tuple[int, ...], device: 
 
 
 def train_step(data: Path, sizes: Sizes, device: torch.device, work: Path) -> dict:
-    """Median time and peak memory of a full step (batch, forward, backward, optimizer) at ``step_res``."""
+    """Median time and peak memory of the trainer's step (forward, backward, clipping, the non-finite
+    check, optimizer) at ``step_res``, on batches already on the device."""
     cfg = from_dict(VaeTaskConfig, {"data": data, "out": work, "batch_size": sizes.step_batch,
                                     "model": sizes.step_model, "optimizer": "adamw"})
     task = VAETask(cfg)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as the trainer does: TF32 for float32 matmuls and convs
-    seed_everything(0)
-    model = task.build_model().to(device).train()
-    optimizers = build_optimizers(model, TrainConfig.from_options(cfg, seed=0))
-    amp = autocast_dtype("auto", device)
+    train_cfg = TrainConfig.from_options(cfg, seed=0)
+    run = TrainingRun(task, train_cfg, work, DistEnv(), device)  # the trainer's own model, optimizers and step
+    model = run.model.train()
+    amp = run.amp_dtype
     batches = task.batches(0, 1, seed=0, start_step=0)
     times, voxels = [], []
     warmup = 2
@@ -122,12 +123,7 @@ def train_step(data: Path, sizes: Sizes, device: torch.device, work: Path) -> di
         batch = to_device(next(batches), device)
         sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, amp, enabled=amp is not None):
-            loss, _ = task.loss(model, batch)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        run.train_step(model, batch)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)

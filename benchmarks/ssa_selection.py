@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import torch
+from latent_tokens import surface_tokens  # the same real latents as the speed benchmark
 from meshforge.kernels.ssa import SSAConfig, build_layout, spatial_sparse_attention
 from meshforge.kernels.ssa.reference import compress_reference, tile_sharing_error
 
@@ -39,9 +39,6 @@ from meshforge.models.ss_dit import SelfAttention, interpolate
 from meshforge.render import render_table_png
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.checkpoint import load_model, resolve_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ssa_vs_dense import surface_tokens  # the same real latents as the speed benchmark
 
 TILES = (64, 32, 16)
 FAMILIES = ("chair", "table")

@@ -20,23 +20,19 @@ over a kept graph). Times are medians of ``triton.testing.do_bench``. Writes
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 from pathlib import Path
 
 import torch
 import triton
+from latent_tokens import random_tokens, surface_tokens
+from meshforge.kernels.attention import sdpa
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, range_attn, spatial_sparse_attention
 from meshforge.kernels.ssa.plans import selection_plan
 from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
-from meshforge.kernels.ssa.ssa import BLOCK_N, _plans
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.functional import scaled_dot_product_attention
+from meshforge.kernels.ssa.triton_path import BLOCK_N, branch_plans, compression_branch, to_block_order
 
-from meshforge.data.canonical import normalize_vertices
-from meshforge.data.sdf import voxelize
-from meshforge.data.synth import synth_mesh
 from meshforge.io import atomic_write_json
 from meshforge.render import render_table_png
 
@@ -46,19 +42,6 @@ LATENT_RES = 1024 // 8  # the SS-VAE's 8x downsampling of a 1024^3 grid
 FAMILIES = ("chair", "cabinet", "shelf", "table")
 TARGET = {"fwd_vs_fa2": 3.9, "bwd_vs_fa2": 9.6}  # the paper's figures at >= 100k tokens (floor)
 AIM = {"fwd_vs_fa2": 12.2, "bwd_vs_fa2": 19.7}  # the authors' later release
-
-
-def surface_tokens(family: str, resolution: int, device: torch.device) -> torch.Tensor:
-    vertices, faces = synth_mesh(family, seed=0, index=0)
-    sdf = voxelize(normalize_vertices(vertices) * 0.9, faces, resolution, band=1.0, device=device)
-    return sdf.coords.long()
-
-
-def random_tokens(n: int, occupancy: float, seed: int, device: torch.device) -> torch.Tensor:
-    side = math.ceil((n / occupancy) ** (1 / 3))
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(side**3, generator=g)[:n].sort().values
-    return torch.stack([flat // side**2, flat // side % side, flat % side], 1).to(device)
 
 
 def token_sets(quick: bool, device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -89,12 +72,9 @@ def inputs_for(n: int, seed: int, device: torch.device) -> list[torch.Tensor]:
     return [t.requires_grad_() for t in (q, k, v, gates)]
 
 
-def bench_dense(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend
-) -> tuple[float, float]:
+def bench_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[float, float]:
     def forward():
-        with sdpa_kernel(backend):
-            return scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+        return sdpa(*(t.transpose(0, 1)[None] for t in (q, k, v)), backend=backend)
 
     return fwd_bwd_ms(forward, [q, k, v])
 
@@ -106,26 +86,19 @@ def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> dic
     q, k, v, _ = inputs_for(n, 1, device)
     times = {"layout": time_ms(lambda: build_layout(coords, cu, cfg))}
     layout = build_layout(coords, cu, cfg)
-    cmp_plan, win_plan = _plans(layout, BLOCK_N)
     times["pool"] = time_ms(lambda: compress_kv(k, v, layout))
     k_cmp, v_cmp = compress_kv(k, v, layout)
-    qs, ks, vs = (t[layout.perm].detach().requires_grad_() for t in (q, k, v))
-    times["permute_qkv"] = time_ms(lambda: [t[layout.perm] for t in (q, k, v)])
-    score = torch.zeros(len(layout.tile_start), HEADS, cmp_plan.score_width, device=device)
-
-    def cmp_fwd():
-        score.zero_()
-        return RangeAttention.apply(qs, k_cmp, v_cmp, cmp_plan, cfg.query_tile, HEAD_DIM**-0.5, score)
-
-    times["cmp_fwd+score"] = time_ms(cmp_fwd)
-    cmp_fwd()
+    times["permute_qkv"] = time_ms(lambda: [to_block_order(t, layout) for t in (q, k, v)])
+    qs, ks, vs = (to_block_order(t, layout).detach().requires_grad_() for t in (q, k, v))
+    times["cmp_fwd+score"] = time_ms(lambda: compression_branch(qs, k_cmp, v_cmp, layout))
+    _, score = compression_branch(qs, k_cmp, v_cmp, layout)
     times["topk+plan"] = time_ms(lambda: selection_plan(layout, topk_blocks(score, layout), BLOCK_N))
     selection = topk_blocks(score, layout)
     gates = torch.rand(n, HEADS, 3, device=device, dtype=DTYPE)
     times["mix"] = time_ms(lambda: qs * gates[..., 0:1] + qs * gates[..., 1:2] + qs * gates[..., 2:3])
     # Each branch alone, forward and backward, at each key-tile size.
     for block_n in (32, 64, 128):
-        cmp_plan, win_plan = _plans(layout, block_n)
+        cmp_plan, win_plan = branch_plans(layout, block_n)
         plans = {
             "cmp": (qs, k_cmp, v_cmp, cmp_plan),
             "slc": (qs, ks, vs, selection_plan(layout, selection, block_n)),
@@ -196,7 +169,7 @@ def bench_set(name: str, coords: torch.Tensor, cfg: SSAConfig, skip_dense_above:
     row = {"set": name, "tokens": n, "ssa_fwd_ms": ssa_fwd, "ssa_bwd_ms": ssa_bwd,
            "cmp_blocks": len(layout.cmp_offsets) - 1, "slc_blocks": len(layout.slc_offsets) - 1}  # fmt: skip
     if n <= skip_dense_above:
-        for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for label, backend in (("fa2", "flash"), ("cudnn", "cudnn")):
             fwd, bwd = bench_dense(q, k, v, backend)
             row.update({f"{label}_fwd_ms": fwd, f"{label}_bwd_ms": bwd,
                         f"fwd_speedup_vs_{label}": fwd / ssa_fwd, f"bwd_speedup_vs_{label}": bwd / ssa_bwd})  # fmt: skip

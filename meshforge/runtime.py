@@ -1,4 +1,4 @@
-"""Process-wide runtime helpers: device choice, seeding, progress bars, optional backends."""
+"""Process-wide runtime helpers: device choice, seeding, progress bars, optional modules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,8 +22,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meshforge.errors import MeshforgeError
 
@@ -55,32 +53,6 @@ def has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
-
-
-# Every SDPA kernel but cuDNN's, which builds an execution plan for each new shape: meshforge's
-# attention sees a new shape at nearly every call (bucketed token lengths, sparse latents and
-# windows of varying sizes, a growing K/V length), and on an H200 a plan cost ~15 ms of host time.
-# A caller whose shapes repeat (one long sequence per step) may ask for one kernel by name.
-SDPA_BACKENDS: dict[str, list[SDPBackend]] = {
-    "any": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "flash": [SDPBackend.FLASH_ATTENTION],
-    "cudnn": [SDPBackend.CUDNN_ATTENTION],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-    "math": [SDPBackend.MATH],
-}
-SdpaBackend = Literal["any", "flash", "cudnn", "efficient", "math"]
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: SdpaBackend = "any", **kwargs) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` on the kernels of ``backend``.
-
-    ``any`` (the default) is every kernel that takes any shape as it comes (not cuDNN); a named one
-    is that kernel alone, and torch raises when it cannot run the call (flash takes no mask).
-    """
-    if backend not in SDPA_BACKENDS:
-        raise ValueError(f"unknown SDPA backend {backend!r} (known: {', '.join(SDPA_BACKENDS)})")
-    with sdpa_kernel(SDPA_BACKENDS[backend]):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def progress_enabled() -> bool:

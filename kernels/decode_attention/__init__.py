@@ -5,14 +5,14 @@ number of valid positions is a device tensor rather than a Python int, a decodin
 shapes and the same launches at every position and never waits on the host, so it can be captured
 once as a CUDA graph and replayed for every token (:mod:`meshforge.sample.decoding`).
 
-- :func:`decode_attention_reference`: torch's ``scaled_dot_product_attention`` over the first
+- :func:`decode_attention_reference` (``reference.py``): torch's ``scaled_dot_product_attention`` over the first
   ``length`` positions (the CPU path and the reference of the tests);
 - ``split_k.decode_attention_triton``: split-K "flash-decoding" in Triton. The key axis is cut
   into slices; one program per (sequence x head, slice) reduces its slice, up to the valid
   length read from memory, to a running max, a softmax denominator and a weighted value sum, and a
   second kernel merges the slices. Slices past the length store an empty partial and cost one
   load, so the work follows the valid length, not ``L_max``;
-- :func:`decode_attention`: the Triton form on CUDA, the reference elsewhere. The Triton module is
+- :func:`decode_attention`: the Triton form on CUDA, the reference elsewhere (``backend`` forces one). The Triton module is
   imported on first use (tests set ``TRITON_INTERPRET=1`` before it is, to run it on a CPU).
 
 All forms: ``q: [B, H, D]``, caches ``[B, H, L_max, D]`` (the new position already written),
@@ -22,21 +22,14 @@ the result is ``[B, H, D]`` in ``q.dtype``, softmax scale ``D ** -0.5``, accumul
 
 from __future__ import annotations
 
+from meshforge.kernels.decode_attention.reference import decode_attention_reference
+from meshforge.kernels.utils import Backend, resolve_backend
 from torch import Tensor
 
-from meshforge.runtime import sdpa
 
-
-def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
-    """The first ``length`` cached positions through SDPA (reads ``length`` on the host)."""
-    n = int(length)
-    # A new key length at every step: with cuDNN's per-shape plans a first generation ran ~8x slower (H200).
-    return sdpa(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n])[:, :, 0]
-
-
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, backend: Backend = "auto") -> Tensor:
     """Decoding attention over the first ``length`` cached positions: Triton on CUDA, SDPA elsewhere."""
-    if q.is_cuda:
+    if resolve_backend("decode_attention", backend, q.is_cuda, forms=("triton", "reference")) == "triton":
         from meshforge.kernels.decode_attention.split_k import decode_attention_triton
 
         return decode_attention_triton(q, k_cache, v_cache, length)

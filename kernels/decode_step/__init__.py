@@ -16,7 +16,7 @@ after ``gate_up``, the residual add after ``proj`` and ``down`` (and the final n
 A block's step is then 5 launches (linear attention) or 7 (full: append, split-K and merge) instead
 of the unfused ops' 15 / 17 (:meth:`meshforge.models.iflame.Block.step`).
 
-Each has a PyTorch reference (``*_reference``: the CPU path, and the definition the tests hold the
+Each has a PyTorch reference (``*_reference`` in ``reference.py``: the CPU path, and the definition the tests hold the
 fused form to) built from the same pieces the training forward pass uses, and a Triton kernel of
 one program per (sequence, head) in :mod:`meshforge.kernels.decode_step.fused` (used on CUDA when
 the head width is a power of two), or per tile of output columns in
@@ -29,54 +29,15 @@ float32, states ``[B, H, D, D]`` float32, caches ``[B, H, L_max, D]``; a linear'
 
 from __future__ import annotations
 
-from meshforge.kernels.linear_attention import linear_attention_step
-from meshforge.kernels.rotary import rotate_qk
+from meshforge.kernels.decode_step.reference import (
+    fused_linear_reference,
+    linear_decode_step_reference,
+    rotary_kv_append_reference,
+)
+from meshforge.kernels.utils import Backend, resolve_backend
 from torch import Tensor
-from torch.nn import functional as F
 
-
-def _rotated_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(t[:, 0] for t in rotate_qk(qkv[:, None], cos, sin))  # one position: T = 1
-
-
-def linear_decode_step_reference(
-    qkv: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, state: Tensor, norm_weight: Tensor, eps: float
-) -> Tensor:
-    """``qkv [B, 3, H, D]`` -> the block's normalised attention output ``[B, H, D]``; ``state`` advances in place."""
-    q, k, v = _rotated_qkv(qkv, cos, sin)
-    out = linear_attention_step(q, k, v, decay, state)
-    return F.rms_norm(out.float(), (out.shape[-1],), norm_weight.float(), eps).to(out.dtype)
-
-
-def rotary_kv_append_reference(
-    qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor
-) -> Tensor:
-    """Write the rotated ``k`` and ``v`` of ``qkv [B, 3, H, D]`` at position ``index`` (``[1]``); the rotated ``q [B, H, D]``."""
-    q, k, v = _rotated_qkv(qkv, cos, sin)
-    k_cache.index_copy_(2, index, k[:, :, None].to(k_cache.dtype))
-    v_cache.index_copy_(2, index, v[:, :, None].to(v_cache.dtype))
-    return q
-
-
-def fused_linear_reference(
-    x: Tensor,
-    weight: Tensor,
-    norm_weight: Tensor | None = None,
-    eps: float = 1e-6,
-    residual: Tensor | None = None,
-    swiglu: bool = False,
-) -> Tensor:
-    """``x [M, K]`` -> ``[M, N]``: ``RMSNorm(x)`` (when ``norm_weight`` is given) times ``weight^T``
-    (``[N, K]``, or ``[2N, K]``: gate rows then up rows, with ``swiglu``), then ``silu(gate) * up``
-    (``swiglu``), then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in
-    its order."""
-    if norm_weight is not None:
-        x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
-    out = F.linear(x, weight)
-    if swiglu:
-        gate, up = out.chunk(2, dim=-1)
-        out = F.silu(gate) * up
-    return out if residual is None else residual + out
+FORMS = ("triton", "reference")
 
 
 def fused_linear(
@@ -86,9 +47,11 @@ def fused_linear(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     swiglu: bool = False,
+    backend: Backend = "auto",
 ) -> Tensor:
     """:func:`fused_linear_reference`, as one Triton kernel on CUDA."""
-    if x.is_cuda and x.stride(-1) == 1 and weight.dtype == x.dtype and weight.is_contiguous():
+    fusable = x.is_cuda and x.stride(-1) == 1 and weight.dtype == x.dtype and weight.is_contiguous()
+    if resolve_backend("fused_linear", backend, fusable, FORMS) == "triton":
         from meshforge.kernels.decode_step.linear import fused_linear_triton
 
         return fused_linear_triton(x, weight, norm_weight, eps, residual, swiglu)
@@ -96,24 +59,28 @@ def fused_linear(
 
 
 def _fusable(qkv: Tensor) -> bool:
+    """Whether the per-(sequence, head) kernels take ``qkv``: on CUDA, contiguous, a power-of-two head width."""
     head_dim = qkv.shape[-1]
     return qkv.is_cuda and head_dim >= 2 and head_dim & (head_dim - 1) == 0 and qkv.is_contiguous()
 
 
 def linear_decode_step(
-    qkv: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, state: Tensor, norm_weight: Tensor, eps: float
+    qkv: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, state: Tensor, norm_weight: Tensor, eps: float,
+    backend: Backend = "auto",
 ) -> Tensor:
     """:func:`linear_decode_step_reference`, as one Triton kernel on CUDA."""
-    if _fusable(qkv):
+    if resolve_backend("linear_decode_step", backend, _fusable(qkv), FORMS) == "triton":
         from meshforge.kernels.decode_step.fused import linear_decode_step_triton
 
         return linear_decode_step_triton(qkv, cos, sin, decay, state, norm_weight, eps)
     return linear_decode_step_reference(qkv, cos, sin, decay, state, norm_weight, eps)
 
 
-def rotary_kv_append(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor) -> Tensor:
+def rotary_kv_append(
+    qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor, backend: Backend = "auto"
+) -> Tensor:
     """:func:`rotary_kv_append_reference`, as one Triton kernel on CUDA."""
-    if _fusable(qkv):
+    if resolve_backend("rotary_kv_append", backend, _fusable(qkv), FORMS) == "triton":
         from meshforge.kernels.decode_step.fused import rotary_kv_append_triton
 
         return rotary_kv_append_triton(qkv, cos, sin, k_cache, v_cache, index)

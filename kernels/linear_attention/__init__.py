@@ -12,8 +12,8 @@ weights fade geometrically with distance. iFlame's slopes are the ALiBi ones,
 Layout is ``[B, T, H, D]`` throughout (fla-core's), states are ``[B, H, D_k, D_v]`` in float32.
 Implementations of the same map:
 
-- :func:`linear_attention_naive`: the recurrence above, one position at a time (the reference);
-- :func:`linear_attention_chunked`: pure PyTorch, chunks of 64 positions: decay-masked attention
+- :func:`linear_attention_naive` (``naive.py``): the recurrence above, one position at a time (the reference);
+- :func:`linear_attention_chunked` (``chunked.py``): pure PyTorch, chunks of 64 positions: decay-masked attention
   inside a chunk plus the state carried in from the previous chunks (the CPU path);
 - :func:`linear_attention_parallel`: the same with one chunk spanning the sequence,
   ``O = scale ((Q K^T) * W) V`` with the decay mask ``W[t, j] = exp(-s (t - j))`` for ``j <= t``:
@@ -24,17 +24,23 @@ Implementations of the same map:
 - fla-core's Triton kernels on CUDA: ``chunk_simple_gla`` with ``g_gamma = -s`` (log-decay per head).
 
 :func:`linear_attention` chooses by device and length (:func:`cuda_form`); :func:`linear_attention_step`
-advances a cached state by one position in place (what decoding uses on every device).
+(``step.py``) advances a cached state by one position in place (what decoding uses on every device).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
+from meshforge.kernels.linear_attention.chunked import (
+    CHUNK_SIZE,
+    linear_attention_chunked,
+    linear_attention_parallel,
+)
+from meshforge.kernels.linear_attention.naive import decay_slopes, default_scale, linear_attention_naive
+from meshforge.kernels.linear_attention.step import linear_attention_step
+from meshforge.kernels.utils import resolve_backend
 from torch import Tensor
 
-CHUNK_SIZE = 64
 # Longest sequence the fused parallel kernel takes on CUDA; fla's chunked kernels take longer ones.
 # The parallel form costs ~T^2 D FLOPs per head against the chunked form's ~T (C + D) D (C = 64),
 # but fla launches several kernels per call (local cumsum, state passing, output; more backward)
@@ -47,111 +53,10 @@ CHUNK_SIZE = 64
 PARALLEL_MAX_LEN = 1024
 
 
-def decay_slopes(n_heads: int) -> Tensor:
-    """iFlame's per-head decay rates ``s_h = 2^(-8 (h + 1) / H)`` (float32, ``[H]``).
-
-    Head 0 forgets fastest (per-step factor ``exp(-2^(-8/H))``), the last head slowest
-    (``exp(-1/256)``, an effective window of a few hundred positions).
-    """
-    h = torch.arange(1, n_heads + 1, dtype=torch.float64)
-    return torch.exp2(-8.0 * h / n_heads).float()
-
-
-def _default_scale(q: Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else scale
-
-
-def _initial_state(state: Tensor | None, q: Tensor, v: Tensor) -> Tensor:
-    """A float32 copy of ``state``, or zeros; ``q, v`` are ``[B, H, T, D]``."""
-    if state is not None:
-        return state.float().clone()
-    return torch.zeros(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32, device=q.device)
-
-
-def linear_attention_naive(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    slopes: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    scale: float | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The defining recurrence, position by position, in float32 (reference for tests only)."""
-    scale = _default_scale(q, scale)
-    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    decay = torch.exp(-slopes.float().to(q.device))[:, None, None]
-    state = _initial_state(initial_state, q, v)
-    out = torch.empty_like(v)
-    for t in range(q.shape[2]):
-        state = decay * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        out[:, :, t] = scale * torch.einsum("bhk,bhkv->bhv", q[:, :, t], state)
-    return out.transpose(1, 2), (state if output_final_state else None)
-
-
-def linear_attention_chunked(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    slopes: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    scale: float | None = None,
-    chunk_size: int = CHUNK_SIZE,
-) -> tuple[Tensor, Tensor | None]:
-    """Chunk-parallel form of the recurrence in pure PyTorch (float32 inside, output in ``q.dtype``).
-
-    Within a chunk of ``C`` positions starting with state ``S``, position ``i`` (0-based) sees::
-
-        o_i = scale * ( (q_i gamma^(i+1)) S  +  sum_{j <= i} gamma^(i-j) (q_i . k_j) v_j )
-
-    and the chunk hands on ``gamma^C S + sum_j gamma^(C-1-j) k_j^T v_j``. Exponents are never
-    negative, so nothing overflows however fast a head decays; a short last chunk simply uses the
-    leading rows of the decay tables.
-    """
-    scale = _default_scale(q, scale)
-    out_dtype = q.dtype
-    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    seq_len = q.shape[2]
-    log_decay = -slopes.float().to(q.device)[:, None]  # [H, 1]
-    steps = torch.arange(chunk_size + 1, device=q.device, dtype=torch.float32)
-    decay_pow = torch.exp(log_decay * steps)  # gamma^0 .. gamma^C, [H, C+1]
-    distance = steps[:chunk_size, None] - steps[None, :chunk_size]  # i - j
-    intra = torch.exp(log_decay[:, :, None] * distance.clamp(min=0)) * (distance >= 0)  # [H, C, C]
-
-    state = _initial_state(initial_state, q, v)
-    out = torch.empty_like(v)
-    for start in range(0, seq_len, chunk_size):
-        n = min(chunk_size, seq_len - start)
-        qc, kc, vc = (x[:, :, start : start + n] for x in (q, k, v))
-        scores = (qc @ kc.transpose(-1, -2)) * intra[:, :n, :n]
-        carried = (qc * decay_pow[:, 1 : n + 1, None]) @ state
-        out[:, :, start : start + n] = scale * (carried + scores @ vc)
-        k_to_end = kc * decay_pow[:, :n].flip(-1)[..., None]  # gamma^(n-1-j)
-        state = decay_pow[:, n, None, None] * state + k_to_end.transpose(-1, -2) @ vc
-    return out.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
-
-
-def linear_attention_parallel(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    slopes: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    scale: float | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The decay-masked quadratic form ``scale ((Q K^T) * W) V`` (+ the carried state), in PyTorch.
-
-    The chunked form with a single chunk the length of the sequence: its ``[H, T, T]`` decay table
-    is ``exp(-s relu(t - j))`` masked to ``j <= t``, which underflows to 0 far from the diagonal and
-    never overflows. Float32 inside; keeps ``[B, H, T, T]`` scores for autograd, so it is a
-    reference (of the fused kernel) rather than a path for long sequences.
-    """
-    return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale, max(q.shape[1], 1))
-
-
 Form = Literal["parallel", "chunked"]
+# "triton" is the CUDA choice of cuda_form; "parallel_triton" / "chunk_triton" force one of its kernels.
+LinearBackend = Literal["auto", "triton", "parallel_triton", "chunk_triton", "torch", "reference"]
+FORMS = ("triton", "parallel_triton", "chunk_triton", "torch", "reference")
 
 
 def cuda_form(seq_len: int, stateful: bool) -> Form:
@@ -168,6 +73,7 @@ def linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    backend: LinearBackend = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Decayed causal linear attention over whole sequences; Triton kernels on CUDA (:func:`cuda_form`).
 
@@ -175,12 +81,22 @@ def linear_attention(
     ``initial_state: [B, H, D_k, D_v]``. ``scale`` defaults to ``D_k ** -0.5`` (fla's default too).
     Returns the output ``[B, T, H, D_v]`` in ``q.dtype`` and, when asked, the final state.
     On CPU the chunked form runs at every length: up to 64 positions it is the parallel form, beyond
-    it does fewer FLOPs, and there are no kernel launches to amortise.
+    it does fewer FLOPs, and there are no kernel launches to amortise. ``backend``: ``torch`` is the
+    chunked form, ``reference`` the recurrence (:mod:`.naive`), ``triton`` the CUDA choice,
+    ``parallel_triton`` (no states) / ``chunk_triton`` one CUDA kernel whatever the length.
     """
-    if not q.is_cuda:
+    form = resolve_backend("linear_attention", backend, q.is_cuda, FORMS)
+    stateful = initial_state is not None or output_final_state
+    if form == "reference":
+        return linear_attention_naive(q, k, v, slopes, initial_state, output_final_state, scale)
+    if form == "torch":
         return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale)
-    scale = _default_scale(q, scale)
-    if cuda_form(q.shape[1], initial_state is not None or output_final_state) == "parallel":
+    scale = default_scale(q, scale)
+    if form == "triton":
+        form = "parallel_triton" if cuda_form(q.shape[1], stateful) == "parallel" else "chunk_triton"
+    if form == "parallel_triton":
+        if stateful:
+            raise ValueError("linear_attention: the parallel Triton form takes and returns no state")
         from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
         return linear_attention_parallel_triton(q, k, v, slopes, scale), None
@@ -192,30 +108,11 @@ def linear_attention(
     )  # fmt: skip
 
 
-def linear_attention_step(
-    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, state: Tensor, scale: float | None = None
-) -> Tensor:
-    """One decoding position: ``state <- decay * state + k^T v`` in place, returns ``scale * q state``.
-
-    ``q, k: [B, H, D_k]``, ``v: [B, H, D_v]``, ``decay: [H]`` (``exp(-slopes)``), ``state:
-    [B, H, D_k, D_v]`` float32. In-place updates on the caller's buffer keep the cache static
-    (no allocation of state-sized tensors, capturable in a CUDA graph); for a single position this
-    is the same three small batched GEMMs a fused recurrent kernel would do. Output in ``q.dtype``.
-    """
-    scale = _default_scale(q, scale)
-    q_dtype = q.dtype
-    batch, heads, dk = q.shape
-    flat = state.view(batch * heads, dk, -1)
-    state.mul_(decay[:, None, None])
-    q, k, v = (t.reshape(batch * heads, -1).float() for t in (q, k, v))
-    flat.baddbmm_(k[:, :, None], v[:, None, :])
-    out = torch.baddbmm(flat[:, :1], q[:, None, :], flat, beta=0, alpha=scale)  # scale * q S
-    return out.view(batch, heads, -1).to(q_dtype)
-
-
 __all__ = [
     "CHUNK_SIZE",
+    "FORMS",
     "PARALLEL_MAX_LEN",
+    "LinearBackend",
     "cuda_form",
     "decay_slopes",
     "linear_attention",

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from meshforge.kernels.ssa.config import SSAConfig
+from meshforge.kernels.utils import group_ids, offsets_of, sequence_ids
 from torch import Tensor
 
 MORTON_BITS = 16  # block coordinates up to 65535 per axis
@@ -44,18 +45,10 @@ def morton3(cells: Tensor) -> Tensor:
     return code
 
 
-def sequence_ids(cu_seqlens: Tensor) -> Tensor:
-    """Sequence index of every token, int64 [N]."""
-    counts = cu_seqlens.diff()
-    return torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts)
-
-
 def _runs(sorted_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Offsets [R + 1] of the runs of equal values in ``sorted_ids``, and each element's run index."""
     _, run_of, counts = torch.unique_consecutive(sorted_ids, return_inverse=True, return_counts=True)
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=sorted_ids.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return offsets, run_of
+    return offsets_of(counts), run_of
 
 
 def _per_sequence(owner_seq: Tensor, batch: int) -> Tensor:
@@ -156,9 +149,8 @@ def build_layout(coords: Tensor, cu_seqlens: Tensor, cfg: SSAConfig) -> SSALayou
 
     # Query tiles: consecutive rows of one sequence, query_tile at a time.
     tiles_per_seq = (cu.diff() + cfg.query_tile - 1) // cfg.query_tile
-    tile_cu = torch.zeros(batch + 1, dtype=torch.int64, device=xyz.device)
-    torch.cumsum(tiles_per_seq, 0, out=tile_cu[1:])
-    tile_seq = torch.repeat_interleave(torch.arange(batch, device=xyz.device), tiles_per_seq)
+    tile_cu = offsets_of(tiles_per_seq)
+    tile_seq = group_ids(tiles_per_seq)
     tile_start = (
         cu[tile_seq] + (torch.arange(len(tile_seq), device=xyz.device) - tile_cu[tile_seq]) * cfg.query_tile
     )

@@ -20,16 +20,10 @@ from __future__ import annotations
 import torch
 from meshforge.kernels.ssa.blocks import SSALayout
 from meshforge.kernels.ssa.compress import pool_sorted
+from meshforge.kernels.utils import padded_rows
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 24  # score-matrix elements per chunk (64 MiB of float32)
-
-
-def _padded_rows(starts: Tensor, sizes: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """Row indices ``[..., width]`` of ranges ``start + j`` (clamped to ``start``) and their validity."""
-    j = torch.arange(width, device=starts.device)
-    valid = j < sizes[..., None]
-    return torch.where(valid, starts[..., None] + j, starts[..., None]), valid
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -79,7 +73,7 @@ def ssa_gathered(
         k_cmp, v_cmp = pool_sorted(ks, layout), pool_sorted(vs, layout)
     k_cmp, v_cmp = k_cmp.float(), v_cmp.float()
 
-    tile_rows, tile_valid = _padded_rows(
+    tile_rows, tile_valid = padded_rows(
         layout.tile_start, layout.tile_end - layout.tile_start, cfg.query_tile
     )
     slc_sizes = layout.slc_offsets.diff()
@@ -117,7 +111,7 @@ def ssa_gathered(
             chosen = block_scores.topk(topk, dim=-1).indices.sort(dim=-1).values + s0  # [M, G, topk]
             selection[tiles, :, :topk] = chosen
 
-            key_rows, key_valid = _padded_rows(layout.slc_offsets[chosen], slc_sizes[chosen], widest)
+            key_rows, key_valid = padded_rows(layout.slc_offsets[chosen], slc_sizes[chosen], widest)
             key_rows, key_valid = key_rows.flatten(2), key_valid.flatten(2)  # [M, G, topk * widest]
             group = torch.arange(groups, device=q.device)[None, :, None]
             out, _ = _attend(qt, ks[key_rows, group], vs[key_rows, group], key_valid, scale)
@@ -133,7 +127,7 @@ def ssa_gathered(
         sizes_sorted = win_sizes[by_size]
         for part in _chunks(len(win_sizes), int(sizes_sorted[0]) ** 2 * heads):
             widest = int(sizes_sorted[part.start])
-            rows, valid = _padded_rows(layout.win_offsets[by_size[part]], sizes_sorted[part], widest)  # [M, W]
+            rows, valid = padded_rows(layout.win_offsets[by_size[part]], sizes_sorted[part], widest)  # [M, W]
             out, _ = _attend(
                 qw[rows].unflatten(2, (groups, rep)),
                 kw[rows].transpose(1, 2),

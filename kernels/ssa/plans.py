@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from meshforge.kernels.ssa.blocks import SSALayout
+from meshforge.kernels.utils import concat_ranges, group_ids, offsets_of
 from torch import Tensor
 
 
@@ -51,24 +52,12 @@ def _i32(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(torch.int32).contiguous() for t in tensors)
 
 
-def _csr(counts: Tensor) -> Tensor:
-    ptr = torch.zeros(len(counts) + 1, dtype=torch.int64, device=counts.device)
-    torch.cumsum(counts, 0, out=ptr[1:])
-    return ptr
-
-
-def _ranges_of(first: Tensor, count: Tensor) -> Tensor:
-    """Concatenation of ``first[i] .. first[i] + count[i] - 1`` over i."""
-    base = torch.repeat_interleave(first - _csr(count)[:-1], count)
-    return base + torch.arange(len(base), device=first.device)
-
-
 def key_tiles(offsets: Tensor, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
     """Split each group ``offsets[i]:offsets[i + 1]`` into tiles of <= block_n rows: (start, end, group)."""
     sizes = offsets.diff()
     chunks = (sizes + block_n - 1) // block_n
-    group = torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), chunks)
-    start = _ranges_of(torch.zeros_like(chunks), chunks) * block_n + offsets[group]
+    group = group_ids(chunks)
+    start = concat_ranges(torch.zeros_like(chunks), chunks) * block_n + offsets[group]
     return start, torch.minimum(start + block_n, offsets[group + 1]), group
 
 
@@ -77,7 +66,7 @@ def compression_plan(layout: SSALayout, block_n: int) -> AttnPlan:
     seq = layout.tile_seq
     kv_start, kv_end, kv_seq = key_tiles(layout.cmp_cu, block_n)
     n_tiles = len(seq)
-    cmp_seq = torch.repeat_interleave(torch.arange(layout.batch, device=seq.device), layout.cmp_cu.diff())
+    cmp_seq = group_ids(layout.cmp_cu.diff())
     slot = layout.cmp_slc - layout.slc_cu[cmp_seq]
     (tile_start, tile_end, rng_ptr, rng_start, rng_end, kv_start, kv_end, kv_list, rev_ptr, rev, slot) = _i32(
         layout.tile_start, layout.tile_end, torch.arange(n_tiles + 1, device=seq.device),
@@ -92,20 +81,20 @@ def compression_plan(layout: SSALayout, block_n: int) -> AttnPlan:
 def window_plan(layout: SSALayout, block_n: int) -> AttnPlan:
     """Queries and keys in window order; a tile spans whole windows and masks the others' keys."""
     sizes = layout.win_offsets.diff()
-    win_row = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+    win_row = group_ids(sizes)
     n_tiles = len(layout.tile_seq)
     rng_start = layout.win_offsets[win_row[layout.tile_start]]
     rng_end = layout.win_offsets[win_row[layout.tile_end - 1] + 1]
     kv_start, kv_end, kv_win = key_tiles(layout.win_offsets, block_n)
     # Window w's rows fall in the contiguous run of tiles from its first row's to its last row's.
-    seq = torch.repeat_interleave(torch.arange(layout.batch, device=sizes.device), layout.cu_seqlens.diff())
+    seq = group_ids(layout.cu_seqlens.diff())
     rows = torch.arange(len(seq), device=sizes.device)
     tile_of_row = layout.tile_cu[seq] + (rows - layout.cu_seqlens[seq]) // layout.cfg.query_tile
     first, last = tile_of_row[layout.win_offsets[:-1]], tile_of_row[layout.win_offsets[1:] - 1]
-    rev = _ranges_of(first, last - first + 1)
+    rev = concat_ranges(first, last - first + 1)
     (tile_start, tile_end, rng_ptr, rng_start, rng_end, kv_start, kv_end, kv_list, rev_ptr, rev, win) = _i32(
         layout.tile_start, layout.tile_end, torch.arange(n_tiles + 1, device=sizes.device), rng_start, rng_end,
-        kv_start, kv_end, kv_win, _csr(last - first + 1), rev, win_row,
+        kv_start, kv_end, kv_win, offsets_of(last - first + 1), rev, win_row,
     )  # fmt: skip
     return AttnPlan(tile_start, tile_end, rng_ptr, rng_start, rng_end, 0, kv_start, kv_end, kv_list,
                     rev_ptr, rev, 0, block_n, win_q=win, win_k=win)  # fmt: skip
@@ -132,7 +121,7 @@ def selection_plan(layout: SSALayout, selection: Tensor, block_n: int) -> AttnPl
     counts = torch.bincount(owner, minlength=groups * n_blocks + 1)[:-1]
     (tile_start, tile_end, rng_ptr, rng_start, rng_end, kv_start, kv_end, kv_list, rev_ptr, rev) = _i32(
         layout.tile_start, layout.tile_end, torch.arange(groups * n_tiles + 1, device=blocks.device) * topk,
-        start, end, kv_start, kv_end, kv_block, _csr(counts), tile[order],
+        start, end, kv_start, kv_end, kv_block, offsets_of(counts), tile[order],
     )  # fmt: skip
     return AttnPlan(tile_start, tile_end, rng_ptr, rng_start, rng_end, n_tiles, kv_start, kv_end, kv_list,
                     rev_ptr, rev, n_blocks, block_n)  # fmt: skip

@@ -1,7 +1,7 @@
 """Spatial Sparse Attention by its definition: dense masked attention, one sequence at a time.
 
 Everything happens in the caller's token order with float32 arithmetic and explicit masks, so this
-file reads as the specification the Triton path (:mod:`meshforge.kernels.ssa.ssa`) is tested against:
+file reads as the specification the Triton path (:mod:`meshforge.kernels.ssa.triton_path`) is tested against:
 
 - compression: attend to every compressed block token of the sequence (``k_cmp, v_cmp``);
 - selection: per query tile and GQA group, a selection block scores the compression probabilities

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from meshforge.errors import InputError, MeshforgeError
-from meshforge.runtime import sdpa
+from meshforge.kernels.attention import sdpa
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -48,11 +48,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
+from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.decode_attention import decode_attention
 from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rotary_kv_append
-from meshforge.kernels.linear_attention import decay_slopes, linear_attention
+from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, linear_attention
 from meshforge.kernels.rotary import rotate_qk
-from meshforge.models.attention import causal_attention
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 
 POOL = 3  # tokens per vertex, vertices per face
@@ -196,6 +196,12 @@ class IFlameCache:
 
 
 class Attention(nn.Module):
+    # True: the attention operator returns its values unchanged (projections, RoPE and norms still
+    # run), so a timed step bounds what any cheaper operator could save (benchmarks/iflame_vs_full.py).
+    operator_free: bool = False
+    # The linear blocks' form (meshforge.kernels.linear_attention.FORMS); benchmarks force one CUDA kernel.
+    linear_backend: LinearBackend = "auto"
+
     def __init__(self, cfg: IFlameConfig, full: bool) -> None:
         super().__init__()
         self.full = full
@@ -216,9 +222,13 @@ class Attention(nn.Module):
             if isinstance(cache, KVCache):
                 cache.k[:, :, : x.shape[1]].copy_(k.transpose(1, 2))
                 cache.v[:, :, : x.shape[1]].copy_(v.transpose(1, 2))
-            out = causal_attention(q, k, v)
+            out = v if self.operator_free else causal_attention(q, k, v)
         else:
-            out, state = linear_attention(q, k, v, self.slopes, output_final_state=cache is not None)
+            if self.operator_free:
+                out, state = v, None
+            else:
+                out, state = linear_attention(q, k, v, self.slopes, output_final_state=cache is not None,
+                                              backend=self.linear_backend)
             if isinstance(cache, StateCache):
                 cache.state.copy_(state)
             out = self.out_norm(out)

@@ -29,11 +29,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from meshforge.kernels.attention import DenseBackend, sdpa, varlen_attention
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
+from meshforge.kernels.utils import group_ids, offsets_of
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
-from meshforge.runtime import sdpa
-from meshforge.sparse.attention import DenseBackend, sinusoidal_position_encoding, window_attention
+from meshforge.sparse.attention import sinusoidal_position_encoding
 from meshforge.sparse.tensor import SparseTensor, Windows
 
 
@@ -54,8 +55,9 @@ class SSDiTConfig:
     # Queries sharing one top-k selection (SSAConfig.query_tile; the paper selects per query):
     # smaller tiles follow each query's own choice more closely (benchmarks/ssa_selection.py).
     ssa_query_tile: int = 64
-    # SDPA kernels of the full / window attention ("auto": flash-attn's varlen kernel where it runs,
-    # else SDPA without cuDNN; "flash" / "cudnn" / "efficient" / "math": that SDPA kernel alone).
+    # Kernels of the full / window attention ("auto": flash-attn's varlen kernel where it runs, else
+    # SDPA without cuDNN; "flash" / "cudnn" / "efficient" / "math": that SDPA kernel alone; see
+    # meshforge.kernels.attention for "flash_attn" and "reference").
     dense_backend: DenseBackend = "auto"
     grad_checkpoint: bool = False  # recompute each block's activations in backward (long latents)
 
@@ -133,8 +135,8 @@ def batch_windows(x: SparseTensor) -> Windows:
         counts = counts[counts > 0]
         x.cache["batch_windows"] = Windows(
             perm=torch.arange(len(x), device=x.device),
-            cu_seqlens=F.pad(counts.cumsum(0), (1, 0)).int(),
-            window_ids=torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts),
+            cu_seqlens=offsets_of(counts).int(),
+            window_ids=group_ids(counts, total=len(x)),
             max_len=int(counts.max()) if len(counts) else 0,
         )
     return x.cache["batch_windows"]
@@ -204,10 +206,12 @@ class SelfAttention(nn.Module):
             groups = cfg.heads // cfg.kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             if cfg.attention == "full":
-                out = window_attention(q, k, v, batch_windows(x), cfg.dense_backend)
+                items = batch_windows(x)
+                out = varlen_attention(q, k, v, items.cu_seqlens, items.max_len, cfg.dense_backend)
             else:
                 windows = x.windows(cfg.window, self.shift)
-                grouped = window_attention(q[windows.perm], k[windows.perm], v[windows.perm], windows, cfg.dense_backend)
+                q, k, v = (t[windows.perm] for t in (q, k, v))
+                grouped = varlen_attention(q, k, v, windows.cu_seqlens, windows.max_len, cfg.dense_backend)
                 out = torch.empty_like(grouped)
                 out[windows.perm] = grouped
         return self.proj(out.reshape(n, -1))

@@ -177,8 +177,11 @@ class _Window:
         return row
 
 
-class _Run:
-    """The state of one training run on one process (split from :func:`train` for readability)."""
+class TrainingRun:
+    """The state of one training run on one process (split from :func:`train` for readability).
+
+    :meth:`train_step` is the one optimisation step; a benchmark times it on its own batches.
+    """
 
     def __init__(self, task: TrainTask, cfg: TrainConfig, out_dir: Path, env: DistEnv, device: torch.device):
         self.task, self.cfg, self.out_dir, self.env, self.device = task, cfg, out_dir, env, device
@@ -193,6 +196,7 @@ class _Run:
         self.last_row: dict[str, float] = {}
         self.val: dict[str, float] = {}
         self.profile: dict[str, Any] | None = None
+        self.sync_wait_s = 0.0  # the last step's wait for the reduction of its values (host sync)
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -278,8 +282,6 @@ class _Run:
         model.train()
         batches = _Prefetcher(self.task.batches(env.rank, env.world_size, cfg.seed, self.step))
         profiler = StepProfiler(self.out_dir, env.rank, cfg.profile_steps, self.device)
-        amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         window = _Window()
         interrupted = False
         # The clock starts after this run's first step, which compiles kernels (Triton, flash-linear-
@@ -292,32 +294,11 @@ class _Run:
                 lr = set_lr(self.optimizers, self.step, cfg)
                 with profiler.phase("data"):
                     batch = to_device(next(batches), self.device)
-                with profiler.phase("forward"), amp:
-                    loss, metrics = self.task.loss(model, batch)
-                with profiler.phase("backward"):
-                    loss.backward()
-                with profiler.phase("clip_sync"):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                    # One host sync per step: the check must come before the update, so that a
-                    # non-finite loss or gradient never reaches the weights (or a checkpoint).
-                    # The clock is averaged like a metric, so every rank takes the same decision to stop.
-                    launched = time.perf_counter()
-                    values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm,
-                                           OUT_OF_TIME: launched > deadline, STOP_ASKED: self.stop_asked})
-                    if self.device.type == "cuda":  # on a CPU the host does the work: nothing to wait for
-                        window.add_sync_wait(time.perf_counter() - launched)
+                values = self.train_step(model, batch, profiler, log, deadline)
+                if self.device.type == "cuda":  # on a CPU the host does the work: nothing to wait for
+                    window.add_sync_wait(self.sync_wait_s)
                 out_of_time = values.pop(OUT_OF_TIME) > 0
                 interrupted = values.pop(STOP_ASKED) > 0
-                if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-                    self._stop_non_finite(values, log)
-                with profiler.phase("optimizer"):
-                    for opt in self.optimizers:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                    if self.ema is not None:
-                        self.ema.update(self.step)
-                profiler.step()
-                self.step += 1
                 if deadline == math.inf:
                     deadline = time.perf_counter() + limit_s
                 window.add(values)
@@ -356,6 +337,46 @@ class _Run:
                 console.print(f"interrupted: saved {self.last_saved}; continue with --resume", soft_wrap=True)
             raise KeyboardInterrupt
 
+    def train_step(self, model: nn.Module, batch: Any, profiler: StepProfiler | None = None,
+                   log: MetricsLog | None = None, deadline: float = math.inf) -> dict[str, float]:
+        """One optimisation step on ``batch`` (already on the device): forward under autocast, backward,
+        gradient clipping, the non-finite check (raises before any update), optimizer and EMA updates.
+
+        ``model`` is :attr:`model` or its DDP / compiled wrapper. Returns the loss, the task's metrics
+        and the gradient norm averaged over ranks, with the two stop flags every rank must agree on
+        (``OUT_OF_TIME``: past ``deadline``, a ``time.perf_counter()`` value; ``STOP_ASKED``: a signal
+        came); the wait for that reduction is left in :attr:`sync_wait_s`.
+        """
+        cfg = self.cfg
+        phase = profiler.phase if profiler is not None else (lambda name: nullcontext())
+        amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        with phase("forward"), amp:
+            loss, metrics = self.task.loss(model, batch)
+        with phase("backward"):
+            loss.backward()
+        with phase("clip_sync"):
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            # One host sync per step: the check must come before the update, so that a
+            # non-finite loss or gradient never reaches the weights (or a checkpoint).
+            # The clock is averaged like a metric, so every rank takes the same decision to stop.
+            launched = time.perf_counter()
+            values = self._reduce({"loss": loss, **metrics, "grad_norm": grad_norm,
+                                   OUT_OF_TIME: launched > deadline, STOP_ASKED: self.stop_asked})
+            self.sync_wait_s = time.perf_counter() - launched
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            self._stop_non_finite(values, log)
+        with phase("optimizer"):
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.step)
+        if profiler is not None:
+            profiler.step()
+        self.step += 1
+        return values
+
     def _reduce(self, values: dict[str, Any]) -> dict[str, float]:
         """Means over ranks (sums for ``tokens``) as Python floats."""
         stacked = torch.stack([torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in values.values()])
@@ -377,7 +398,7 @@ class _Run:
 
 
 @contextmanager
-def _stop_on_signals(run: _Run) -> Iterator[None]:
+def _stop_on_signals(run: TrainingRun) -> Iterator[None]:
     """Under DDP, SIGINT/SIGTERM (which the launcher forwards to every worker on Ctrl-C) ask for a
     stop instead of interrupting: the ranks agree at the next step's reduction, save the checkpoint
     together and then raise KeyboardInterrupt. A second signal interrupts at once."""
@@ -410,7 +431,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
         distributed.rank_slice(cfg.batch_size, env.rank, env.world_size)  # the batch must split evenly
         if dev.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        run = _Run(task, cfg, out_dir, env, dev)
+        run = TrainingRun(task, cfg, out_dir, env, dev)
         checkpoints = out_dir / CHECKPOINTS
         previous, damaged = resumable_checkpoint(out_dir) if resume else (None, [])
         distributed.barrier(env)  # every rank has looked before rank 0 deletes anything

@@ -66,3 +66,14 @@ def test_triton_matches_the_reference_at_full_size_in_bf16():
         n = torch.tensor([length], device=DEVICE)
         got, want = decode_attention(q, k, v, n), decode_attention_reference(q, k, v, n)
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_backend_forces_a_form():
+    q, k, v = random_cache(2, 3, 40, 16, seed=9)
+    length = torch.tensor([29], device=q.device)
+    want = decode_attention_reference(q, k, v, length)
+    # The split-K kernel (interpreted on a CPU) reorders float32 sums of <= 40 products.
+    torch.testing.assert_close(decode_attention(q, k, v, length, backend="triton"), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_attention(q, k, v, length, backend="reference"), want)
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        decode_attention(q, k, v, length, backend="torch")

@@ -230,3 +230,19 @@ def test_fused_parallel_kernel_matches_the_reference_on_cuda(dtype, rel):
     linear_attention_parallel(qr, kr, vr, slopes)[0].backward(grad_out.float())
     for fast, ref in ((q, qr), (k, kr), (v, vr)):
         assert_close_rel(fast.grad, ref.grad, rel)
+
+
+def test_backend_names_each_form_of_the_one_signature():
+    """``backend`` picks a form: ``reference`` the recurrence, ``torch`` the chunked form, ``parallel_triton``
+    the fused kernel (interpreted here); all agree, and the stateless kernel refuses states."""
+    q, k, v, state = inputs(40, seed=5)
+    slopes = decay_slopes(H)
+    want = linear_attention_naive(q, k, v, slopes)[0]
+    for backend in ("auto", "torch", "reference", "parallel_triton"):
+        out, final = linear_attention(q, k, v, slopes, backend=backend)
+        assert final is None
+        assert_close_rel(out, want, 1e-5)
+    with pytest.raises(ValueError, match="takes and returns no state"):
+        linear_attention(q, k, v, slopes, initial_state=state, backend="parallel_triton")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        linear_attention(q, k, v, slopes, backend="fast")

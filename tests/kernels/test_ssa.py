@@ -14,8 +14,8 @@ from meshforge.kernels.ssa import (
     gathered,
     spatial_sparse_attention,
     ssa_reference,
+    triton_path,
 )
-from meshforge.kernels.ssa import ssa as ssa_module
 from meshforge.kernels.ssa.reference import (
     block_scores_reference,
     compress_reference,
@@ -58,7 +58,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def small_key_tiles(monkeypatch):
     """Key chunks of 16 rows, so that small blocks still span several kernel steps."""
-    monkeypatch.setattr(ssa_module, "BLOCK_N", 16)
+    monkeypatch.setattr(triton_path, "BLOCK_N", 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def run_both(coords, cu, cfg, heads, groups, dim, seed, dtype=torch.float32):
     lay = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
     q, k, v, gates = random_inputs(len(coords), heads, groups, dim, seed, dtype)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    out, selection = ssa_module.ssa_triton(q, k, v, gates, lay, *compress_kv(k, v, lay))
+    out, selection = triton_path.ssa_triton(q, k, v, gates, lay, *compress_kv(k, v, lay))
     grads = torch.autograd.grad(out, (q, k, v, gates), grad_out)
     ref, ref_selection = ssa_reference(q, k, v, gates, lay)
     ref_on_same, _ = ssa_reference(q, k, v, gates, lay, selection=selection)
@@ -200,7 +200,7 @@ def test_selection_of_every_block_is_dense_attention(small_key_tiles):
     assert int(lay.slc_cu.diff().max()) <= cfg.topk
     q, k, v, _ = random_inputs(len(coords), 2, 1, 16, seed=9)
     only_selection = torch.tensor([0.0, 1.0, 0.0], device=DEVICE).expand(len(coords), 2, 3)
-    out, _ = ssa_module.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
+    out, _ = triton_path.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
     for b in range(2):
         a, e = int(cu[b]), int(cu[b + 1])
         everything = torch.ones(1, e - a, e - a, dtype=torch.bool, device=DEVICE)
@@ -273,7 +273,7 @@ def test_gpu_full_selection_equals_flash_attention():
     lay = build_layout(coords.cuda(), cu.cuda(), cfg)
     q, k, v, _ = random_inputs(len(coords), 16, 16, 64, seed=15, dtype=torch.bfloat16)
     only_selection = torch.tensor([0.0, 1.0, 0.0], device="cuda").expand(len(coords), 16, 3)
-    out, _ = ssa_module.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
+    out, _ = triton_path.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
     dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
     assert rel_err(out, dense[0].transpose(0, 1)) < 1e-2
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from meshforge.kernels.attention import causal_attention
 from torch.nn import functional as F
 
-from meshforge.models.attention import causal_attention
 from meshforge.models.iflame import IFlame, IFlameConfig, KVCache, StateCache
 
 SMALL = {"dim": 64, "n_heads": 4, "max_seq_len": 90}
@@ -217,3 +217,19 @@ def test_causal_attention_matches_softmax_reference():
     scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
     torch.testing.assert_close(causal_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_operator_free_attention_passes_the_values_through(full):
+    """The benchmarks' bound: with ``operator_free`` a block's attention output is proj(v) (plus the
+    linear blocks' output norm), whatever the queries and keys."""
+    from meshforge.models.iflame import Attention
+    from meshforge.models.layers import Rotary
+
+    cfg = IFlameConfig(**SMALL)
+    attn = Attention(cfg, full=full).eval()
+    attn.operator_free = True
+    x = torch.randn(2, 7, cfg.dim, generator=torch.Generator().manual_seed(2))
+    v = attn.qkv(x).unflatten(-1, (3, cfg.n_heads, cfg.head_dim))[:, :, 2]
+    want = attn.proj((v if full else attn.out_norm(v)).flatten(-2))
+    torch.testing.assert_close(attn(x, Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)), want)

@@ -3,12 +3,7 @@ import math
 import pytest
 import torch
 
-from meshforge.sparse.attention import (
-    SparseWindowAttention,
-    sinusoidal_position_encoding,
-    window_attention,
-    window_attention_reference,
-)
+from meshforge.sparse.attention import SparseWindowAttention, sinusoidal_position_encoding
 from meshforge.sparse.tensor import SparseTensor
 from tests.sparse.test_tensor import random_tensor
 
@@ -34,29 +29,6 @@ def test_window_attention_module_matches_naive_definition(shifted):
     x = random_tensor(0, sizes=(150, 60), grid=(12, 10, 9), channels=8).to(torch.float64)
     attn = SparseWindowAttention(8, heads=2, window=4, shifted=shifted).double()
     torch.testing.assert_close(attn(x).feats, naive_module_output(attn, x), rtol=1e-10, atol=1e-10)
-
-
-def test_padded_sdpa_matches_per_window_loop():
-    x = random_tensor(1, sizes=(200, 90), grid=(10, 10, 10))
-    windows = x.windows(window=5, shift=2)
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(len(x), 4, 16, generator=g) for _ in range(3))
-    torch.testing.assert_close(window_attention(q, k, v, windows), window_attention_reference(q, k, v, windows),
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_few_windows_run_unmasked_one_by_one_and_match_the_loop():
-    """Full attention over a batch's items (few windows) takes the per-window path."""
-    from meshforge.models.ss_dit import batch_windows
-    from meshforge.sparse.attention import FEW_WINDOWS
-
-    x = random_tensor(3, sizes=(70, 0, 33))
-    windows = batch_windows(x)
-    assert 0 < windows.count <= FEW_WINDOWS
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(len(x), 2, 8, generator=g) for _ in range(3))
-    torch.testing.assert_close(window_attention(q, k, v, windows), window_attention_reference(q, k, v, windows),
-                               rtol=1e-5, atol=1e-5)
 
 
 def test_windows_are_independent():
@@ -85,27 +57,3 @@ def test_position_encoding_is_a_per_axis_sinusoid():
     # Different positions get different codes.
     many = torch.stack(torch.meshgrid(*[torch.arange(6)] * 3, indexing="ij"), -1).reshape(-1, 3)
     assert len(torch.unique(sinusoidal_position_encoding(many, 24), dim=0)) == len(many)
-
-
-def test_one_window_per_sequence_of_equal_lengths_needs_no_mask_and_matches_the_loop():
-    """Equal window lengths take the unpadded, unmasked path (which SDPA's flash kernel accepts)."""
-    from meshforge.sparse.tensor import Windows
-
-    n, count = 48, 3
-    windows = Windows(perm=torch.arange(n), cu_seqlens=torch.arange(0, n + 1, n // count, dtype=torch.int32),
-                      window_ids=torch.arange(n) // (n // count), max_len=n // count)
-    g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(n, 2, 8, generator=g) for _ in range(3))
-    expected = window_attention_reference(q, k, v, windows)
-    for backend in ("auto", "math"):
-        torch.testing.assert_close(window_attention(q, k, v, windows, backend), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_sdpa_backends_are_named():
-    from meshforge.runtime import sdpa
-
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
-    torch.testing.assert_close(sdpa(q, k, v, backend="math"), sdpa(q, k, v), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="unknown SDPA backend"):
-        sdpa(q, k, v, backend="fast")

@@ -6,8 +6,9 @@ import torch
 
 from meshforge.errors import MeshforgeError
 from meshforge.train.checkpoint import latest_checkpoint, load_model
+from meshforge.train.distributed import DistEnv
 from meshforge.train.logs import read_csv
-from meshforge.train.trainer import _Window, train
+from meshforge.train.trainer import TrainingRun, _Window, train
 from tests.train.toy import ToyTask, toy_config
 
 torch.set_num_threads(1)
@@ -136,3 +137,21 @@ def test_resume_below_the_checkpoint_step_is_a_clear_error(tmp_path, capsys):
     summary = train(ToyTask(batch_size=8), toy_config(steps=4), out, device="cpu", resume=True)
     assert summary["last_step"] == 4
     assert "is already at --steps 4: nothing to train" in capsys.readouterr().err
+
+
+def test_train_step_is_the_trainers_step_clipping_and_refusing_non_finite_losses(tmp_path):
+    """A benchmark's single step (TrainingRun.train_step) clips the gradient, counts the step, and
+    stops on a non-finite loss before any weight changes."""
+    task = ToyTask(batch_size=8, nan_at=1)
+    run = TrainingRun(task, toy_config(grad_clip=1e-3), tmp_path, DistEnv(), torch.device("cpu"))
+    batches = task.batches(0, 1, seed=0, start_step=0)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    values = run.train_step(run.model, next(batches))
+    assert run.step == 1 and values["grad_norm"] > 1e-3  # the norm before clipping
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(run.model.parameters(), before)])
+    assert moved.abs().max() > 0
+    after_first = [p.detach().clone() for p in run.model.parameters()]
+    with pytest.raises(MeshforgeError, match=r"non-finite loss \(nan\) at step 2"):
+        run.train_step(run.model, next(batches))
+    assert run.step == 1
+    assert all(torch.equal(p, a) for p, a in zip(run.model.parameters(), after_first))

@@ -1,0 +1,52 @@
+"""The decoding-step ops by the training forward's own pieces: the CPU path and the tests' reference."""
+
+from __future__ import annotations
+
+from meshforge.kernels.linear_attention import linear_attention_step
+from meshforge.kernels.rotary import rotate_qk
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def _rotated_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(t[:, 0] for t in rotate_qk(qkv[:, None], cos, sin))  # one position: T = 1
+
+
+def linear_decode_step_reference(
+    qkv: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, state: Tensor, norm_weight: Tensor, eps: float
+) -> Tensor:
+    """``qkv [B, 3, H, D]`` -> the block's normalised attention output ``[B, H, D]``; ``state`` advances in place."""
+    q, k, v = _rotated_qkv(qkv, cos, sin)
+    out = linear_attention_step(q, k, v, decay, state)
+    return F.rms_norm(out.float(), (out.shape[-1],), norm_weight.float(), eps).to(out.dtype)
+
+
+def rotary_kv_append_reference(
+    qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor
+) -> Tensor:
+    """Write the rotated ``k`` and ``v`` of ``qkv [B, 3, H, D]`` at position ``index`` (``[1]``); the rotated ``q [B, H, D]``."""
+    q, k, v = _rotated_qkv(qkv, cos, sin)
+    k_cache.index_copy_(2, index, k[:, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, index, v[:, :, None].to(v_cache.dtype))
+    return q
+
+
+def fused_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    residual: Tensor | None = None,
+    swiglu: bool = False,
+) -> Tensor:
+    """``x [M, K]`` -> ``[M, N]``: ``RMSNorm(x)`` (when ``norm_weight`` is given) times ``weight^T``
+    (``[N, K]``, or ``[2N, K]``: gate rows then up rows, with ``swiglu``), then ``silu(gate) * up``
+    (``swiglu``), then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in
+    its order."""
+    if norm_weight is not None:
+        x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
+    out = F.linear(x, weight)
+    if swiglu:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out if residual is None else residual + out
