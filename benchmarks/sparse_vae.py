@@ -33,11 +33,11 @@ from meshforge.data.synth import generate
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction
 from meshforge.render import render_table_png
-from meshforge.runtime import console, cpu_model, resolve_device, seed_everything
+from meshforge.runtime import console, cpu_model, resolve_device, seed_everything, to_device
 from meshforge.train.config import TrainConfig
 from meshforge.train.optim import build_optimizers
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
-from meshforge.train.trainer import autocast_dtype, to_device, train
+from meshforge.train.trainer import autocast_dtype, train
 
 RESULTS = Path(__file__).parent / "results"
 

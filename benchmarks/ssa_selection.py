@@ -38,7 +38,8 @@ from meshforge.io import atomic_write_json
 from meshforge.models.ss_dit import SelfAttention, interpolate
 from meshforge.render import render_table_png
 from meshforge.sparse.tensor import SparseTensor
-from meshforge.train.checkpoint import load_model, resolve_checkpoint
+from meshforge.checkpoints import resolve_checkpoint
+from meshforge.models.registry import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ssa_vs_dense import surface_tokens  # the same real latents as the speed benchmark

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_sparse_attention
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
+from meshforge.models.registry import ModelSpec, register_model
 from meshforge.runtime import sdpa
 from meshforge.sparse.attention import DenseBackend, sinusoidal_position_encoding, window_attention
 from meshforge.sparse.tensor import SparseTensor, Windows
@@ -463,3 +464,6 @@ class LatentFlow(nn.Module):
             "latent": flow_loss_terms(self.dit, latents, t_latent, cond),
             "structure": flow_loss_terms(self.structure, self.structure_tensor(coords, batch_size), t_structure, cond),
         }
+
+
+register_model(ModelSpec("ss-dit", LatentFlowConfig, LatentFlow, sampler="meshforge.sample.run:sample_dit"))

@@ -1,6 +1,6 @@
 """`meshforge sample`: a checkpoint in, a folder of meshes + ``grid.png`` + ``stats.json`` out.
 
-The checkpoint's kind picks the sampler: ``iflame`` samples face tokens autoregressively
+The sampler is the one the checkpoint's model spec names (:mod:`meshforge.models.registry`): ``iflame`` samples face tokens autoregressively
 (:mod:`meshforge.sample.iflame`) that decode to quantised meshes, or completes the first faces
 of given meshes (``prompt``: written beside each completion, and green in the grid); ``ss-dit`` integrates the
 rectified flow, decodes the latents with its VAE and re-meshes the SDF (:mod:`meshforge.sample.flow`).
@@ -9,72 +9,65 @@ Both end in :func:`meshforge.sample.export.write_samples`, so the outputs look t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, decode_tokens, encode_mesh
 from meshforge.errors import InputError, MeshforgeError
+from meshforge.models.iflame import IFlame, checkpoint_max_faces
+from meshforge.models.registry import LoadedModel, checkpoint_kind, load_model, model_spec
+from meshforge.models.ss_dit import LatentFlow
 from meshforge.render import Mesh
 from meshforge.runtime import console, seed_everything
 from meshforge.sample.export import FORMATS, mesh_from_canonical, postprocess, write_samples
-from meshforge.sample.iflame import check_shaping
+from meshforge.sample.flow import FlowSampling, sample_meshes
+from meshforge.sample.iflame import SampleConfig, TokenSampling, sample_tokens
 
 
-@dataclass
-class SampleStageConfig:
-    """Options of ``meshforge sample``; options of the other model kind are ignored."""
+@dataclass(kw_only=True)
+class SampleStageConfig(TokenSampling, FlowSampling):
+    """Options of ``meshforge sample``: the samplers' own options (:class:`TokenSampling` for iFlame,
+    :class:`FlowSampling` for SS-DiT; those of the other model kind are ignored) and these."""
 
     checkpoint: Path
     out: Path
     n: int = 16
     batch_size: int = 16
     formats: list[str] = field(default_factory=lambda: ["obj"])
+    ema: bool = True  # the checkpoint's EMA weights when it has them
     # iFlame
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
     max_faces: int | None = None  # None: what the checkpoint was trained on
-    cuda_graphs: bool = True
     prompt: Path | None = None  # complete these meshes: a mesh file or a token dataset folder (its val split)
     prompt_faces: int = 4  # leading faces (canonical order) of each prompt mesh
-    ema: bool = True  # the checkpoint's EMA weights when it has them
-    # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
-    steps: int = 30
-    cfg_scale: float = 7.0
-    sampler: Literal["euler", "heun"] = "euler"  # ODE integrator
-    image: Path | None = None
-    class_label: str | None = None
     # Post-processing of every mesh (as the released Direct3D-S2 pipeline does)
     simplify: int | None = None  # decimate to at most this many faces (needs meshforge[post])
     fill_holes: bool = False
 
     def __post_init__(self) -> None:
+        TokenSampling.__post_init__(self)
+        FlowSampling.__post_init__(self)
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("n and batch_size must be at least 1")
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats must be among {', '.join(FORMATS)} (got {self.formats})")
-        check_shaping(self.temperature, self.top_k, self.top_p)
-        if (self.max_faces is not None and self.max_faces < 1) or self.steps < 1 or self.prompt_faces < 1:
-            raise ValueError("max_faces, steps and prompt_faces must be at least 1")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.image is not None and self.class_label is not None:
-            raise ValueError("give an image or a class label, not both")
+        if (self.max_faces is not None and self.max_faces < 1) or self.prompt_faces < 1:
+            raise ValueError("max_faces and prompt_faces must be at least 1")
         if self.simplify is not None and self.simplify < 4:
             raise ValueError(f"simplify must be at least 4 faces, got {self.simplify}")
 
 
-# A sampler returns the meshes, stats for stats.json and, when it completed prompts, the prompts.
+# A sampler (what a ModelSpec names, see meshforge.models.registry) returns the meshes, stats for
+# stats.json and, when it completed prompts, the prompts.
 Sampler = Callable[
-    [nn.Module, dict[str, Any], SampleStageConfig, torch.device, int],
+    [LoadedModel, SampleStageConfig, torch.device, int],
     tuple[list[Mesh], dict[str, Any], list[Mesh] | None],
 ]
 
@@ -117,27 +110,21 @@ def prompt_tokens(path: Path, n: int, faces: int, vocab: Vocab) -> list[np.ndarr
 
 
 def sample_iflame(
-    model: nn.Module, meta: dict[str, Any], cfg: SampleStageConfig, device: torch.device, seed: int
+    loaded: LoadedModel[IFlame], cfg: SampleStageConfig, device: torch.device, seed: int
 ) -> tuple[list[Mesh], dict[str, Any], list[Mesh] | None]:
     """Face-token sampling (unconditional, or completing prompts), decoded to meshes; reports time and tokens/s."""
     if cfg.image is not None or cfg.class_label is not None:
         raise MeshforgeError("iFlame checkpoints are unconditional: drop --image / --class-label (or complete meshes with --prompt)")
-    from meshforge.sample.iflame import SampleConfig, sample_tokens
-    from meshforge.train.tasks.iflame import checkpoint_max_faces
-
-    vocab = vocab_of(meta)
+    vocab = vocab_of(loaded.meta)
     prompts = prompt_tokens(cfg.prompt, cfg.n, cfg.prompt_faces, vocab) if cfg.prompt is not None else None
     options = SampleConfig(
         n=cfg.n,
         batch_size=cfg.batch_size,
-        max_faces=cfg.max_faces or checkpoint_max_faces(meta),
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        max_faces=cfg.max_faces or checkpoint_max_faces(loaded.meta),
         seed=seed,
-        cuda_graphs=cfg.cuda_graphs,
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TokenSampling)},
     )
-    sequences, timing = sample_tokens(model, vocab, options, device, prompts=prompts)
+    sequences, timing = sample_tokens(loaded.model, vocab, options, device, prompts=prompts)
     meshes = [mesh_from_canonical(decode_tokens(s, vocab)) for s in sequences]
     stats = {
         "time_s": round(timing["time_s"], 3),
@@ -151,33 +138,18 @@ def sample_iflame(
 
 
 def sample_dit(
-    model: nn.Module, meta: dict[str, Any], cfg: SampleStageConfig, device: torch.device, seed: int
-) -> tuple[list[Mesh], dict[str, Any]]:
+    loaded: LoadedModel[LatentFlow], cfg: SampleStageConfig, device: torch.device, seed: int
+) -> tuple[list[Mesh], dict[str, Any], None]:
     """Rectified-flow sampling of sparse latents, decoded to meshes; reports time and meshes/s."""
     if cfg.prompt is not None:
         raise MeshforgeError("--prompt completes meshes with an iFlame checkpoint; an SS-DiT samples whole shapes")
-    from meshforge.sample.flow import sample_meshes
-
+    options = FlowSampling(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FlowSampling)})
     start = time.perf_counter()
-    meshes = sample_meshes(
-        model,
-        meta,
-        n=cfg.n,
-        batch_size=cfg.batch_size,
-        steps=cfg.steps,
-        cfg_scale=cfg.cfg_scale,
-        sampler=cfg.sampler,
-        image=cfg.image,
-        class_label=cfg.class_label,
-        seed=seed,
-        device=device,
-    )
+    meshes = sample_meshes(loaded.model, loaded.meta, n=cfg.n, batch_size=cfg.batch_size, options=options,
+                           seed=seed, device=device)
     _synchronize(device)
     elapsed = time.perf_counter() - start
     return list(meshes), {"time_s": round(elapsed, 3), "meshes_per_s": round(len(meshes) / elapsed, 3)}, None
-
-
-SAMPLERS: dict[str, Sampler] = {"iflame": sample_iflame, "ss-dit": sample_dit}
 
 
 def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -> dict[str, Any]:
@@ -185,20 +157,15 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
 
     Returns the stats without the per-mesh records (those are in ``stats.json``).
     """
-    from meshforge.train.checkpoint import load_model
-
     if cfg.image is not None and not cfg.image.is_file():
         raise InputError(cfg.image, "no such image")
-    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema)
+    sampler: Sampler = model_spec(checkpoint_kind(cfg.checkpoint)).sample_function()
+    loaded = load_model(cfg.checkpoint, device, ema=cfg.ema)
+    kind, meta = loaded.kind, loaded.meta
     console.print(f"sampling with the {'EMA' if meta['weights'] == 'ema' else 'trained'} weights of {meta['path']}")
-    if kind not in SAMPLERS:
-        raise MeshforgeError(
-            f"{meta.get('path', cfg.checkpoint)}: a {kind!r} checkpoint does not sample meshes "
-            f"(expected {' or '.join(SAMPLERS)})"
-        )
     seed_everything(seed)
     with torch.no_grad():
-        meshes, extra, prompts = SAMPLERS[kind](model, meta, cfg, device, seed)
+        meshes, extra, prompts = sampler(loaded, cfg, device, seed)
     if cfg.simplify is not None or cfg.fill_holes:
         meshes = [postprocess(m, cfg.simplify, cfg.fill_holes) for m in meshes]
     stats = write_samples(

@@ -29,22 +29,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from meshforge.config import save_config, to_dict
+from meshforge.checkpoints import CHECKPOINTS, load_ema, load_state, load_weights, resumable_checkpoint, save_checkpoint, step_name
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_write_json, remove_stale_temporaries
-from meshforge.runtime import console, make_progress, progress_enabled, seed_everything
+from meshforge.runtime import capture_rng, console, make_progress, progress_enabled, restore_rng, seed_everything, to_device
 from meshforge.stages import RunContext
 from meshforge.train import distributed
-from meshforge.train.checkpoint import (
-    CHECKPOINTS,
-    capture_rng,
-    load_ema,
-    load_state,
-    load_weights,
-    restore_rng,
-    resumable_checkpoint,
-    save_checkpoint,
-    step_name,
-)
 from meshforge.train.config import TrainConfig, TrainOptions
 from meshforge.train.distributed import DistEnv
 from meshforge.train.ema import EMA
@@ -63,7 +53,7 @@ STOP_ASKED = "_stop_asked"  # likewise: some rank got SIGINT/SIGTERM (data-paral
 class TrainTask(Protocol):
     """What a model brings to the trainer.
 
-    ``name`` is also the checkpoint kind that :func:`meshforge.train.checkpoint.load_model` looks up.
+    ``name`` is also the checkpoint kind that :func:`meshforge.models.registry.load_model` looks up.
     The task is built with the same global batch size as :attr:`TrainConfig.batch_size`.
     ``batches`` yields this rank's part of each step's global batch, forever, starting at
     ``start_step``, as a pure function of ``(seed, step)``; tensors in it (also inside tuples, lists
@@ -85,16 +75,6 @@ class TrainTask(Protocol):
     def batches(self, rank: int, world_size: int, seed: int, start_step: int) -> Iterator[Any]: ...
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -10,16 +10,18 @@ import torch
 from meshforge_plugins.cli import main
 
 from meshforge.config import from_dict, to_dict
-from meshforge.data.latents import LatentDataset, encode_dataset
+from meshforge.checkpoints import save_checkpoint
+from meshforge.data.latents import LatentDataset
 from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.sdf_batch import batch_tensor, collate
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError, InputError
+from meshforge.models.registry import load_model
 from meshforge.models.ss_dit import LatentFlow, flow_loss_terms
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
-from meshforge.train.checkpoint import load_model, save_checkpoint
 from meshforge.train.config import TrainConfig
+from meshforge.train.latents import encode_dataset
 from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
-from meshforge.train.tasks.vae import batch_tensor, collate
 from meshforge.train.trainer import train
 
 FAMILIES = ["table", "stool", "cabinet"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from meshforge.train.checkpoint import EMA_WEIGHTS, latest_checkpoint, load_ema, load_model, load_weights
+from meshforge.checkpoints import EMA_WEIGHTS, latest_checkpoint, load_ema, load_weights
+from meshforge.models.registry import load_model
 from meshforge.train.config import TrainOptions
 from meshforge.train.ema import EMA, ema_decay_at
 from meshforge.train.trainer import train

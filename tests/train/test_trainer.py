@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from meshforge.errors import MeshforgeError
-from meshforge.train.checkpoint import latest_checkpoint, load_model
+from meshforge.checkpoints import latest_checkpoint
+from meshforge.models.registry import load_model
 from meshforge.train.logs import read_csv
 from meshforge.train.trainer import _Window, train
 from tests.train.toy import ToyTask, toy_config

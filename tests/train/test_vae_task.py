@@ -9,11 +9,12 @@ from meshforge_plugins.cli import main
 
 from meshforge.config import from_dict
 from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize, voxelize_folder
+from meshforge.data.sdf_batch import collate
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError
+from meshforge.models.registry import load_model
 from meshforge.models.ss_vae import SSVAE
-from meshforge.train.checkpoint import load_model
-from meshforge.train.tasks.vae import VAETask, VaeTaskConfig, collate
+from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
 
 TINY_MODEL = {"channels": [8, 16], "latent_channels": 4, "heads": 2, "window": 4, "attn_blocks": 1}
 

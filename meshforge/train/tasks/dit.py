@@ -29,17 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from meshforge.data.latents import LatentDataset, LatentItem, encode_dataset, is_latent_dataset
+from meshforge.checkpoints import resolve_checkpoint
+from meshforge.data.latents import LatentDataset, LatentItem, is_latent_dataset
 from meshforge.errors import ConfigError, InputError
 from meshforge.models.conditioning import CONDITIONERS, read_encoder_checkpoint, vit_config_from_state
 from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, flow_loss_terms, logit_normal_timesteps
-from meshforge.runtime import console, resolve_device
-from meshforge.train.checkpoint import register_model, resolve_checkpoint
+from meshforge.runtime import console, resolve_device, to_device
 from meshforge.train.config import TrainOptions
 from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
-from meshforge.train.trainer import to_device
-
-register_model("ss-dit", LatentFlowConfig, LatentFlow)
+from meshforge.train.latents import encode_dataset
 
 
 @dataclass(kw_only=True)
