@@ -44,9 +44,10 @@ def measure(data: Path, out: Path, resolution: int, device: str, workers: int, s
     t0 = time.perf_counter()
     summary = voxelize_folder(
         SdfConfig(
-            input=data, out=out, resolution=resolution, device=device, workers=workers, val_fraction=0.0,
+            input=data, out=out, resolution=resolution, workers=workers, val_fraction=0.0,
             sign_backend=sign,
-        )
+        ),
+        device,
     )
     seconds = time.perf_counter() - t0
     row = {

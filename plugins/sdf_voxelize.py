@@ -8,7 +8,7 @@ from meshforge.stages import RunContext, Stage
 
 
 def run(cfg: SdfConfig, ctx: RunContext) -> dict:
-    return voxelize_folder(cfg)
+    return voxelize_folder(cfg, ctx.torch_device)
 
 
 stage = Stage(
@@ -32,7 +32,6 @@ stage = Stage(
         "val_fraction": "Fraction of meshes (by content hash, as tokenize) in the val split.",
         "resplit": "Split by content hash even a source with its own train/val split (MeshGPT's pickle).",
         "workers": "CPU worker processes (0 = all cores); the CUDA path uses one process.",
-        "device": "cpu, cuda or auto.",
         "sign_backend": "Winding numbers: torch (the reference), pcu (point-cloud-utils' fast winding numbers, "
         "CPU), auto (pcu on the CPU when installed).",
     },

@@ -79,7 +79,7 @@ from meshforge.data.names import file_names, mesh_name
 from meshforge.data.shards import assign_splits, is_val, split_key, split_source
 from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json, hash_path, remove_stale_temporaries
-from meshforge.runtime import console, has_module, resolve_device
+from meshforge.runtime import console, has_module
 from meshforge.sparse.marching_cubes import CORNER_OFFSETS, complete_cubes, grid_keys
 
 FORMAT = "meshforge-sparse-sdf/1"
@@ -105,7 +105,6 @@ class SdfConfig:
     val_fraction: float = 0.05
     resplit: bool = False  # split sources with their own train/val split by content hash too
     workers: int = 0  # CPU worker processes (0 = every core); the CUDA path runs in one process
-    device: str = "auto"
     sign_backend: SignBackend = "auto"  # winding numbers: auto = point-cloud-utils on the CPU when installed
 
     def __post_init__(self) -> None:
@@ -732,7 +731,9 @@ def _check_resumable(cfg: SdfConfig) -> None:
         if cfg.out.exists() and any(cfg.out.iterdir()):
             raise MeshforgeError(f"{cfg.out}: exists and is not a sparse SDF dataset; choose another --out")
         return
-    old = from_dict(SdfConfig, load_yaml(previous)).geometry()
+    recorded = load_yaml(previous)
+    recorded.pop("device", None)  # recorded by meshforge before the device moved to the run context
+    old = from_dict(SdfConfig, recorded).geometry()
     changed = {k: (old[k], v) for k, v in cfg.geometry().items() if old[k] != v}
     if changed:
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -752,8 +753,9 @@ def _balance_splits(meshes: list[MeshResult], cfg: SdfConfig) -> None:
             mesh.split = split
 
 
-def voxelize_folder(cfg: SdfConfig) -> dict:
-    """Voxelise every mesh under ``cfg.input`` into the dataset folder ``cfg.out``; returns a summary.
+def voxelize_folder(cfg: SdfConfig, device: torch.device | str = "cpu") -> dict:
+    """Voxelise every mesh under ``cfg.input`` into the dataset folder ``cfg.out`` on ``device``
+    (one process on CUDA, ``cfg.workers`` processes on the CPU); returns a summary.
 
     Each mesh is written as soon as it is done (atomically), and a re-run skips meshes already on
     disk from the same input bytes (each file records its input's hash), so an interrupted run
@@ -772,7 +774,7 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
     if not files:
         raise MeshforgeError(f"{root}: no mesh files found")
     labels = read_labels_file(base)
-    device = resolve_device(cfg.device)
+    device = torch.device(device)
     _check_resumable(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     # Until this run writes its own, the folder is unfinished: a manifest of an earlier run would

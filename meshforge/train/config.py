@@ -1,19 +1,21 @@
-"""Trainer configuration: one dataclass shared by every training stage (iFlame, SS-VAE, SS-DiT).
+"""Trainer configuration, shared by every training stage (iFlame, SS-VAE, SS-DiT).
 
-``TrainOptions`` holds everything a training stage exposes as command-line options; ``TrainConfig``
-adds the seed, which the CLI supplies through its global ``--seed`` (a stage config that inherits
-``TrainOptions`` therefore gets ``--steps``, ``--batch-size``, ``--lr`` ... without a clash).
+``TrainSettings`` are the trainer's own settings; ``TrainOptions`` adds the run folder (``out``) and
+``resume``, and is what every training stage's config extends, so each gets ``--out``, ``--resume``,
+``--steps``, ``--batch-size``, ``--lr`` ... from one place. ``TrainConfig`` is what the trainer runs
+on: the settings and the seed, which the CLI supplies through its global ``--seed``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 
 @dataclass(kw_only=True)
-class TrainOptions:
+class TrainSettings:
     steps: int = 1000
     batch_size: int = 16  # global: split evenly over the processes, so 1 and N GPUs see the same batch
     lr: float = 1e-3  # peak; Muon's update is rescaled to match AdamW's RMS, so one lr serves both
@@ -55,13 +57,19 @@ class TrainOptions:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(TrainOptions):
+class TrainOptions(TrainSettings):
+    out: Path  # the run folder
+    resume: bool = False  # continue from OUT/checkpoints/latest
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainSettings):
     seed: int = 0
 
     @classmethod
-    def from_options(cls, options: TrainOptions, seed: int) -> TrainConfig:
+    def from_options(cls, options: TrainSettings, seed: int) -> TrainConfig:
         """The trainer's config from a stage config that extends :class:`TrainOptions`."""
-        names = [f.name for f in dataclasses.fields(TrainOptions)]
+        names = [f.name for f in dataclasses.fields(TrainSettings)]
         return cls(**{name: getattr(options, name) for name in names}, seed=seed)
 
 

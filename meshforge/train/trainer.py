@@ -375,7 +375,8 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto", resume: bool = False) -> dict[str, Any]:
+def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device | str = "cpu",
+          resume: bool = False) -> dict[str, Any]:
     """Train ``task`` for ``cfg.steps`` steps into ``out_dir``; returns a JSON-able summary.
 
     Writes ``config.yaml``, ``metrics.csv`` (+ ``tensorboard/`` when installed), ``curves.png``,
@@ -466,14 +467,14 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
 def run_training_stage(
     stage: str, cfg: TrainOptions, ctx: RunContext, make_task: Callable[[], TrainTask], cli_module: str
 ) -> dict[str, Any]:
-    """What a training stage (``train-iflame``, ``train-vae``, ...) runs: ``cfg`` extends
-    :class:`TrainOptions` with ``out`` and ``resume`` fields.
+    """What a training stage (``train-iflame``, ``train-vae``, ...) runs on its config, which extends
+    :class:`TrainOptions`.
 
     With ``--gpus N`` (N > 1) outside torchrun, the resolved config is saved as ``OUT/launch.yaml``
     and N workers run ``python -m CLI_MODULE STAGE --config OUT/launch.yaml``; each of them (and a
     plain single-process run) builds the task and trains. Returns rank 0's summary.
     """
-    out_dir = Path(cfg.out)  # type: ignore[attr-defined]
+    out_dir = Path(cfg.out)
     if cfg.gpus > 1 and not distributed.in_worker():
         # CPU processes only when asked for by name: on a machine without enough GPUs, "auto" would
         # otherwise start N slow CPU workers of a GPU-sized model without a word.
@@ -488,4 +489,4 @@ def run_training_stage(
         distributed.launch(cfg.gpus, cli_module, args)
         return json.loads((out_dir / SUMMARY_JSON).read_text())
     train_cfg = TrainConfig.from_options(cfg, seed=ctx.seed)
-    return train(make_task(), train_cfg, out_dir, device=ctx.device, resume=cfg.resume)  # type: ignore[attr-defined]
+    return train(make_task(), train_cfg, out_dir, device=ctx.torch_device, resume=cfg.resume)

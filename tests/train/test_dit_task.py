@@ -40,7 +40,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
     generate(root / "synth", n=6, seed=0, max_faces=60, families=FAMILIES)
     voxelize_folder(SdfConfig(input=root / "synth", out=root / "sdf", resolution=16, band=2.0, val_fraction=0.3,
-                              workers=1, device="cpu"))
+                              workers=1), "cpu")
     cfg = SSVAEConfig(channels=[8, 8], latent_channels=4, heads=2, window=4, attn_blocks=1, band=2.0, conv_backend="torch")
     torch.manual_seed(0)
     save_checkpoint(root / "vae", step=1, model=SSVAE(cfg), meta={"kind": "ss-vae", "model_config": to_dict(cfg)},
@@ -148,7 +148,7 @@ def test_sdf_data_needs_a_vae_to_encode(data, tmp_path, capsys, monkeypatch):
     assert main(["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--out", str(tmp_path / "run")]) != 0
     assert capsys.readouterr().err == "error: no ss-vae checkpoint under ./runs: run `meshforge train-vae` first\n"
     with pytest.raises(ConfigError, match="is a sparse SDF dataset: pass --vae"):
-        prepare_data(DiTTaskConfig(data=data / "sdf", out=tmp_path / "run"), "cpu", 0)
+        prepare_data(DiTTaskConfig(data=data / "sdf", out=tmp_path / "run"), torch.device("cpu"), 0)
 
 
 def test_train_dit_from_sdf_data_then_sample_from_an_image(data, tmp_path):

@@ -24,7 +24,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     generate(root / "synth", n=6, seed=0, max_faces=60, families=["table", "stool", "cabinet"])
     voxelize_folder(SdfConfig(input=root / "synth", out=root / "sdf", resolution=32, band=2.5, val_fraction=0.3,
-                              workers=1, device="cpu"))
+                              workers=1), "cpu")
     return root / "sdf"
 
 

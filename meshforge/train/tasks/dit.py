@@ -34,7 +34,7 @@ from meshforge.data.latents import LatentDataset, LatentItem, is_latent_dataset
 from meshforge.errors import ConfigError, InputError
 from meshforge.models.conditioning import CONDITIONERS, read_encoder_checkpoint, vit_config_from_state
 from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, flow_loss_terms, logit_normal_timesteps
-from meshforge.runtime import console, resolve_device, to_device
+from meshforge.runtime import console, to_device
 from meshforge.train.config import TrainOptions
 from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
 from meshforge.train.latents import encode_dataset
@@ -50,9 +50,7 @@ class DiTTaskConfig(TrainOptions):
     """
 
     data: Path
-    out: Path
     vae: Path | None = None
-    resume: bool = False
     model: LatentFlowConfig = field(default_factory=LatentFlowConfig)
     cond_dropout: float = 0.1  # probability of training an item on the null condition (for CFG)
     t_mean: float = 0.0  # logit-normal timesteps: sigmoid(t_mean + t_std * N(0, 1))
@@ -73,7 +71,7 @@ class DiTTaskConfig(TrainOptions):
             raise ValueError("views must be at least 1 and eval_meshes non-negative")
 
 
-def prepare_data(cfg: DiTTaskConfig, device: str, seed: int = 0) -> DiTTaskConfig:
+def prepare_data(cfg: DiTTaskConfig, device: torch.device, seed: int = 0) -> DiTTaskConfig:
     """``cfg`` reading a latent dataset: a sparse SDF dataset is encoded with ``cfg.vae`` into
     ``OUT/latents`` first (kept and reused while its source, VAE and renders still match)."""
     data = Path(cfg.data)
@@ -90,7 +88,7 @@ def prepare_data(cfg: DiTTaskConfig, device: str, seed: int = 0) -> DiTTaskConfi
         wanted["image_size"] = cfg.model.cond.image_size
     existing = LatentDataset(out).manifest if is_latent_dataset(out) else {}
     if any(existing.get(k) != v for k, v in wanted.items()):
-        encode_dataset(cfg.vae, data, out, resolve_device(device), views=views,
+        encode_dataset(cfg.vae, data, out, device, views=views,
                        image_size=cfg.model.cond.image_size, seed=seed)
     else:
         console.print(f"reusing the latents in {out}", highlight=False)

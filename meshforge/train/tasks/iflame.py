@@ -38,8 +38,6 @@ class TrainIFlameConfig(TrainOptions):
     """
 
     data: Path
-    out: Path
-    resume: bool = False
     model: IFlameConfig = field(default_factory=IFlameConfig)
     augment: bool = True  # the dataset's random per-axis scale/shift, re-drawn every epoch
     max_faces: int | None = None  # train on at most this many leading faces per mesh (None: all)

@@ -49,8 +49,6 @@ class VaeTaskConfig(TrainOptions):
     """
 
     data: Path
-    out: Path
-    resume: bool = False
     model: SSVAEConfig = field(default_factory=SSVAEConfig)
     resolutions: list[int] | None = None  # R drawn per step from these (None: the data's own)
     weight_in: float = 1.0
