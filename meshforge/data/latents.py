@@ -1,6 +1,6 @@
 """Sparse latent datasets: a sparse SDF dataset encoded by a trained SS-VAE, what the SS-DiT trains on.
 
-Layout of a dataset folder written by :func:`meshforge.train.latents.encode_dataset`::
+Layout of a dataset folder (written by ``encode_dataset``, which ``train-dit`` runs on a sparse SDF dataset)::
 
     manifest.json   {"format": "meshforge-latents/1", "vae_checkpoint", "vae_step", "source",
                      "resolution" (latent grid G = R / f), "data_resolution" (R), "factor" (f),
@@ -60,7 +60,7 @@ class LatentDataset:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not is_latent_dataset(self.root):
-            raise InputError(self.root, "not a latent dataset (create one with `meshforge train-dit --data SDF_DATASET --vae VAE`)")
+            raise InputError(self.root, "not a latent dataset (`train-dit --data SDF_DATASET --vae VAE` encodes one first)")
         self.manifest = json.loads((self.root / MANIFEST).read_text())
         folder = self.root / split
         try:
