@@ -21,7 +21,7 @@ from tests.train.toy import ToyConfig, ToyModel, ToyTask, toy_config
 
 torch.set_num_threads(1)
 META = {"kind": "toy", "model_config": {"vocab": 13, "width": 16}}
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def short_run(steps):
