@@ -161,7 +161,7 @@ def vae_section(sizes: Sizes, device: torch.device, work: Path, budget_s: float)
     for resolution, batch_size in sizes.vae_rows:
         data = work / f"sdf{resolution}"
         voxelize_folder(SdfConfig(input=work / "synth", out=data, resolution=resolution, val_fraction=0.25,
-                                  workers=0, device=str(device)))
+                                  workers=0), device)
         cfg = from_dict(VaeTaskConfig, {"data": data, "out": work / f"vae{resolution}", "batch_size": batch_size,
                                         "model": model_cfg, "optimizer": "adamw"})
         seed_everything(0)

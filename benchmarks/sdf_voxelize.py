@@ -93,7 +93,7 @@ def main() -> None:
         if has_cuda and args.cuda:
             warm = Path(tmp) / "warm"
             generate(warm, 1, seed=1)
-            voxelize_folder(SdfConfig(input=warm, out=Path(tmp) / "warm_out", resolution=64, device="cuda"))
+            voxelize_folder(SdfConfig(input=warm, out=Path(tmp) / "warm_out", resolution=64), "cuda")
             for r in args.cuda:
                 rows.append(measure(data, Path(tmp) / f"cuda{r}", r, "cuda", 1))
 

@@ -93,7 +93,7 @@ def voxelisation(synth: Path, root: Path, resolutions: tuple[int, ...], device: 
         sync(device)
         start = time.perf_counter()
         summary = voxelize_folder(SdfConfig(input=synth, out=root / f"sdf{r}", resolution=r, val_fraction=0.25,
-                                            workers=0, device=str(device)))
+                                            workers=0), device)
         seconds = time.perf_counter() - start
         rows.append({"resolution": r, "meshes": summary["meshes"], "seconds": round(seconds, 3),
                      "meshes_per_s": round(summary["meshes"] / seconds, 3),
