@@ -45,7 +45,8 @@ from rich.table import Table
 
 from meshforge.config import from_dict, load_yaml
 from meshforge.data.canonical import normalize_vertices
-from meshforge.data.sdf import SdfConfig, voxelize, voxelize_folder
+from meshforge.data.sdf import voxelize
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate, synth_mesh
 from meshforge.io import atomic_write_json
 from meshforge.models.ss_dit import SSDiT, SSDiTConfig, flow_loss_terms, occupancy_patches

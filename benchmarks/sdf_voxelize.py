@@ -24,7 +24,7 @@ import torch
 from rich.table import Table
 
 from meshforge.data.batch import resolve_workers
-from meshforge.data.sdf import SdfConfig, voxelize_folder
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.io import atomic_write_json
 from meshforge.render import render_table_png

@@ -28,7 +28,8 @@ import torch
 from rich.table import Table
 
 from meshforge.config import from_dict, to_dict
-from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction

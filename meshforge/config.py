@@ -106,6 +106,16 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def field_help(cls: type, name: str) -> str:
+    """The help of field ``name`` of dataclass ``cls``: its ``field(metadata={"help": ...})``, else that of the
+    base class it overrides (a subclass that only changes a default does not repeat the help)."""
+    for base in cls.__mro__:
+        declared = getattr(base, "__dataclass_fields__", {}).get(name)
+        if declared is not None and "help" in declared.metadata:
+            return declared.metadata["help"]
+    return ""
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build ``cls`` from a mapping, rejecting unknown keys and ill-typed values."""
     if not isinstance(data, dict):

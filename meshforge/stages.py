@@ -48,7 +48,8 @@ class Stage:
 
     ``positional`` fields become positional CLI arguments, ``inputs`` are path fields whose
     content is hashed into the manifest (a change re-runs the stage), ``outputs`` are path fields
-    the stage writes. ``run`` returns a JSON-able summary that goes into the manifest.
+    the stage writes. ``run`` returns a JSON-able summary that goes into the manifest. Each option's
+    help is its config field's ``field(metadata={"help": ...})``.
     """
 
     name: str
@@ -58,7 +59,6 @@ class Stage:
     positional: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
-    field_help: dict[str, str] = field(default_factory=dict)
     # Fields the CLI fills from the workspace convention (:mod:`meshforge.workspace`) when the user
     # leaves them out, in this order; each function gets the options known so far.
     workspace: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from meshforge.config import field_types, from_dict, load_yaml, parse_override, set_path
+from meshforge.config import field_help, field_types, from_dict, load_yaml, parse_override, set_path
 from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.runtime import console
 from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
@@ -101,18 +101,18 @@ def _ordered_fields(stage: Stage) -> list[dataclasses.Field]:
     return sorted(dataclasses.fields(stage.config), key=rank)
 
 
-def _config_reference(cls: type, field_help: dict[str, str], prefix: str = "") -> list[tuple[str, str, str, str]]:
+def _config_reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(name, type, default, help) of every field of ``cls``, nested sections flattened as ``section.key``."""
     rows = []
     types_ = field_types(cls)
     for f in dataclasses.fields(cls):
         tp, name = types_[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
-            rows += _config_reference(tp, field_help, prefix=f"{name}.")
+            rows += _config_reference(tp, prefix=f"{name}.")
             continue
         default = _default(f)
         shown = "(required)" if default is dataclasses.MISSING else _show(default)
-        rows.append((name, _metavar(tp) or "on|off", shown, field_help.get(name, _describe(tp))))
+        rows.append((name, _metavar(tp) or "on|off", shown, field_help(cls, f.name) or _describe(tp)))
     return rows
 
 
@@ -120,7 +120,7 @@ def _help_config_option(stage: Stage) -> inspect.Parameter:
     def show(value: bool) -> None:
         if not value:
             return
-        rows = [("option", "type", "default", "help"), *_config_reference(stage.config, stage.field_help)]
+        rows = [("option", "type", "default", "help"), *_config_reference(stage.config)]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         typer.echo(f"{stage.name}: every option, as --NAME (top level), --set NAME=VALUE or a --config mapping\n")
         for row in rows:
@@ -150,7 +150,7 @@ def _parameters(stage: Stage) -> list[inspect.Parameter]:
             note = ""
         else:
             note = f"[default: {_show(default)}]"
-        help_text = " ".join(x for x in (stage.field_help.get(f.name, ""), _describe(tp), note) if x)
+        help_text = " ".join(x for x in (field_help(stage.config, f.name), _describe(tp), note) if x)
         if f.name in stage.positional:
             param_default = typer.Argument(None, help=help_text, show_default=False, metavar=f.name.upper())
         else:

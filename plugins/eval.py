@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,16 +36,50 @@ def _default_data(options: dict) -> Path | None:
 
 @dataclass
 class EvalConfig:
-    metric: Literal["face-acc", "perplexity", "recon", "cov-mmd-1nna"]
-    data: Path
-    checkpoint: Path | None = None
-    samples: Path | None = None
-    out: Path | None = None
-    split: Literal["train", "val"] = "val"
-    n: int | None = None
-    max_faces: int | None = None
-    batch_size: int = 16
-    ema: bool = True  # a checkpoint's EMA weights when it has them
+    metric: Literal["face-acc", "perplexity", "recon", "cov-mmd-1nna"] = field(
+        metadata={
+            "help": "face-acc/perplexity: teacher-forced over non-PAD val tokens; recon: Chamfer, F-score, "
+            "normal consistency; cov-mmd-1nna: COV, MMD, 1-NNA of samples against the split."
+        },
+    )
+    data: Path = field(
+        metadata={
+            "help": "Dataset folder (tokens for face-acc/perplexity, sparse SDF for recon, tokens or SDF for "
+            "cov-mmd-1nna; default: the dataset the checkpoint was trained on)."
+        },
+    )
+    checkpoint: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint: a run folder, its checkpoints folder or a step folder (default: the newest "
+            "run of the metric's model under ./runs)."
+        },
+    )
+    samples: Path | None = field(
+        default=None,
+        metadata={"help": "Folder of sampled meshes (cov-mmd-1nna; default: the newest run's samples/)."},
+    )
+    out: Path | None = field(default=None, metadata={"help": "JSON file to write the result to."})
+    split: Literal["train", "val"] = field(default="val", metadata={"help": "Dataset split to evaluate on."})
+    n: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on the first N meshes of the split (default: all)."},
+    )
+    max_faces: int | None = field(
+        default=None,
+        metadata={
+            "help": "face-acc/perplexity: score only the first N faces of each mesh, as train-iflame "
+            "--max-faces (default: what the checkpoint was trained on)."
+        },
+    )
+    batch_size: int = field(default=16, metadata={"help": "Meshes per forward pass."})
+    ema: bool = field(
+        default=True,
+        metadata={
+            "help": "face-acc/perplexity/recon: use the checkpoint's EMA weights when it has them (--no-ema: "
+            "as trained)."
+        },
+    )
 
     def __post_init__(self) -> None:
         needs = "samples" if self.metric in SAMPLE_METRICS else "checkpoint"
@@ -101,20 +135,4 @@ stage = Stage(
     inputs=("data", "checkpoint", "samples"),
     outputs=("out",),
     workspace={"checkpoint": _default_checkpoint, "samples": _default_samples, "data": _default_data},
-    field_help={
-        "metric": "face-acc/perplexity: teacher-forced over non-PAD val tokens; recon: Chamfer, F-score, "
-        "normal consistency; cov-mmd-1nna: COV, MMD, 1-NNA of samples against the split.",
-        "data": "Dataset folder (tokens for face-acc/perplexity, sparse SDF for recon, tokens or SDF for cov-mmd-1nna; "
-        "default: the dataset the checkpoint was trained on).",
-        "checkpoint": "Checkpoint: a run folder, its checkpoints folder or a step folder "
-        "(default: the newest run of the metric's model under ./runs).",
-        "samples": "Folder of sampled meshes (cov-mmd-1nna; default: the newest run's samples/).",
-        "out": "JSON file to write the result to.",
-        "split": "Dataset split to evaluate on.",
-        "n": "Evaluate on the first N meshes of the split (default: all).",
-        "max_faces": "face-acc/perplexity: score only the first N faces of each mesh, as train-iflame --max-faces "
-        "(default: what the checkpoint was trained on).",
-        "batch_size": "Meshes per forward pass.",
-        "ema": "face-acc/perplexity/recon: use the checkpoint's EMA weights when it has them (--no-ema: as trained).",
-    },
 )

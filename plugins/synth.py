@@ -24,12 +24,4 @@ stage = Stage(
     config=SynthConfig,
     run=run,
     outputs=("out",),
-    field_help={
-        "out": "Folder to write (FAMILY/FAMILY_00000.obj ... and labels.json).",
-        "n": "Number of meshes (families take turns; mesh i depends only on --seed and i).",
-        "formats": "File formats, taking turns across meshes: obj, ply, stl, off.",
-        "families": "Families to draw: table, chair, shelf, lamp, stool, cabinet, bench, desk.",
-        "min_faces": "Fewest triangles per mesh.",
-        "max_faces": "Most triangles per mesh.",
-    },
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from meshforge import workspace
 from meshforge.data.latents import is_latent_dataset
 from meshforge.stages import RunContext, Stage
-from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.distributed import in_worker
 from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
 from meshforge.train.trainer import run_training_stage
@@ -32,18 +31,5 @@ stage = Stage(
         # A latent dataset names its VAE; an SDF dataset is encoded with the newest one.
         "vae": lambda o: None if is_latent_dataset(o["data"]) else workspace.newest_run("ss-vae"),
         "out": lambda o: workspace.training_out("ss-dit", o),
-    },
-    field_help={
-        **TRAIN_FIELD_HELP,
-        "data": "Latent dataset, or a sparse SDF dataset to encode with --vae first.",
-        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json (and latents/).",
-        "vae": "SS-VAE checkpoint that encodes the data and decodes samples (default: the one the latents name).",
-        "resume": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run).",
-        "cond_dropout": "Probability of training an item on the null condition (classifier-free guidance).",
-        "t_mean": "Logit-normal timesteps: mean of the normal before the sigmoid.",
-        "t_std": "Logit-normal timesteps: standard deviation of the normal before the sigmoid.",
-        "structure_weight": "Weight of the structure (occupancy) flow's loss.",
-        "views": "Renders per mesh when encoding for image conditioning.",
-        "eval_meshes": "Val shapes per evaluation (0: all).",
     },
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from meshforge import workspace
 from meshforge.stages import RunContext, Stage
-from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.tasks.iflame import IFlameTask, TrainIFlameConfig
 from meshforge.train.trainer import run_training_stage
 
@@ -27,18 +26,5 @@ stage = Stage(
     workspace={
         "data": lambda o: workspace.newest_dataset("tokens"),
         "out": lambda o: workspace.training_out("iflame", o),
-    },
-    field_help={
-        **TRAIN_FIELD_HELP,
-        "data": "Token dataset folder (from `meshforge tokenize`; default: the newest under ./meshforge-data/tokens).",
-        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json "
-        "(default: the next free ./runs/iflame-N; with --resume the newest iFlame run).",
-        "resume": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run).",
-        "augment": "Random per-axis scale/shift at load time (the dataset's ranges).",
-        "max_faces": "Train on at most this many leading faces of each mesh.",
-        "eval_meshes": "Val meshes per evaluation (0: all).",
-        "eval_batch_size": "Batch size of evaluation.",
-        "length_groups": "Draw this many batches at once and form them of meshes of similar length, "
-        "so batches pad little (1: plain shuffled batches).",
     },
 )

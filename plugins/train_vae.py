@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from meshforge import workspace
 from meshforge.stages import RunContext, Stage
-from meshforge.train.config import TRAIN_FIELD_HELP
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
 from meshforge.train.trainer import run_training_stage
 
@@ -25,19 +24,5 @@ stage = Stage(
     workspace={
         "data": lambda o: workspace.newest_dataset("sdf"),
         "out": lambda o: workspace.training_out("ss-vae", o),
-    },
-    field_help={
-        **TRAIN_FIELD_HELP,
-        "data": "Sparse SDF dataset folder (from `meshforge sdf-voxelize`).",
-        "out": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json.",
-        "resume": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run).",
-        "resolutions": "Grid resolutions drawn at random per step, e.g. 256,384,512 (default: the data's); "
-        "each a multiple of the model's downsampling factor.",
-        "weight_in": "Weight of the SDF MSE on the input voxels.",
-        "weight_extra": "Weight of the SDF MSE on extra (predicted, not in the input) voxels.",
-        "weight_sharp": "Extra weight of the SDF MSE on voxels near sharp edges.",
-        "weight_kl": "Weight of the KL divergence of the latent.",
-        "weight_prune": "Weight of the BCE of the decoder's voxel-existence (pruning) logits.",
-        "eval_meshes": "Val shapes per evaluation (0: all).",
     },
 )

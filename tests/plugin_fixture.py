@@ -21,7 +21,7 @@ CALLS = []
 class EchoConfig:
     input: Path
     out: Path
-    times: int = 1
+    times: int = field(default=1, metadata={"help": "How often to repeat the text."})
     mode: Literal["upper", "lower"] = "upper"
     fail: bool = False
     resume: bool = False
@@ -37,8 +37,7 @@ def run(cfg, ctx):
 
 
 stage = Stage(name="echo", help="Copy a text file, shouting.", config=EchoConfig, run=run,
-              positional=("input",), inputs=("input",), outputs=("out",),
-              field_help={"times": "How often to repeat the text."})
+              positional=("input",), inputs=("input",), outputs=("out",))
 '''
 
 

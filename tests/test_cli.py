@@ -164,3 +164,27 @@ def test_help_config_lists_nested_model_fields():
 def test_a_missing_positional_argument_is_named(capsys):
     assert main(["tokenize"]) == 1
     assert capsys.readouterr().err == "error: missing argument INPUT (see meshforge tokenize --help)\n"
+
+
+def test_every_builtin_option_has_help_from_its_config_field(capsys):
+    """Help lives on the config dataclasses (``field(metadata={"help": ...})``), one source for
+    --help, --help-config and the docs; a new option without help fails here."""
+    import dataclasses
+
+    from meshforge.config import field_help, field_types
+    from meshforge.stages import discover_stages
+
+    stages = discover_stages().stages
+    for name in STAGES:
+        config = stages[name].config
+        types_ = field_types(config)
+        for f in dataclasses.fields(config):
+            if not dataclasses.is_dataclass(types_[f.name]):  # nested sections are listed per field
+                assert field_help(config, f.name), f"{name}: --{f.name} has no help"
+    assert main(["sdf-voxelize", "--help"]) == 0
+    assert "Grid resolution R (voxels per side)." in " ".join(capsys.readouterr().out.split())
+    # A subclass that only changes a default keeps its base class's help.
+    assert main(["train-dit", "--help"]) == 0
+    assert "Global batch size, split evenly over the --gpus processes. [default: 8]" in " ".join(
+        capsys.readouterr().out.split()
+    )

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from meshforge.data.sdf import SPLITS, SparseSDFDataset
+from meshforge.data.sdf_dataset import SPLITS, SparseSDFDataset
 from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
 
 FORMAT = "meshforge-latents/1"

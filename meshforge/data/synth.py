@@ -440,12 +440,21 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Mesh]] = {
 class SynthConfig:
     """Options of the ``synth`` stage; the dataset seed is the run's global ``--seed``."""
 
-    out: Path
-    n: int = 200
-    formats: list[str] = field(default_factory=lambda: ["obj"])
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    min_faces: int = 20
-    max_faces: int = 800
+    out: Path = field(metadata={"help": "Folder to write (FAMILY/FAMILY_00000.obj ... and labels.json)."})
+    n: int = field(
+        default=200,
+        metadata={"help": "Number of meshes (families take turns; mesh i depends only on --seed and i)."},
+    )
+    formats: list[str] = field(
+        default_factory=lambda: ["obj"],
+        metadata={"help": "File formats, taking turns across meshes: obj, ply, stl, off."},
+    )
+    families: list[str] = field(
+        default_factory=lambda: list(FAMILIES),
+        metadata={"help": "Families to draw: table, chair, shelf, lamp, stool, cabinet, bench, desk."},
+    )
+    min_faces: int = field(default=20, metadata={"help": "Fewest triangles per mesh."})
+    max_faces: int = field(default=800, metadata={"help": "Most triangles per mesh."})
 
     def __post_init__(self) -> None:
         if self.n < 1:

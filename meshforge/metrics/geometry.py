@@ -276,9 +276,9 @@ def _dataset(data: Path, split: Literal["train", "val"]) -> Any:
     if not manifest.is_file():
         return None
     fmt = json.loads(manifest.read_text()).get("format")
-    from meshforge.data import sdf, shards
+    from meshforge.data import sdf_dataset, shards
 
-    readers = {shards.FORMAT: shards.TokenDataset, sdf.FORMAT: sdf.SparseSDFDataset}
+    readers = {shards.FORMAT: shards.TokenDataset, sdf_dataset.FORMAT: sdf_dataset.SparseSDFDataset}
     if fmt not in readers:
         raise InputError(manifest, f"unsupported dataset format {fmt!r} (expected {' or '.join(readers)})")
     return readers[fmt](data, split)

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from meshforge.data.sdf import SparseSDFDataset
 from meshforge.data.sdf_batch import batch_tensor, collate
+from meshforge.data.sdf_dataset import SparseSDFDataset
 from meshforge.errors import MeshforgeError
 from meshforge.metrics.geometry import FSCORE_TAU, reconstruction_metrics
 from meshforge.models.registry import load_model

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,11 +43,17 @@ class FlowSampling:
     """How the flows are integrated and conditioned; the options ``meshforge sample`` exposes for
     SS-DiT checkpoints too (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)."""
 
-    steps: int = 30
-    cfg_scale: float = 7.0
-    sampler: SamplerName = "euler"  # ODE integrator
-    image: Path | None = None
-    class_label: str | None = None
+    steps: int = field(default=30, metadata={"help": "SS-DiT: ODE integration steps."})
+    cfg_scale: float = field(
+        default=7.0,
+        metadata={"help": "SS-DiT: classifier-free guidance scale (conditional models)."},
+    )
+    sampler: SamplerName = field(
+        default="euler",
+        metadata={"help": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate)."},
+    )
+    image: Path | None = field(default=None, metadata={"help": "SS-DiT: condition on this image."})
+    class_label: str | None = field(default=None, metadata={"help": "SS-DiT: condition on this class label."})
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,10 +36,21 @@ from meshforge.sample.decoding import EagerDecoder, make_decoder
 class TokenSampling:
     """How each token is drawn; the options ``meshforge sample`` exposes for iFlame checkpoints too."""
 
-    temperature: float = 1.0  # 0: greedy (argmax)
-    top_k: int | None = None
-    top_p: float | None = None
-    cuda_graphs: bool = True  # replay each decoding step as a CUDA graph (CUDA only; off: eager steps)
+    temperature: float = field(default=1.0, metadata={"help": "iFlame: softmax temperature (0: greedy)."})
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "iFlame: sample among the k most likely tokens (default: all)."},
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "iFlame: nucleus sampling mass (default: no truncation)."},
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

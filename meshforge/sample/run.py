@@ -36,19 +36,60 @@ class SampleStageConfig(TokenSampling, FlowSampling):
     """Options of ``meshforge sample``: the samplers' own options (:class:`TokenSampling` for iFlame,
     :class:`FlowSampling` for SS-DiT; those of the other model kind are ignored) and these."""
 
-    checkpoint: Path
-    out: Path
-    n: int = 16
-    batch_size: int = 16
-    formats: list[str] = field(default_factory=lambda: ["obj"])
-    ema: bool = True  # the checkpoint's EMA weights when it has them
+    checkpoint: Path = field(
+        metadata={
+            "help": "Checkpoint: a run folder, its checkpoints folder or a step folder (default: the newest "
+            "iFlame or SS-DiT run under ./runs)."
+        },
+    )
+    out: Path = field(
+        metadata={"help": "Folder for sample_000.obj ..., grid.png and stats.json (default: RUN/samples)."},
+    )
+    n: int = field(default=16, metadata={"help": "Number of meshes to sample."})
+    batch_size: int = field(default=16, metadata={"help": "Meshes sampled at once."})
+    formats: list[str] = field(
+        default_factory=lambda: ["obj"],
+        metadata={"help": "Mesh file formats to write (obj, ply, glb)."},
+    )
+    ema: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained)."
+        },
+    )
     # iFlame
-    max_faces: int | None = None  # None: what the checkpoint was trained on
-    prompt: Path | None = None  # complete these meshes: a mesh file or a token dataset folder (its val split)
-    prompt_faces: int = 4  # leading faces (canonical order) of each prompt mesh
+    max_faces: int | None = field(
+        default=None,
+        metadata={
+            "help": "iFlame: stop a mesh after this many faces (default: what the checkpoint was trained "
+            "on)."
+        },
+    )
+    prompt: Path | None = field(
+        default=None,
+        metadata={
+            "help": "iFlame: complete meshes from this mesh file or token dataset folder (its val meshes in "
+            "turn); writes NAME_prompt files beside the completions, prompt faces green in grid.png."
+        },
+    )
+    prompt_faces: int = field(
+        default=4,
+        metadata={
+            "help": "iFlame with --prompt: leading faces (canonical order) of each mesh fed as the prompt."
+        },
+    )
     # Post-processing of every mesh (as the released Direct3D-S2 pipeline does)
-    simplify: int | None = None  # decimate to at most this many faces (needs meshforge[post])
-    fill_holes: bool = False
+    simplify: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decimate every mesh to at most this many faces (needs fast-simplification: "
+            "meshforge[post])."
+        },
+    )
+    fill_holes: bool = field(
+        default=False,
+        metadata={"help": "Fill the holes of every mesh (boundary loops) before writing it."},
+    )
 
     def __post_init__(self) -> None:
         TokenSampling.__post_init__(self)

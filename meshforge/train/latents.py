@@ -10,7 +10,7 @@ import torch
 
 from meshforge.checkpoints import resolve_checkpoint
 from meshforge.data.latents import FORMAT, MANIFEST, mesh_labels, write_split
-from meshforge.data.sdf import SPLITS, SparseSDFDataset
+from meshforge.data.sdf_dataset import SPLITS, SparseSDFDataset
 from meshforge.data.sdf_batch import batch_tensor, collate
 from meshforge.errors import MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json

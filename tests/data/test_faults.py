@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshforge.data import sdf
+from meshforge.data import sdf_voxelize
 from meshforge.data.names import file_names, member_name
-from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.shards import TokenDataset, split_key
 from meshforge.data.synth import generate, mesh_bytes, synth_mesh
 from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
@@ -68,7 +69,7 @@ def leftovers(out):
 @contextlib.contextmanager
 def disk_full_after(monkeypatch, outputs: int):
     """Writes of meshes through the voxeliser's atomic path fail with ENOSPC after ``outputs`` of them."""
-    real, count = sdf.atomic_path, itertools.count()
+    real, count = sdf_voxelize.atomic_path, itertools.count()
 
     @contextlib.contextmanager
     def atomic_path(path):
@@ -78,7 +79,7 @@ def disk_full_after(monkeypatch, outputs: int):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
     with monkeypatch.context() as m:
-        m.setattr(sdf, "atomic_path", atomic_path)
+        m.setattr(sdf_voxelize, "atomic_path", atomic_path)
         yield
 
 

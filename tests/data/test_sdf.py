@@ -12,15 +12,10 @@ from scipy.spatial.transform import Rotation
 
 from meshforge.config import from_dict
 from meshforge.data.canonical import normalize_vertices
-from meshforge.data.sdf import (
-    SdfConfig,
-    SparseSDFDataset,
-    resample,
-    sharp_edges,
-    voxelize,
-    voxelize_folder,
-    winding_numbers,
-)
+from meshforge.data.sdf import resample, voxelize
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_geometry import sharp_edges, winding_numbers
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.shards import is_val, split_key
 from meshforge.data.synth import generate, synth_mesh
 from meshforge.errors import ConfigError, MeshforgeError

@@ -216,7 +216,7 @@ def test_meshanything_npz_is_split_by_hash(tmp_path):
 
 
 def test_tokenize_and_sdf_voxelize_find_and_skip_the_same_files(tmp_path):
-    from meshforge.data.sdf import SdfConfig, voxelize_folder
+    from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 
     root = tmp_path / "in"
     root.mkdir()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import trimesh
 
-from meshforge.data.sdf import SdfConfig, voxelize_folder
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate, synth_mesh
 from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
 from meshforge.metrics.geometry import (

@@ -12,8 +12,9 @@ from meshforge_plugins.cli import main
 from meshforge.config import from_dict, to_dict
 from meshforge.checkpoints import save_checkpoint
 from meshforge.data.latents import LatentDataset
-from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize_folder
 from meshforge.data.sdf_batch import batch_tensor, collate
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError, InputError
 from meshforge.models.registry import load_model

@@ -8,8 +8,10 @@ import torch
 from meshforge_plugins.cli import main
 
 from meshforge.config import from_dict
-from meshforge.data.sdf import SdfConfig, SparseSDFDataset, voxelize, voxelize_folder
+from meshforge.data.sdf import voxelize
 from meshforge.data.sdf_batch import collate
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError
 from meshforge.models.registry import load_model

@@ -49,15 +49,43 @@ class DiTTaskConfig(TrainOptions):
     ``--set model.cond.kind=class``); its latent space is taken from the data.
     """
 
-    data: Path
-    vae: Path | None = None
+    data: Path = field(
+        metadata={"help": "Latent dataset, or a sparse SDF dataset to encode with --vae first."},
+    )
+    out: Path = field(  # TrainOptions' field, with this stage's help
+        metadata={
+            "help": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json (and "
+            "latents/)."
+        },
+    )
+    vae: Path | None = field(
+        default=None,
+        metadata={
+            "help": "SS-VAE checkpoint that encodes the data and decodes samples (default: the one the "
+            "latents name)."
+        },
+    )
     model: LatentFlowConfig = field(default_factory=LatentFlowConfig)
-    cond_dropout: float = 0.1  # probability of training an item on the null condition (for CFG)
-    t_mean: float = 0.0  # logit-normal timesteps: sigmoid(t_mean + t_std * N(0, 1))
-    t_std: float = 1.0
-    structure_weight: float = 1.0
-    views: int = 4  # renders per mesh when an SDF dataset is encoded for image conditioning
-    eval_meshes: int = 16  # val shapes per evaluation (0: the whole split)
+    cond_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "Probability of training an item on the null condition (classifier-free guidance)."
+        },
+    )
+    t_mean: float = field(  # logit-normal timesteps: sigmoid(t_mean + t_std * N(0, 1))
+        default=0.0,
+        metadata={"help": "Logit-normal timesteps: mean of the normal before the sigmoid."},
+    )
+    t_std: float = field(
+        default=1.0,
+        metadata={"help": "Logit-normal timesteps: standard deviation of the normal before the sigmoid."},
+    )
+    structure_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the structure (occupancy) flow's loss."},
+    )
+    views: int = field(default=4, metadata={"help": "Renders per mesh when encoding for image conditioning."})
+    eval_meshes: int = field(default=16, metadata={"help": "Val shapes per evaluation (0: all)."})
     batch_size: int = 8
     ema_decay: float = 0.999  # diffusion models are sampled from their EMA weights
 

@@ -37,13 +37,36 @@ class TrainIFlameConfig(TrainOptions):
     or ``--set model.dim=256``); its vocabulary must match the dataset's quantisation bits.
     """
 
-    data: Path
+    data: Path = field(
+        metadata={
+            "help": "Token dataset folder (from `meshforge tokenize`; default: the newest under "
+            "./meshforge-data/tokens)."
+        },
+    )
+    out: Path = field(  # TrainOptions' field, with this stage's help
+        metadata={
+            "help": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json (default: "
+            "the next free ./runs/iflame-N; with --resume the newest iFlame run)."
+        },
+    )
     model: IFlameConfig = field(default_factory=IFlameConfig)
-    augment: bool = True  # the dataset's random per-axis scale/shift, re-drawn every epoch
-    max_faces: int | None = None  # train on at most this many leading faces per mesh (None: all)
-    eval_meshes: int = 256  # val meshes per evaluation (0: the whole split)
-    eval_batch_size: int = 16
-    length_groups: int = 16  # batches drawn together and formed of meshes of similar length (1: plain shuffle)
+    augment: bool = field(  # the dataset's random per-axis scale/shift, re-drawn every epoch
+        default=True,
+        metadata={"help": "Random per-axis scale/shift at load time (the dataset's ranges)."},
+    )
+    max_faces: int | None = field(
+        default=None,
+        metadata={"help": "Train on at most this many leading faces of each mesh."},
+    )
+    eval_meshes: int = field(default=256, metadata={"help": "Val meshes per evaluation (0: all)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of evaluation."})
+    length_groups: int = field(
+        default=16,
+        metadata={
+            "help": "Draw this many batches at once and form them of meshes of similar length, so batches "
+            "pad little (1: plain shuffled batches)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

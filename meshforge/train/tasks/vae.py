@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from meshforge.config import load_yaml
-from meshforge.data.sdf import SdfConfig, SparseSDF, SparseSDFDataset, resample, voxelize
+from meshforge.data.sdf import SparseSDF, resample, voxelize
 from meshforge.data.sdf_batch import batch_tensor, collate
+from meshforge.data.sdf_dataset import SparseSDFDataset
+from meshforge.data.sdf_voxelize import SdfConfig
 from meshforge.errors import ConfigError
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig, loss_terms
 from meshforge.runtime import to_device
@@ -48,15 +50,30 @@ class VaeTaskConfig(TrainOptions):
     mapping in ``--config``); its ``band`` is taken from the dataset.
     """
 
-    data: Path
+    data: Path = field(metadata={"help": "Sparse SDF dataset folder (from `meshforge sdf-voxelize`)."})
     model: SSVAEConfig = field(default_factory=SSVAEConfig)
-    resolutions: list[int] | None = None  # R drawn per step from these (None: the data's own)
-    weight_in: float = 1.0
-    weight_extra: float = 1.0
-    weight_sharp: float = 1.0  # on top of weight_in: sharp voxels count (weight_in + weight_sharp) times
-    weight_kl: float = 1e-5
-    weight_prune: float = 1.0
-    eval_meshes: int = 8  # val shapes per evaluation (0: the whole split)
+    resolutions: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Grid resolutions drawn at random per step, e.g. 256,384,512 (default: the data's); each "
+            "a multiple of the model's downsampling factor."
+        },
+    )
+    weight_in: float = field(default=1.0, metadata={"help": "Weight of the SDF MSE on the input voxels."})
+    weight_extra: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the SDF MSE on extra (predicted, not in the input) voxels."},
+    )
+    weight_sharp: float = field(  # on top of weight_in: sharp voxels count (weight_in + weight_sharp) times
+        default=1.0,
+        metadata={"help": "Extra weight of the SDF MSE on voxels near sharp edges."},
+    )
+    weight_kl: float = field(default=1e-5, metadata={"help": "Weight of the KL divergence of the latent."})
+    weight_prune: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the BCE of the decoder's voxel-existence (pruning) logits."},
+    )
+    eval_meshes: int = field(default=8, metadata={"help": "Val shapes per evaluation (0: all)."})
     batch_size: int = 4
 
     def __post_init__(self) -> None:
