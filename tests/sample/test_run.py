@@ -1,4 +1,4 @@
-"""`meshforge sample`: dispatch by checkpoint kind, decoding, outputs; samplers and models are fakes
+"""`meshforge sample`: the sampler the checkpoint's model spec names, decoding, outputs; samplers and models are fakes
 (plus one end-to-end test that runs once the real iFlame model and sampler are importable)."""
 
 import dataclasses
