@@ -51,14 +51,14 @@ from meshforge.io import atomic_write_json
 from meshforge.models.ss_dit import SSDiT, SSDiTConfig, flow_loss_terms, occupancy_patches
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
 from meshforge.render import render_table_png
-from meshforge.runtime import console, cpu_model, resolve_device, seed_everything
+from meshforge.runtime import console, cpu_model, resolve_device, seed_everything, to_device
 from meshforge.sample.flow import guided_velocity, integrate
 from meshforge.sparse.conv import MAX_FEATURE_BYTES
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.config import TrainConfig
 from meshforge.train.distributed import DistEnv
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
-from meshforge.train.trainer import TrainingRun, autocast_dtype, to_device
+from meshforge.train.trainer import TrainingRun, autocast_dtype
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = Path(__file__).parents[1] / "recipes" / "direct3d_reference.yaml"
@@ -156,7 +156,7 @@ def vae_section(sizes: Sizes, device: torch.device, work: Path, budget_s: float)
     for resolution, batch_size in sizes.vae_rows:
         data = work / f"sdf{resolution}"
         voxelize_folder(SdfConfig(input=work / "synth", out=data, resolution=resolution, val_fraction=0.25,
-                                  workers=0, device=str(device)))
+                                  workers=0), device)
         cfg = from_dict(VaeTaskConfig, {"data": data, "out": work / f"vae{resolution}", "batch_size": batch_size,
                                         "model": model_cfg, "optimizer": "adamw"})
         seed_everything(0)

@@ -44,9 +44,10 @@ def measure(data: Path, out: Path, resolution: int, device: str, workers: int, s
     t0 = time.perf_counter()
     summary = voxelize_folder(
         SdfConfig(
-            input=data, out=out, resolution=resolution, device=device, workers=workers, val_fraction=0.0,
+            input=data, out=out, resolution=resolution, workers=workers, val_fraction=0.0,
             sign_backend=sign,
-        )
+        ),
+        device,
     )
     seconds = time.perf_counter() - t0
     row = {
@@ -92,7 +93,7 @@ def main() -> None:
         if has_cuda and args.cuda:
             warm = Path(tmp) / "warm"
             generate(warm, 1, seed=1)
-            voxelize_folder(SdfConfig(input=warm, out=Path(tmp) / "warm_out", resolution=64, device="cuda"))
+            voxelize_folder(SdfConfig(input=warm, out=Path(tmp) / "warm_out", resolution=64), "cuda")
             for r in args.cuda:
                 rows.append(measure(data, Path(tmp) / f"cuda{r}", r, "cuda", 1))
 

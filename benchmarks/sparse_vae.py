@@ -34,11 +34,11 @@ from meshforge.data.synth import generate
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction
 from meshforge.render import render_table_png
-from meshforge.runtime import console, cpu_model, resolve_device
+from meshforge.runtime import console, cpu_model, resolve_device, to_device
 from meshforge.train.config import TrainConfig
 from meshforge.train.distributed import DistEnv
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
-from meshforge.train.trainer import TrainingRun, to_device, train
+from meshforge.train.trainer import TrainingRun, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -94,7 +94,7 @@ def voxelisation(synth: Path, root: Path, resolutions: tuple[int, ...], device: 
         sync(device)
         start = time.perf_counter()
         summary = voxelize_folder(SdfConfig(input=synth, out=root / f"sdf{r}", resolution=r, val_fraction=0.25,
-                                            workers=0, device=str(device)))
+                                            workers=0), device)
         seconds = time.perf_counter() - start
         rows.append({"resolution": r, "meshes": summary["meshes"], "seconds": round(seconds, 3),
                      "meshes_per_s": round(summary["meshes"] / seconds, 3),

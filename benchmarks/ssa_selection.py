@@ -33,12 +33,13 @@ from latent_tokens import surface_tokens  # the same real latents as the speed b
 from meshforge.kernels.ssa import SSAConfig, build_layout, spatial_sparse_attention
 from meshforge.kernels.ssa.reference import compress_reference, tile_sharing_error
 
+from meshforge.checkpoints import resolve_checkpoint
 from meshforge.data.latents import LatentDataset
 from meshforge.io import atomic_write_json
+from meshforge.models.registry import load_model
 from meshforge.models.ss_dit import SelfAttention, interpolate
 from meshforge.render import render_table_png
 from meshforge.sparse.tensor import SparseTensor
-from meshforge.train.checkpoint import load_model, resolve_checkpoint
 
 TILES = (64, 32, 16)
 FAMILIES = ("chair", "table")

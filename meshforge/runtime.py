@@ -1,4 +1,4 @@
-"""Process-wide runtime helpers: device choice, seeding, progress bars, optional modules."""
+"""Process-wide runtime helpers: device choice, seeding and generator states, progress bars, optional backends."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch (and this process's CUDA device) generator states, as tensors/ints."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # int64: pickling a uint32 tensor (all_gather_object does) fails in torch.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, *rest = state["python"]
+    random.setstate((version, tuple(internal), *rest))
+    name, keys, *np_rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *np_rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def has_module(name: str) -> bool:

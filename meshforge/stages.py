@@ -9,22 +9,37 @@ The CLI turns a stage's config dataclass into command-line options, and the reci
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ENTRY_POINT_GROUP = "meshforge.stages"
 
 
 @dataclass
 class RunContext:
-    """What every stage gets besides its own config: global options shared by all stages."""
+    """What every stage gets besides its own config: global options shared by all stages.
+
+    ``device`` is the option as given (recorded, and passed on to data-parallel workers);
+    :attr:`torch_device` is the device it resolves to, resolved once, when a stage first asks:
+    stages that run no model never fail on a ``--device cuda`` without CUDA.
+    """
 
     device: str = "auto"  # "cpu", "cuda" or "auto"
     seed: int = 0
     verbose: int = 0
+
+    @functools.cached_property
+    def torch_device(self) -> torch.device:
+        from meshforge.runtime import resolve_device
+
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from meshforge.checkpoints import CHECKPOINTS, LATEST, latest_checkpoint, read_meta, resolve_checkpoint
 from meshforge.errors import MeshforgeError
-from meshforge.train.checkpoint import CHECKPOINTS, LATEST, latest_checkpoint, read_meta, resolve_checkpoint
 
 DATA_ROOT = Path("meshforge-data")
 RUNS_ROOT = Path("runs")

@@ -88,13 +88,15 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _ordered_fields(stage: Stage) -> list[dataclasses.Field]:
-    """Positional, then what the user must or usually gives (required, inputs, outputs), then tuning knobs."""
-    first = {*stage.positional, *stage.inputs, *stage.outputs, *stage.workspace}
+    """Positional, then what the user must or usually gives (inputs, outputs, in the order the stage
+    names them, then other required fields), then tuning knobs: not the order of the fields, which
+    puts a config's inherited fields (the trainer's, the samplers') before its own."""
+    named = [*stage.positional, *stage.inputs, *stage.outputs]
 
-    def rank(f: dataclasses.Field) -> int:
-        if f.name in stage.positional:
-            return 0
-        return 1 if _default(f) is dataclasses.MISSING or f.name in first else 2
+    def rank(f: dataclasses.Field) -> tuple[int, int]:
+        if f.name in named:
+            return 0, named.index(f.name)
+        return (1 if _default(f) is dataclasses.MISSING or f.name in stage.workspace else 2), 0
 
     return sorted(dataclasses.fields(stage.config), key=rank)
 

@@ -9,23 +9,21 @@ from typing import Any, Literal
 import torch
 
 from meshforge import workspace
-from meshforge.errors import InputError, MeshforgeError
+from meshforge.errors import InputError
 from meshforge.io import atomic_write_json
-from meshforge.runtime import resolve_device
+from meshforge.models.registry import checkpoint_kind, model_spec, spec_for_metric
 from meshforge.stages import RunContext, Stage
 
-TOKEN_METRICS = {"face-acc": "face_acc", "perplexity": "perplexity"}
-# The checkpoint kind a metric scores (cov-mmd-1nna scores samples instead).
-METRIC_KIND = {"face-acc": "iflame", "perplexity": "iflame", "recon": "ss-vae"}
+SAMPLE_METRICS = ("cov-mmd-1nna",)  # metrics of sampled meshes; the others score a checkpoint
 
 
 def _default_checkpoint(options: dict) -> Path | None:
-    kind = METRIC_KIND.get(options.get("metric"))
-    return workspace.newest_run(kind) if kind else None
+    spec = spec_for_metric(options.get("metric"))
+    return workspace.newest_run(spec.kind) if spec else None
 
 
 def _default_samples(options: dict) -> Path | None:
-    if options.get("metric") != "cov-mmd-1nna":
+    if options.get("metric") not in SAMPLE_METRICS:
         return None
     return workspace.run_samples(workspace.newest_run("iflame", "ss-dit"))
 
@@ -84,7 +82,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
-        needs = "samples" if self.metric == "cov-mmd-1nna" else "checkpoint"
+        needs = "samples" if self.metric in SAMPLE_METRICS else "checkpoint"
         if getattr(self, needs) is None:
             raise ValueError(f"--metric {self.metric} needs --{needs}")
         if self.n is not None and self.n < 1:
@@ -95,67 +93,29 @@ class EvalConfig:
             raise ValueError("batch_size must be at least 1")
 
 
-def _token_metrics(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
-    from meshforge.data.shards import TokenDataset
-    from meshforge.data.tokens import TOKENS_PER_FACE
-    from meshforge.metrics.tokens import token_metrics
-    from meshforge.train.checkpoint import load_model
-    from meshforge.train.tasks.iflame import checkpoint_max_faces
-
-    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema)
-    if kind != "iflame":
-        raise InputError(cfg.checkpoint, f"is a {kind!r} checkpoint; --metric {cfg.metric} needs an iFlame ('iflame')")
-    dataset = TokenDataset(cfg.data, cfg.split)
-    if len(dataset) == 0:
-        raise MeshforgeError(f"{cfg.data}: the {cfg.split} split is empty")
-    if dataset.vocab.size != model.config.vocab_size:
-        raise MeshforgeError(
-            f"{cfg.data} holds {dataset.vocab.bits}-bit tokens (vocabulary {dataset.vocab.size}) but checkpoint "
-            f"{meta['path']} was trained on a vocabulary of {model.config.vocab_size}: tokenize with its --bits"
-        )
-    capacity = model.config.max_seq_len // TOKENS_PER_FACE - 1
-    if cfg.max_faces is not None and cfg.max_faces > capacity:
-        raise MeshforgeError(
-            f"--max-faces {cfg.max_faces} is more than checkpoint {meta['path']} handles "
-            f"({capacity} faces in max_seq_len {model.config.max_seq_len})"
-        )
-    max_faces = cfg.max_faces or checkpoint_max_faces(meta)
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    max_len = TOKENS_PER_FACE * (max_faces + 1)
-    result = token_metrics(model, dataset, batch_size=cfg.batch_size, max_meshes=cfg.n, max_len=max_len, autocast=amp)
-    return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"], "max_faces": max_faces,
-            "weights": meta["weights"]}
-
-
-def _library(module: str, function: str, metric: str) -> Any:
-    """A metric function imported only when asked for (its dependencies may be heavy or absent)."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as exc:
-        raise MeshforgeError(f"--metric {metric} is not available ({exc})") from None
-
-
-def _recon(cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, Any]:
-    evaluate_reconstruction = _library("meshforge.metrics.recon", "evaluate_reconstruction", cfg.metric)
-    return evaluate_reconstruction(cfg.checkpoint, cfg.data, split=cfg.split, n=cfg.n, device=device, seed=seed, ema=cfg.ema)
-
-
 def _generative(cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, Any]:
-    evaluate_generation = _library("meshforge.metrics.geometry", "evaluate_generation", cfg.metric)
+    from meshforge.metrics.geometry import evaluate_generation
+
     return evaluate_generation(cfg.samples, cfg.data, split=cfg.split, n=cfg.n, device=device, seed=seed)
 
 
+def _checkpoint(cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, Any]:
+    """The metric from the evaluator of the checkpoint's model, when its model reports that metric."""
+    spec = model_spec(checkpoint_kind(cfg.checkpoint))
+    if cfg.metric not in spec.metrics:
+        needs = spec_for_metric(cfg.metric)
+        raise InputError(cfg.checkpoint, f"is a {spec.kind!r} checkpoint; --metric {cfg.metric} needs "
+                         f"a {needs.kind!r} checkpoint" if needs else f"--metric {cfg.metric} scores no checkpoint")
+    return spec.evaluate_function()(cfg, device, seed)
+
+
 def run(cfg: EvalConfig, ctx: RunContext) -> dict:
-    device = resolve_device(ctx.device)
-    if cfg.metric in TOKEN_METRICS:
-        result = _token_metrics(cfg, device)
-        headline = {cfg.metric: result[TOKEN_METRICS[cfg.metric]]}
-    elif cfg.metric == "recon":
-        result = headline = _recon(cfg, device, ctx.seed)
-    else:
-        result = headline = _generative(cfg, device, ctx.seed)
+    device = ctx.torch_device
+    score = _generative if cfg.metric in SAMPLE_METRICS else _checkpoint
+    result = score(cfg, device, ctx.seed)
+    # A metric reported under its own name is the headline; otherwise every figure is.
+    key = cfg.metric.replace("-", "_")
+    headline = {cfg.metric: result[key]} if key in result else result
     if "weights" in result:
         print(f"weights: {result['weights']} ({'the moving average' if result['weights'] == 'ema' else 'as trained'})")
     for name, value in headline.items():

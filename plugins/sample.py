@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from meshforge import workspace
-from meshforge.runtime import console, resolve_device
+from meshforge.runtime import console
 from meshforge.sample.export import GRID
 from meshforge.sample.run import SampleStageConfig, sample_to_dir
 from meshforge.stages import RunContext, Stage
 
 
 def run(cfg: SampleStageConfig, ctx: RunContext) -> dict:
-    stats = sample_to_dir(cfg, resolve_device(ctx.device), seed=ctx.seed)
+    stats = sample_to_dir(cfg, ctx.torch_device, seed=ctx.seed)
     console.print(
         f"sampled {stats['count']} meshes ({stats['valid']} valid, {stats['watertight']} watertight) "
         f"into {cfg.out}; grid: {cfg.out / GRID}", highlight=False, soft_wrap=True,

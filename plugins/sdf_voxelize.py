@@ -8,7 +8,7 @@ from meshforge.stages import RunContext, Stage
 
 
 def run(cfg: SdfConfig, ctx: RunContext) -> dict:
-    return voxelize_folder(cfg)
+    return voxelize_folder(cfg, ctx.torch_device)
 
 
 stage = Stage(

@@ -12,7 +12,7 @@ from meshforge.train.trainer import run_training_stage
 
 def run(cfg: DiTTaskConfig, ctx: RunContext) -> dict:
     if not in_worker():  # encode once, before any data-parallel workers start
-        cfg = prepare_data(cfg, ctx.device, ctx.seed)
+        cfg = prepare_data(cfg, ctx.torch_device, ctx.seed)
     return run_training_stage("train-dit", cfg, ctx, lambda: DiTTask(cfg), cli_module="meshforge_plugins.cli")
 
 

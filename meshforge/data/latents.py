@@ -1,6 +1,6 @@
 """Sparse latent datasets: a sparse SDF dataset encoded by a trained SS-VAE, what the SS-DiT trains on.
 
-Layout of a dataset folder written by :func:`encode_dataset`::
+Layout of a dataset folder (written by ``encode_dataset``, which ``train-dit`` runs on a sparse SDF dataset)::
 
     manifest.json   {"format": "meshforge-latents/1", "vae_checkpoint", "vae_step", "source",
                      "resolution" (latent grid G = R / f), "data_resolution" (R), "factor" (f),
@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from meshforge.data.sdf_dataset import SPLITS, SparseSDFDataset
 from meshforge.errors import READ_ERRORS, InputError, MeshforgeError
-from meshforge.io import atomic_path, atomic_write_json
-from meshforge.runtime import console, track
 
 FORMAT = "meshforge-latents/1"
 MANIFEST = "manifest.json"
@@ -63,7 +60,7 @@ class LatentDataset:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not is_latent_dataset(self.root):
-            raise InputError(self.root, "not a latent dataset (create one with `meshforge train-dit --data SDF_DATASET --vae VAE`)")
+            raise InputError(self.root, "not a latent dataset (`train-dit --data SDF_DATASET --vae VAE` encodes one first)")
         self.manifest = json.loads((self.root / MANIFEST).read_text())
         folder = self.root / split
         try:
@@ -121,7 +118,7 @@ def mesh_labels(sdf: SparseSDFDataset) -> dict[str, str | None]:
     return {record["name"]: record["label"] for record in records}
 
 
-def _write_split(folder: Path, coords: list[np.ndarray], feats: list[np.ndarray], names: list[str],
+def write_split(folder: Path, coords: list[np.ndarray], feats: list[np.ndarray], names: list[str],
                  labels: list[str | None]) -> None:
     counts = np.array([len(c) for c in coords], dtype=np.int64)
     index = np.stack([np.concatenate([[0], np.cumsum(counts)[:-1]]), counts], axis=1) if len(counts) else np.zeros((0, 2), np.int64)
@@ -131,85 +128,3 @@ def _write_split(folder: Path, coords: list[np.ndarray], feats: list[np.ndarray]
     np.save(folder / "index.npy", index)
     (folder / "names.json").write_text(json.dumps(names) + "\n")
     (folder / "labels.json").write_text(json.dumps(labels) + "\n")
-
-
-@torch.no_grad()
-def encode_dataset(
-    vae_ckpt: Path,
-    sdf_dataset: Path,
-    out: Path,
-    device: torch.device | str = "cpu",
-    *,
-    views: int = 0,
-    image_size: int = 224,
-    batch_size: int = 8,
-    seed: int = 0,
-) -> dict:
-    """Encode every shape of a sparse SDF dataset with the SS-VAE at ``vae_ckpt`` (posterior mean)
-    into a latent dataset at ``out``, with ``views`` RGBA renders per mesh; returns a summary."""
-    from meshforge.models.conditioning import render_views
-    from meshforge.train.checkpoint import load_model, resolve_checkpoint
-    from meshforge.train.tasks.vae import batch_tensor, collate
-    from meshforge.train.trainer import to_device
-
-    device = torch.device(device)
-    vae_step = resolve_checkpoint(Path(vae_ckpt))
-    kind, vae, meta = load_model(vae_step, device)
-    if kind != "ss-vae":
-        raise InputError(vae_ckpt, f"expected an ss-vae checkpoint, found {kind!r}")
-    splits = {split: SparseSDFDataset(sdf_dataset, split) for split in SPLITS}
-    r = splits["train"].resolution
-    factor = vae.config.factor
-    if r % factor:
-        raise MeshforgeError(f"{sdf_dataset}: resolution {r} is not a multiple of the VAE's downsampling factor {factor}")
-    labels_by_name = mesh_labels(splits["train"])
-    classes = sorted({label for label in labels_by_name.values() if label is not None})
-
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        for split, data in splits.items():
-            folder = tmp / split
-            folder.mkdir()
-            coords, feats = [], []
-            images = None
-            if views:
-                images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8,
-                                                   shape=(len(data), views, image_size, image_size, 4))
-            for start in track(range(0, len(data), batch_size), f"encode {split}"):
-                items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-                for c, f in vae.encode(batch_tensor(to_device(collate(items, data.band), device))).items():
-                    coords.append(c.cpu().numpy())
-                    feats.append(f.float().cpu().numpy())
-                if images is not None:
-                    for i in range(start, start + len(items)):
-                        vertices, faces = data.mesh(i)
-                        images[i] = render_views(vertices, faces, views, image_size, np.random.default_rng([seed, i]))
-            if images is not None:
-                images.flush()
-                del images
-            _write_split(folder, coords, feats, list(data.names), [labels_by_name.get(name) for name in data.names])
-            if split == "train":
-                if not feats:
-                    raise MeshforgeError(f"{sdf_dataset}: the train split is empty")
-                train_feats = np.concatenate(feats)
-                mean, std = train_feats.mean(axis=0), train_feats.std(axis=0)
-        manifest = {
-            "format": FORMAT,
-            "vae_checkpoint": str(vae_step.resolve()),
-            "vae_step": meta.get("step"),
-            "source": str(Path(sdf_dataset).resolve()),
-            "resolution": r // factor,
-            "data_resolution": r,
-            "factor": factor,
-            "latent_channels": vae.config.latent_channels,
-            "mean": [float(v) for v in mean],
-            "std": [float(max(v, 1e-6)) for v in std],
-            "classes": classes,
-            "views": views,
-            "image_size": image_size,
-            "counts": {split: len(data) for split, data in splits.items()},
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-    console.print(f"encoded {sum(manifest['counts'].values())} shapes to {manifest['resolution']}^3 latents in {out}",
-                  highlight=False)
-    return manifest

@@ -27,7 +27,7 @@ from meshforge.data.sdf_dataset import DAMAGED, FORMAT, SPLITS, mesh_path
 from meshforge.data.shards import assign_splits, is_val, split_key, split_source
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_json, hash_path, remove_stale_temporaries
-from meshforge.runtime import has_module, resolve_device
+from meshforge.runtime import has_module
 
 
 @dataclass
@@ -81,7 +81,6 @@ class SdfConfig:
         default=0,
         metadata={"help": "CPU worker processes (0 = all cores); the CUDA path uses one process."},
     )
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto."})
     sign_backend: SignBackend = field(
         default="auto",
         metadata={
@@ -231,7 +230,9 @@ def _check_resumable(cfg: SdfConfig) -> None:
         if cfg.out.exists() and any(cfg.out.iterdir()):
             raise MeshforgeError(f"{cfg.out}: exists and is not a sparse SDF dataset; choose another --out")
         return
-    old = from_dict(SdfConfig, load_yaml(previous)).geometry()
+    recorded = load_yaml(previous)
+    recorded.pop("device", None)  # recorded by meshforge before the device moved to the run context
+    old = from_dict(SdfConfig, recorded).geometry()
     changed = {k: (old[k], v) for k, v in cfg.geometry().items() if old[k] != v}
     if changed:
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -251,8 +252,9 @@ def _balance_splits(meshes: list[MeshResult], cfg: SdfConfig) -> None:
             mesh.split = split
 
 
-def voxelize_folder(cfg: SdfConfig) -> dict:
-    """Voxelise every mesh under ``cfg.input`` into the dataset folder ``cfg.out``; returns a summary.
+def voxelize_folder(cfg: SdfConfig, device: torch.device | str = "cpu") -> dict:
+    """Voxelise every mesh under ``cfg.input`` into the dataset folder ``cfg.out`` on ``device``
+    (one process on CUDA, ``cfg.workers`` processes on the CPU); returns a summary.
 
     Each mesh is written as soon as it is done (atomically), and a re-run skips meshes already on
     disk from the same input bytes (each file records its input's hash), so an interrupted run
@@ -262,7 +264,7 @@ def voxelize_folder(cfg: SdfConfig) -> dict:
     finished so far for the next run.
     """
     folder = discover_meshes(cfg.input)
-    device = resolve_device(cfg.device)
+    device = torch.device(device)
     _check_resumable(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     # Until this run writes its own, the folder is unfinished: a manifest of an earlier run would

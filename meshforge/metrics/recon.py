@@ -19,15 +19,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from meshforge.data.sdf_batch import batch_tensor, collate
 from meshforge.data.sdf_dataset import SparseSDFDataset
-from meshforge.errors import InputError, MeshforgeError
+from meshforge.errors import MeshforgeError
 from meshforge.metrics.geometry import FSCORE_TAU, reconstruction_metrics
+from meshforge.models.registry import load_model
+from meshforge.models.ss_vae import SSVAE
 from meshforge.render import render_grid
-from meshforge.runtime import track
+from meshforge.runtime import to_device, track
 from meshforge.sample.export import write_samples
-from meshforge.train.checkpoint import load_model
-from meshforge.train.tasks.vae import batch_tensor, collate
-from meshforge.train.trainer import to_device
 
 METRICS = ("chamfer", "fscore", "normal_consistency")
 
@@ -51,9 +51,7 @@ def evaluate_reconstruction(
     and ``compare.png`` (reference and reconstruction side by side) there.
     """
     device = torch.device(device)
-    kind, model, meta = load_model(checkpoint, device, ema=ema)
-    if kind != "ss-vae":
-        raise InputError(checkpoint, f"is a {kind!r} checkpoint; --metric recon needs an SS-VAE ('ss-vae')")
+    kind, model, meta = load_model(checkpoint, device, ema=ema, expect=SSVAE)
     dataset = SparseSDFDataset(data, split)
     count = len(dataset) if n is None else min(n, len(dataset))
     if count == 0:
@@ -102,6 +100,11 @@ def evaluate_reconstruction(
         labels = [f"{i}: {what}" for i in range(count) for what in ("input mesh", "reconstruction")]
         render_grid(pairs, out / "compare.png", cols=2, labels=labels)
     return result
+
+
+def evaluate_checkpoint(cfg: Any, device: torch.device, seed: int) -> dict[str, Any]:
+    """``meshforge eval --metric recon``: :func:`evaluate_reconstruction` of ``cfg.checkpoint`` on ``cfg.data``."""
+    return evaluate_reconstruction(cfg.checkpoint, cfg.data, split=cfg.split, n=cfg.n, device=device, seed=seed, ema=cfg.ema)
 
 
 def mean(rows: list[dict[str, Any]], key: str) -> float | None:

@@ -17,7 +17,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from meshforge.data.shards import TokenDataset
-from meshforge.data.tokens import collate_tokens
+from meshforge.data.tokens import TOKENS_PER_FACE, collate_tokens
+from meshforge.errors import MeshforgeError
+from meshforge.models.iflame import IFlame, checkpoint_max_faces
+from meshforge.models.registry import load_model
 from meshforge.runtime import track
 
 
@@ -71,3 +74,30 @@ def face_accuracy(model: nn.Module, dataset: TokenDataset, **kwargs: Any) -> flo
 def perplexity(model: nn.Module, dataset: TokenDataset, **kwargs: Any) -> float:
     """``exp`` of the mean cross-entropy over the non-PAD targets (see :func:`token_metrics`)."""
     return token_metrics(model, dataset, **kwargs)["perplexity"]
+
+
+def evaluate_checkpoint(cfg: Any, device: torch.device, seed: int) -> dict[str, Any]:
+    """``meshforge eval --metric face-acc|perplexity``: :func:`token_metrics` of an iFlame checkpoint
+    (``cfg.checkpoint``) on a token dataset split, over each mesh's first ``cfg.max_faces`` faces
+    (default: what the checkpoint was trained on). ``seed`` is unused: teacher forcing draws nothing."""
+    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema, expect=IFlame)
+    dataset = TokenDataset(cfg.data, cfg.split)
+    if len(dataset) == 0:
+        raise MeshforgeError(f"{cfg.data}: the {cfg.split} split is empty")
+    if dataset.vocab.size != model.config.vocab_size:
+        raise MeshforgeError(
+            f"{cfg.data} holds {dataset.vocab.bits}-bit tokens (vocabulary {dataset.vocab.size}) but checkpoint "
+            f"{meta['path']} was trained on a vocabulary of {model.config.vocab_size}: tokenize with its --bits"
+        )
+    capacity = model.config.max_seq_len // TOKENS_PER_FACE - 1
+    if cfg.max_faces is not None and cfg.max_faces > capacity:
+        raise MeshforgeError(
+            f"--max-faces {cfg.max_faces} is more than checkpoint {meta['path']} handles "
+            f"({capacity} faces in max_seq_len {model.config.max_seq_len})"
+        )
+    max_faces = cfg.max_faces or checkpoint_max_faces(meta)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    max_len = TOKENS_PER_FACE * (max_faces + 1)
+    result = token_metrics(model, dataset, batch_size=cfg.batch_size, max_meshes=cfg.n, max_len=max_len, autocast=amp)
+    return {**result, "kind": kind, "step": meta.get("step"), "checkpoint": meta["path"], "max_faces": max_faces,
+            "weights": meta["weights"]}

@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,7 @@ from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rota
 from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, linear_attention
 from meshforge.kernels.rotary import rotate_qk
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
+from meshforge.models.registry import ModelSpec, register_model
 
 POOL = 3  # tokens per vertex, vertices per face
 SHIFT = POOL - 1  # the causal right-shift after upsampling
@@ -466,3 +467,18 @@ class IFlame(nn.Module):
         if not 0 < length <= cache.max_len:
             raise ValueError(f"a prompt of {length} tokens does not fit a cache of {cache.max_len} positions")
         return self.head(self.norm(self._hourglass(tokens, cache)[:, -1]))
+
+
+def checkpoint_max_faces(meta: dict[str, Any]) -> int:
+    """Faces per mesh an iFlame checkpoint handles: what it was trained on (``--max-faces``), within
+    its ``max_seq_len`` (which also holds the END face)."""
+    capacity = int(meta["model_config"]["max_seq_len"]) // TOKENS_PER_FACE - 1
+    trained = (meta.get("task_config") or {}).get("max_faces")
+    return min(capacity, int(trained)) if trained else capacity
+
+
+register_model(ModelSpec(
+    "iflame", IFlameConfig, IFlame,
+    sampler="meshforge.sample.run:sample_iflame",
+    evaluator="meshforge.metrics.tokens:evaluate_checkpoint", metrics=("face-acc", "perplexity"),
+))

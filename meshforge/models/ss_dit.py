@@ -34,6 +34,7 @@ from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, spatial_
 from meshforge.kernels.utils import group_ids, offsets_of
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
+from meshforge.models.registry import ModelSpec, register_model
 from meshforge.sparse.attention import sinusoidal_position_encoding
 from meshforge.sparse.tensor import SparseTensor, Windows
 
@@ -467,3 +468,6 @@ class LatentFlow(nn.Module):
             "latent": flow_loss_terms(self.dit, latents, t_latent, cond),
             "structure": flow_loss_terms(self.structure, self.structure_tensor(coords, batch_size), t_structure, cond),
         }
+
+
+register_model(ModelSpec("ss-dit", LatentFlowConfig, LatentFlow, sampler="meshforge.sample.run:sample_dit"))

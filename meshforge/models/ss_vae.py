@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from meshforge.models.registry import ModelSpec, register_model
 from meshforge.sparse.attention import SparseWindowAttention, sinusoidal_position_encoding
 from meshforge.sparse.conv import SparseSubMConv3d, SparseUpsample, avg_pool
 from meshforge.sparse.marching_cubes import marching_cubes
@@ -317,3 +318,7 @@ def loss_terms(x: SparseTensor, sharp: torch.Tensor, out: VAEOutput) -> dict[str
         "kl": (kl.sum(), kl.new_tensor(float(len(kl)))),
         "prune": (bce, bce.new_tensor(float(len(logits)))),
     }
+
+
+register_model(ModelSpec("ss-vae", SSVAEConfig, SSVAE, evaluator="meshforge.metrics.recon:evaluate_checkpoint",
+                         metrics=("recon",)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,12 +28,40 @@ import torch
 
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.models.conditioning import Cond
+from meshforge.models.registry import load_model
 from meshforge.models.ss_dit import LatentFlow, SSDiT, occupied_voxels
+from meshforge.models.ss_vae import SSVAE
 from meshforge.render import Mesh
 from meshforge.sparse.tensor import SparseTensor
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 SamplerName = Literal["euler", "heun"]
+
+
+@dataclass(kw_only=True)
+class FlowSampling:
+    """How the flows are integrated and conditioned; the options ``meshforge sample`` exposes for
+    SS-DiT checkpoints too (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)."""
+
+    steps: int = field(default=30, metadata={"help": "SS-DiT: ODE integration steps."})
+    cfg_scale: float = field(
+        default=7.0,
+        metadata={"help": "SS-DiT: classifier-free guidance scale (conditional models)."},
+    )
+    sampler: SamplerName = field(
+        default="euler",
+        metadata={"help": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate)."},
+    )
+    image: Path | None = field(default=None, metadata={"help": "SS-DiT: condition on this image."})
+    class_label: str | None = field(default=None, metadata={"help": "SS-DiT: condition on this class label."})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.image is not None and self.class_label is not None:
+            raise ValueError("give an image or a class label, not both")
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -94,18 +123,13 @@ def guided_velocity(model: SSDiT, template: SparseTensor, cond: Cond | None, unc
     return velocity
 
 
-def _vae(model: LatentFlow, device: torch.device) -> torch.nn.Module:
-    from meshforge.train.checkpoint import load_model
-
+def _vae(model: LatentFlow, device: torch.device) -> SSVAE:
     path = model.config.vae_checkpoint
     if not path:
         raise MeshforgeError("this SS-DiT checkpoint names no VAE checkpoint to decode its latents with")
     if not Path(path).exists():
         raise InputError(path, "the SS-VAE checkpoint this SS-DiT decodes with is missing")
-    kind, vae, _ = load_model(Path(path), device)
-    if kind != "ss-vae":
-        raise InputError(path, f"expected an ss-vae checkpoint for decoding, found {kind!r}")
-    return vae
+    return load_model(Path(path), device, expect=SSVAE).model
 
 
 @torch.no_grad()
@@ -136,28 +160,26 @@ def sample_meshes(
     meta: dict[str, Any],
     n: int,
     batch_size: int = 16,
-    steps: int = 30,
-    cfg_scale: float = 7.0,
-    sampler: SamplerName = "euler",
-    image: Path | None = None,
-    class_label: str | None = None,
+    options: FlowSampling | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     vae: torch.nn.Module | None = None,
 ) -> list[Mesh]:
     """``n`` meshes (normalised vertices, faces) from an ``ss-dit`` checkpoint's model.
 
-    The condition comes from ``image`` / ``class_label`` as the model's conditioner reads them
+    The condition comes from ``options.image`` / ``options.class_label`` (``options`` defaults to
+    :class:`FlowSampling`'s defaults) as the model's conditioner reads them
     (a class model without a label cycles through its classes). ``vae`` overrides the decoder
     named in the model's config. Noise is drawn from one generator seeded with ``seed``, so a
     sample depends on ``(seed, batch_size)``. ``meta`` (the checkpoint's metadata) is part of the
     samplers' common signature; everything this one needs is in the model's config.
     """
+    options = options or FlowSampling()
     device = torch.device(device)
     model = model.to(device).eval()
     vae = (vae or _vae(model, device)).to(device).eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    condition = model.conditioner.for_sampling(n, image, class_label)
+    condition = model.conditioner.for_sampling(n, options.image, options.class_label)
     # On CUDA the networks run under bf16 autocast, as in training and evaluation (so the same
     # kernels); the ODE state and the velocities stay float32.
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -166,7 +188,7 @@ def sample_meshes(
         count = min(batch_size, n - start)
         part = condition[start : start + count] if condition is not None else None
         with amp:
-            latents = sample_latents(model, part, count, steps, cfg_scale, sampler, generator, device)
+            latents = sample_latents(model, part, count, options.steps, options.cfg_scale, options.sampler, generator, device)
             # Decoded one shape at a time: at 1024^3 a shape alone has ~1e7 finest voxels.
             for coords, feats in latents.items():
                 meshes.extend(vae.decode_to_mesh(SparseTensor.from_items([coords], [feats], latents.spatial_shape)))

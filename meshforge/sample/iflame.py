@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,31 +32,46 @@ from meshforge.runtime import make_progress
 from meshforge.sample.decoding import EagerDecoder, make_decoder
 
 
-@dataclass
-class SampleConfig:
+@dataclass(kw_only=True)
+class TokenSampling:
+    """How each token is drawn; the options ``meshforge sample`` exposes for iFlame checkpoints too."""
+
+    temperature: float = field(default=1.0, metadata={"help": "iFlame: softmax temperature (0: greedy)."})
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "iFlame: sample among the k most likely tokens (default: all)."},
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "iFlame: nucleus sampling mass (default: no truncation)."},
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(kw_only=True)
+class SampleConfig(TokenSampling):
     n: int = 16  # sequences to sample
     batch_size: int = 16
     max_faces: int = 800
-    temperature: float = 1.0  # 0: greedy (argmax)
-    top_k: int | None = None
-    top_p: float | None = None
     seed: int = 0
-    cuda_graphs: bool = True  # replay each decoding step as a CUDA graph (CUDA only; off: eager steps)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1 or self.max_faces < 1:
             raise ValueError("n, batch_size and max_faces must be at least 1")
-        check_shaping(self.temperature, self.top_k, self.top_p)
-
-
-def check_shaping(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """``ValueError`` for temperature / top-k / top-p settings that shape no distribution."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        super().__post_init__()
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

@@ -1,6 +1,6 @@
 """`meshforge sample`: a checkpoint in, a folder of meshes + ``grid.png`` + ``stats.json`` out.
 
-The checkpoint's kind picks the sampler: ``iflame`` samples face tokens autoregressively
+The sampler is the one the checkpoint's model spec names (:mod:`meshforge.models.registry`): ``iflame`` samples face tokens autoregressively
 (:mod:`meshforge.sample.iflame`) that decode to quantised meshes, or completes the first faces
 of given meshes (``prompt``: written beside each completion, and green in the grid); ``ss-dit`` integrates the
 rectified flow, decodes the latents with its VAE and re-meshes the SDF (:mod:`meshforge.sample.flow`).
@@ -9,27 +9,32 @@ Both end in :func:`meshforge.sample.export.write_samples`, so the outputs look t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab, decode_tokens, encode_mesh
 from meshforge.errors import InputError, MeshforgeError
+from meshforge.models.iflame import IFlame, checkpoint_max_faces
+from meshforge.models.registry import LoadedModel, checkpoint_kind, load_model, model_spec
+from meshforge.models.ss_dit import LatentFlow
 from meshforge.render import Mesh
 from meshforge.runtime import console, seed_everything
 from meshforge.sample.export import FORMATS, mesh_from_canonical, postprocess, write_samples
-from meshforge.sample.iflame import check_shaping
+from meshforge.sample.flow import FlowSampling, sample_meshes
+from meshforge.sample.iflame import SampleConfig, TokenSampling, sample_tokens
 
 
-@dataclass
-class SampleStageConfig:
-    """Options of ``meshforge sample``; options of the other model kind are ignored."""
+@dataclass(kw_only=True)
+class SampleStageConfig(TokenSampling, FlowSampling):
+    """Options of ``meshforge sample``: the samplers' own options (:class:`TokenSampling` for iFlame,
+    :class:`FlowSampling` for SS-DiT; those of the other model kind are ignored) and these."""
 
     checkpoint: Path = field(
         metadata={
@@ -46,27 +51,18 @@ class SampleStageConfig:
         default_factory=lambda: ["obj"],
         metadata={"help": "Mesh file formats to write (obj, ply, glb)."},
     )
+    ema: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained)."
+        },
+    )
     # iFlame
-    temperature: float = field(default=1.0, metadata={"help": "iFlame: softmax temperature (0: greedy)."})
-    top_k: int | None = field(
-        default=None,
-        metadata={"help": "iFlame: sample among the k most likely tokens (default: all)."},
-    )
-    top_p: float | None = field(
-        default=None,
-        metadata={"help": "iFlame: nucleus sampling mass (default: no truncation)."},
-    )
     max_faces: int | None = field(
         default=None,
         metadata={
             "help": "iFlame: stop a mesh after this many faces (default: what the checkpoint was trained "
             "on)."
-        },
-    )
-    cuda_graphs: bool = field(
-        default=True,
-        metadata={
-            "help": "iFlame on CUDA: replay each decoding step as a CUDA graph (off: eager, for debugging)."
         },
     )
     prompt: Path | None = field(
@@ -82,24 +78,6 @@ class SampleStageConfig:
             "help": "iFlame with --prompt: leading faces (canonical order) of each mesh fed as the prompt."
         },
     )
-    ema: bool = field(
-        default=True,
-        metadata={
-            "help": "Use the checkpoint's EMA weights when it has them (--no-ema: the weights as trained)."
-        },
-    )
-    # SS-DiT (the released Direct3D-S2 pipeline samples 30 steps at guidance 7)
-    steps: int = field(default=30, metadata={"help": "SS-DiT: ODE integration steps."})
-    cfg_scale: float = field(
-        default=7.0,
-        metadata={"help": "SS-DiT: classifier-free guidance scale (conditional models)."},
-    )
-    sampler: Literal["euler", "heun"] = field(
-        default="euler",
-        metadata={"help": "SS-DiT: ODE integrator (Heun: two model calls per step, more accurate)."},
-    )
-    image: Path | None = field(default=None, metadata={"help": "SS-DiT: condition on this image."})
-    class_label: str | None = field(default=None, metadata={"help": "SS-DiT: condition on this class label."})
     # Post-processing of every mesh (as the released Direct3D-S2 pipeline does)
     simplify: int | None = field(
         default=None,
@@ -114,25 +92,23 @@ class SampleStageConfig:
     )
 
     def __post_init__(self) -> None:
+        TokenSampling.__post_init__(self)
+        FlowSampling.__post_init__(self)
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("n and batch_size must be at least 1")
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats must be among {', '.join(FORMATS)} (got {self.formats})")
-        check_shaping(self.temperature, self.top_k, self.top_p)
-        if (self.max_faces is not None and self.max_faces < 1) or self.steps < 1 or self.prompt_faces < 1:
-            raise ValueError("max_faces, steps and prompt_faces must be at least 1")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.image is not None and self.class_label is not None:
-            raise ValueError("give an image or a class label, not both")
+        if (self.max_faces is not None and self.max_faces < 1) or self.prompt_faces < 1:
+            raise ValueError("max_faces and prompt_faces must be at least 1")
         if self.simplify is not None and self.simplify < 4:
             raise ValueError(f"simplify must be at least 4 faces, got {self.simplify}")
 
 
-# A sampler returns the meshes, stats for stats.json and, when it completed prompts, the prompts.
+# A sampler (what a ModelSpec names, see meshforge.models.registry) returns the meshes, stats for
+# stats.json and, when it completed prompts, the prompts.
 Sampler = Callable[
-    [nn.Module, dict[str, Any], SampleStageConfig, torch.device, int],
+    [LoadedModel, SampleStageConfig, torch.device, int],
     tuple[list[Mesh], dict[str, Any], list[Mesh] | None],
 ]
 
@@ -175,27 +151,21 @@ def prompt_tokens(path: Path, n: int, faces: int, vocab: Vocab) -> list[np.ndarr
 
 
 def sample_iflame(
-    model: nn.Module, meta: dict[str, Any], cfg: SampleStageConfig, device: torch.device, seed: int
+    loaded: LoadedModel[IFlame], cfg: SampleStageConfig, device: torch.device, seed: int
 ) -> tuple[list[Mesh], dict[str, Any], list[Mesh] | None]:
     """Face-token sampling (unconditional, or completing prompts), decoded to meshes; reports time and tokens/s."""
     if cfg.image is not None or cfg.class_label is not None:
         raise MeshforgeError("iFlame checkpoints are unconditional: drop --image / --class-label (or complete meshes with --prompt)")
-    from meshforge.sample.iflame import SampleConfig, sample_tokens
-    from meshforge.train.tasks.iflame import checkpoint_max_faces
-
-    vocab = vocab_of(meta)
+    vocab = vocab_of(loaded.meta)
     prompts = prompt_tokens(cfg.prompt, cfg.n, cfg.prompt_faces, vocab) if cfg.prompt is not None else None
     options = SampleConfig(
         n=cfg.n,
         batch_size=cfg.batch_size,
-        max_faces=cfg.max_faces or checkpoint_max_faces(meta),
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        max_faces=cfg.max_faces or checkpoint_max_faces(loaded.meta),
         seed=seed,
-        cuda_graphs=cfg.cuda_graphs,
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TokenSampling)},
     )
-    sequences, timing = sample_tokens(model, vocab, options, device, prompts=prompts)
+    sequences, timing = sample_tokens(loaded.model, vocab, options, device, prompts=prompts)
     meshes = [mesh_from_canonical(decode_tokens(s, vocab)) for s in sequences]
     stats = {
         "time_s": round(timing["time_s"], 3),
@@ -209,33 +179,18 @@ def sample_iflame(
 
 
 def sample_dit(
-    model: nn.Module, meta: dict[str, Any], cfg: SampleStageConfig, device: torch.device, seed: int
-) -> tuple[list[Mesh], dict[str, Any]]:
+    loaded: LoadedModel[LatentFlow], cfg: SampleStageConfig, device: torch.device, seed: int
+) -> tuple[list[Mesh], dict[str, Any], None]:
     """Rectified-flow sampling of sparse latents, decoded to meshes; reports time and meshes/s."""
     if cfg.prompt is not None:
         raise MeshforgeError("--prompt completes meshes with an iFlame checkpoint; an SS-DiT samples whole shapes")
-    from meshforge.sample.flow import sample_meshes
-
+    options = FlowSampling(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FlowSampling)})
     start = time.perf_counter()
-    meshes = sample_meshes(
-        model,
-        meta,
-        n=cfg.n,
-        batch_size=cfg.batch_size,
-        steps=cfg.steps,
-        cfg_scale=cfg.cfg_scale,
-        sampler=cfg.sampler,
-        image=cfg.image,
-        class_label=cfg.class_label,
-        seed=seed,
-        device=device,
-    )
+    meshes = sample_meshes(loaded.model, loaded.meta, n=cfg.n, batch_size=cfg.batch_size, options=options,
+                           seed=seed, device=device)
     _synchronize(device)
     elapsed = time.perf_counter() - start
     return list(meshes), {"time_s": round(elapsed, 3), "meshes_per_s": round(len(meshes) / elapsed, 3)}, None
-
-
-SAMPLERS: dict[str, Sampler] = {"iflame": sample_iflame, "ss-dit": sample_dit}
 
 
 def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -> dict[str, Any]:
@@ -243,20 +198,15 @@ def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -
 
     Returns the stats without the per-mesh records (those are in ``stats.json``).
     """
-    from meshforge.train.checkpoint import load_model
-
     if cfg.image is not None and not cfg.image.is_file():
         raise InputError(cfg.image, "no such image")
-    kind, model, meta = load_model(cfg.checkpoint, device, ema=cfg.ema)
+    sampler: Sampler = model_spec(checkpoint_kind(cfg.checkpoint)).sample_function()
+    loaded = load_model(cfg.checkpoint, device, ema=cfg.ema)
+    kind, meta = loaded.kind, loaded.meta
     console.print(f"sampling with the {'EMA' if meta['weights'] == 'ema' else 'trained'} weights of {meta['path']}")
-    if kind not in SAMPLERS:
-        raise MeshforgeError(
-            f"{meta.get('path', cfg.checkpoint)}: a {kind!r} checkpoint does not sample meshes "
-            f"(expected {' or '.join(SAMPLERS)})"
-        )
     seed_everything(seed)
     with torch.no_grad():
-        meshes, extra, prompts = SAMPLERS[kind](model, meta, cfg, device, seed)
+        meshes, extra, prompts = sampler(loaded, cfg, device, seed)
     if cfg.simplify is not None or cfg.fill_holes:
         meshes = [postprocess(m, cfg.simplify, cfg.fill_holes) for m in meshes]
     stats = write_samples(

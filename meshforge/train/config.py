@@ -1,19 +1,21 @@
-"""Trainer configuration: one dataclass shared by every training stage (iFlame, SS-VAE, SS-DiT).
+"""Trainer configuration, shared by every training stage (iFlame, SS-VAE, SS-DiT).
 
-``TrainOptions`` holds everything a training stage exposes as command-line options; ``TrainConfig``
-adds the seed, which the CLI supplies through its global ``--seed`` (a stage config that inherits
-``TrainOptions`` therefore gets ``--steps``, ``--batch-size``, ``--lr`` ... without a clash).
+``TrainSettings`` are the trainer's own settings; ``TrainOptions`` adds the run folder (``out``) and
+``resume``, and is what every training stage's config extends, so each gets ``--out``, ``--resume``,
+``--steps``, ``--batch-size``, ``--lr`` ... from one place. ``TrainConfig`` is what the trainer runs
+on: the settings and the seed, which the CLI supplies through its global ``--seed``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
 @dataclass(kw_only=True)
-class TrainOptions:
+class TrainSettings:
     steps: int = field(
         default=1000,
         metadata={"help": "Optimizer steps in total (a resumed run continues up to this many)."},
@@ -115,11 +117,22 @@ class TrainOptions:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(TrainOptions):
+class TrainOptions(TrainSettings):
+    out: Path = field(
+        metadata={"help": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run)."},
+    )
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainSettings):
     seed: int = 0
 
     @classmethod
-    def from_options(cls, options: TrainOptions, seed: int) -> TrainConfig:
+    def from_options(cls, options: TrainSettings, seed: int) -> TrainConfig:
         """The trainer's config from a stage config that extends :class:`TrainOptions`."""
-        names = [f.name for f in dataclasses.fields(TrainOptions)]
+        names = [f.name for f in dataclasses.fields(TrainSettings)]
         return cls(**{name: getattr(options, name) for name in names}, seed=seed)

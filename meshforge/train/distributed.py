@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from meshforge.errors import MeshforgeError
-from meshforge.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,13 @@ def launch(nproc: int, module: str, args: list[str]) -> None:
         torch_logger.setLevel(level)
 
 
-def setup(device: str) -> tuple[DistEnv, torch.device]:
-    """Join the process group when running under torchrun; the device this process trains on."""
+def setup(device: torch.device | str) -> tuple[DistEnv, torch.device]:
+    """Join the process group when running under torchrun; the device this process trains on
+    (``device``, or under torchrun on CUDA this process's GPU)."""
+    dev = torch.device(device)
     if not in_worker() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistEnv(), resolve_device(device)
+        return DistEnv(), dev
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
-    dev = resolve_device(device)
     if dev.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise MeshforgeError(

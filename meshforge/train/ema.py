@@ -44,7 +44,7 @@ class EMA:
         torch._foreach_lerp_(self.averages, [p.detach().float() for p in self.params], weight)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Parameter name -> averaged tensor (what :func:`meshforge.train.checkpoint.save_checkpoint` stores)."""
+        """Parameter name -> averaged tensor (what :func:`meshforge.checkpoints.save_checkpoint` stores)."""
         return dict(zip(self.names, self.averages))
 
     @torch.no_grad()

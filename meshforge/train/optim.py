@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from meshforge.train.config import TrainOptions
+from meshforge.train.config import TrainSettings
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, the one torch ships
 NS_STEPS = 5
@@ -104,7 +104,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return muon, decay, no_decay
 
 
-def build_optimizers(model: nn.Module, cfg: TrainOptions) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, cfg: TrainSettings) -> list[torch.optim.Optimizer]:
     """Muon + AdamW (``optimizer="muon"``) or AdamW alone, all at the peak lr (see :func:`set_lr`)."""
     muon, decay, no_decay = split_parameters(model)
     if cfg.optimizer == "adamw":
@@ -122,7 +122,7 @@ def build_optimizers(model: nn.Module, cfg: TrainOptions) -> list[torch.optim.Op
     return optimizers
 
 
-def lr_factor(step: int, cfg: TrainOptions) -> float:
+def lr_factor(step: int, cfg: TrainSettings) -> float:
     """Linear warm-up over ``warmup_steps``, then a cosine from 1 down to ``min_lr_ratio`` at ``steps``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -131,7 +131,7 @@ def lr_factor(step: int, cfg: TrainOptions) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizers: list[torch.optim.Optimizer], step: int, cfg: TrainOptions) -> float:
+def set_lr(optimizers: list[torch.optim.Optimizer], step: int, cfg: TrainSettings) -> float:
     """Apply the schedule for ``step``; returns the lr. Being a pure function of the step, the
     schedule needs no state of its own in a checkpoint."""
     lr = cfg.lr * lr_factor(step, cfg)

@@ -28,23 +28,29 @@ from rich.markup import escape
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from meshforge.config import save_config, to_dict
-from meshforge.errors import MeshforgeError
-from meshforge.io import atomic_write_json, remove_stale_temporaries
-from meshforge.runtime import console, make_progress, progress_enabled, seed_everything
-from meshforge.stages import RunContext
-from meshforge.train import distributed
-from meshforge.train.checkpoint import (
+from meshforge.checkpoints import (
     CHECKPOINTS,
-    capture_rng,
     load_ema,
     load_state,
     load_weights,
-    restore_rng,
     resumable_checkpoint,
     save_checkpoint,
     step_name,
 )
+from meshforge.config import save_config, to_dict
+from meshforge.errors import MeshforgeError
+from meshforge.io import atomic_write_json, remove_stale_temporaries
+from meshforge.runtime import (
+    capture_rng,
+    console,
+    make_progress,
+    progress_enabled,
+    restore_rng,
+    seed_everything,
+    to_device,
+)
+from meshforge.stages import RunContext
+from meshforge.train import distributed
 from meshforge.train.config import TrainConfig, TrainOptions
 from meshforge.train.distributed import DistEnv
 from meshforge.train.ema import EMA
@@ -63,7 +69,7 @@ STOP_ASKED = "_stop_asked"  # likewise: some rank got SIGINT/SIGTERM (data-paral
 class TrainTask(Protocol):
     """What a model brings to the trainer.
 
-    ``name`` is also the checkpoint kind that :func:`meshforge.train.checkpoint.load_model` looks up.
+    ``name`` is also the checkpoint kind that :func:`meshforge.models.registry.load_model` looks up.
     The task is built with the same global batch size as :attr:`TrainConfig.batch_size`.
     ``batches`` yields this rank's part of each step's global batch, forever, starting at
     ``start_step``, as a pure function of ``(seed, step)``; tensors in it (also inside tuples, lists
@@ -85,16 +91,6 @@ class TrainTask(Protocol):
     def batches(self, rank: int, world_size: int, seed: int, start_step: int) -> Iterator[Any]: ...
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -416,7 +412,8 @@ def _stop_on_signals(run: TrainingRun) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto", resume: bool = False) -> dict[str, Any]:
+def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device | str = "cpu",
+          resume: bool = False) -> dict[str, Any]:
     """Train ``task`` for ``cfg.steps`` steps into ``out_dir``; returns a JSON-able summary.
 
     Writes ``config.yaml``, ``metrics.csv`` (+ ``tensorboard/`` when installed), ``curves.png``,
@@ -507,14 +504,14 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: str = "auto"
 def run_training_stage(
     stage: str, cfg: TrainOptions, ctx: RunContext, make_task: Callable[[], TrainTask], cli_module: str
 ) -> dict[str, Any]:
-    """What a training stage (``train-iflame``, ``train-vae``, ...) runs: ``cfg`` extends
-    :class:`TrainOptions` with ``out`` and ``resume`` fields.
+    """What a training stage (``train-iflame``, ``train-vae``, ...) runs on its config, which extends
+    :class:`TrainOptions`.
 
     With ``--gpus N`` (N > 1) outside torchrun, the resolved config is saved as ``OUT/launch.yaml``
     and N workers run ``python -m CLI_MODULE STAGE --config OUT/launch.yaml``; each of them (and a
     plain single-process run) builds the task and trains. Returns rank 0's summary.
     """
-    out_dir = Path(cfg.out)  # type: ignore[attr-defined]
+    out_dir = Path(cfg.out)
     if cfg.gpus > 1 and not distributed.in_worker():
         # CPU processes only when asked for by name: on a machine without enough GPUs, "auto" would
         # otherwise start N slow CPU workers of a GPU-sized model without a word.
@@ -529,4 +526,4 @@ def run_training_stage(
         distributed.launch(cfg.gpus, cli_module, args)
         return json.loads((out_dir / SUMMARY_JSON).read_text())
     train_cfg = TrainConfig.from_options(cfg, seed=ctx.seed)
-    return train(make_task(), train_cfg, out_dir, device=ctx.device, resume=cfg.resume)  # type: ignore[attr-defined]
+    return train(make_task(), train_cfg, out_dir, device=ctx.torch_device, resume=cfg.resume)

@@ -272,6 +272,8 @@ def test_reruns_resume_redo_edited_inputs_and_refuse_other_settings(inputs, tmp_
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz") if p not in (victim, redone)}
     victim.unlink()
     (out / "manifest.json").unlink()  # as after a crash mid-run
+    with (out / "config.yaml").open("a") as f:  # as recorded before the device moved to the run context
+        f.write("device: auto\n")
     second = voxelize_folder(cfg)
     assert second["computed"] == 2 and second["resumed"] == first["meshes"] - 2
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished outputs untouched

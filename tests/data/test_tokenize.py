@@ -225,7 +225,7 @@ def test_tokenize_and_sdf_voxelize_find_and_skip_the_same_files(tmp_path):
     (root / "notes.txt").write_text("not a mesh")
     (root / "loop").symlink_to(root, target_is_directory=True)
     tokens = tokenize_folder(TokenizeConfig(input=root, out=tmp_path / "tok", workers=1))
-    sdf = voxelize_folder(SdfConfig(input=root, out=tmp_path / "sdf", resolution=16, band=2.0, workers=1, device="cpu"))
+    sdf = voxelize_folder(SdfConfig(input=root, out=tmp_path / "sdf", resolution=16, band=2.0, workers=1), "cpu")
     skipped = {
         name: sorted(s["path"] for s in json.loads((tmp_path / name / "manifest.json").read_text())["skipped"])
         for name in ("tok", "sdf")

@@ -177,8 +177,8 @@ def test_evaluate_generation_reads_sample_and_dataset_folders(tmp_path):
             band=2.0,
             val_fraction=0.5,
             workers=1,
-            device="cpu",
-        )
+        ),
+        "cpu",
     )
     samples = [synth_mesh("table", 5, i) for i in range(3)]
     # Two formats per sample must still count as one sample each, and an earlier run's extra

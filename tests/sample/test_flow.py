@@ -13,6 +13,7 @@ from meshforge.models.conditioning import ConditionerConfig, ViTConfig
 from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, SSDiTConfig
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
 from meshforge.sample.flow import (
+    FlowSampling,
     cfg_combine,
     guided_velocity,
     integrate,
@@ -120,12 +121,12 @@ def test_sample_meshes_decodes_with_the_vae():
     for up in vae.dec_up:  # keep every child voxel, so the decoder's SDF gets re-meshed
         nn.init.zeros_(up.exist_head.weight)
         nn.init.constant_(up.exist_head.bias, 5.0)
-    meshes = sample_meshes(model, {}, n=3, batch_size=2, steps=2, cfg_scale=1.0, seed=0, vae=vae)
+    meshes = sample_meshes(model, {}, n=3, batch_size=2, options=FlowSampling(steps=2, cfg_scale=1.0), seed=0, vae=vae)
     assert len(meshes) == 3
     for vertices, faces in meshes:
         assert vertices.ndim == 2 and vertices.shape[1] == 3 and faces.shape[1] == 3
         assert np.all(np.abs(vertices) <= 0.5 + 1e-6)
-    again = sample_meshes(model, {}, n=3, batch_size=2, steps=2, cfg_scale=1.0, seed=0, vae=vae)
+    again = sample_meshes(model, {}, n=3, batch_size=2, options=FlowSampling(steps=2, cfg_scale=1.0), seed=0, vae=vae)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(meshes, again))
     assert sum(len(f) for _, f in meshes) > 0
 
@@ -134,6 +135,6 @@ def test_sampling_errors_are_clear(tmp_path):
     model = tiny_flow("class")
     model.config.vae_checkpoint = str(tmp_path / "vae-run")
     with pytest.raises(InputError, match="vae-run: the SS-VAE checkpoint this SS-DiT decodes with is missing"):
-        sample_meshes(model, {}, n=1, steps=1)
+        sample_meshes(model, {}, n=1, options=FlowSampling(steps=1))
     with pytest.raises(MeshforgeError, match="class-conditioned"):
         model.conditioner.for_sampling(1, tmp_path / "x.png", None)

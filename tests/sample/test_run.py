@@ -1,10 +1,8 @@
-"""`meshforge sample`: dispatch by checkpoint kind, decoding, outputs; samplers and models are fakes
+"""`meshforge sample`: the sampler the checkpoint's model spec names, decoding, outputs; samplers and models are fakes
 (plus one end-to-end test that runs once the real iFlame model and sampler are importable)."""
 
 import dataclasses
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -12,14 +10,16 @@ import torch
 from meshforge_plugins.cli import main
 from torch import nn
 
+from meshforge import checkpoints
 from meshforge.config import from_dict
 from meshforge.data.canonical import canonicalize
 from meshforge.data.meshio import load_mesh_file
 from meshforge.data.synth import mesh_bytes, synth_mesh
 from meshforge.data.tokens import Vocab, encode_mesh
 from meshforge.errors import ConfigError, MeshforgeError
+from meshforge.models.registry import LoadedModel
+from meshforge.sample import run as sample_run
 from meshforge.sample.run import SampleStageConfig, sample_to_dir
-from meshforge.train import checkpoint
 
 VOCAB = Vocab(7)
 SOURCES = [canonicalize(*synth_mesh(f, 0, i), bits=7) for i, f in enumerate(["table", "chair", "lamp"])]
@@ -37,15 +37,16 @@ def fake_checkpoint(monkeypatch, kind):
     def load_model(path, device, ema=True):
         meta = {"kind": kind, "path": str(path), "step": 7, "model_config": {"vocab_size": VOCAB.size},
                 "weights": "ema" if ema else "model"}
-        return kind, nn.Linear(1, 1).to(device), meta
+        return LoadedModel(kind, nn.Linear(1, 1).to(device), meta)
 
-    monkeypatch.setattr(checkpoint, "load_model", load_model)
+    monkeypatch.setattr(sample_run, "load_model", load_model)
+    monkeypatch.setattr(sample_run, "checkpoint_kind", lambda path: kind)
 
 
-def fake_module(monkeypatch, name, **attributes):
-    module = types.ModuleType(name)
-    module.__dict__.update(attributes)
-    monkeypatch.setitem(sys.modules, name, module)
+def fake_sampler(monkeypatch, **attributes):
+    """Replace what meshforge.sample.run calls of a sampler module (``sample_tokens``, ``sample_meshes``)."""
+    for name, value in attributes.items():
+        monkeypatch.setattr(sample_run, name, value)
 
 
 @dataclasses.dataclass
@@ -72,8 +73,7 @@ def iflame(monkeypatch):
         return sequences, {"time_s": 0.5, "tokens": produced, "tokens_per_s": produced / 0.5, "steps": 9}
 
     fake_checkpoint(monkeypatch, "iflame")
-    fake_module(monkeypatch, "meshforge.sample.iflame",
-                SampleConfig=FakeSampleConfig, sample_tokens=sample_tokens)
+    fake_sampler(monkeypatch, SampleConfig=FakeSampleConfig, sample_tokens=sample_tokens)
     return calls
 
 
@@ -107,12 +107,12 @@ def test_iflame_is_unconditional(iflame, tmp_path):
 def test_dit_sampler_gets_its_options(monkeypatch, tmp_path):
     calls = {}
 
-    def sample_meshes(model, meta, **options):
-        calls.update(options, kind=meta["kind"])
-        return [TETRAHEDRON] * options["n"]
+    def sample_meshes(model, meta, *, options, **arguments):
+        calls.update(dataclasses.asdict(options), **arguments, kind=meta["kind"])
+        return [TETRAHEDRON] * arguments["n"]
 
     fake_checkpoint(monkeypatch, "ss-dit")
-    fake_module(monkeypatch, "meshforge.sample.flow", sample_meshes=sample_meshes)
+    fake_sampler(monkeypatch, sample_meshes=sample_meshes)
     out = tmp_path / "dit"
     options = "--n 2 --steps 4 --cfg-scale 2.5 --sampler heun --class-label chair"
     assert cli(f"--device cpu --seed 5 sample --checkpoint {{}} --out {{}} {options}", tmp_path, out) == 0
@@ -163,7 +163,7 @@ def test_sample_from_a_real_iflame_checkpoint(tmp_path):
     config = models.IFlameConfig(dim=32, n_heads=2, blocks=[1, 1, 2, 1, 1], max_seq_len=1008)
     meta = {"kind": "iflame", "model_config": to_dict(config)}
     model = models.IFlame(config)
-    checkpoint.save_checkpoint(tmp_path / "run", step=5, model=model, meta=meta, state={}, keep=1)
+    checkpoints.save_checkpoint(tmp_path / "run", step=5, model=model, meta=meta, state={}, keep=1)
     out = tmp_path / "samples"
     options = "--n 3 --batch-size 2 --max-faces 3 --formats obj,glb"
     assert cli(f"--device cpu sample --checkpoint {{}} --out {{}} {options}", tmp_path / "run", out) == 0
@@ -183,7 +183,7 @@ def test_sample_completes_prompts_from_a_real_iflame_checkpoint(tmp_path, capsys
 
     torch.manual_seed(0)
     config = IFlameConfig(dim=32, n_heads=2, blocks=[1, 1, 2, 1, 1], max_seq_len=1008)
-    checkpoint.save_checkpoint(
+    checkpoints.save_checkpoint(
         tmp_path / "run", step=5, model=IFlame(config), meta={"kind": "iflame", "model_config": to_dict(config)},
         state={}, keep=1,
     )

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from meshforge.checkpoints import latest_checkpoint, load_ema
 from meshforge.errors import MeshforgeError
-from meshforge.train.checkpoint import latest_checkpoint, load_ema
 from meshforge.train.distributed import global_batch, launch, rank_slice
 from meshforge.train.logs import read_csv
 from meshforge.train.trainer import train
@@ -98,7 +98,7 @@ def test_ctrl_c_of_the_launcher_checkpoints_the_data_parallel_run(tmp_path):
     import sys
     import time
 
-    from meshforge.train.checkpoint import latest_checkpoint, load_state
+    from meshforge.checkpoints import latest_checkpoint, load_state
 
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     out = tmp_path / "ddp"

@@ -9,18 +9,20 @@ import pytest
 import torch
 from meshforge_plugins.cli import main
 
+from meshforge.checkpoints import save_checkpoint
 from meshforge.config import from_dict, to_dict
-from meshforge.data.latents import LatentDataset, encode_dataset
+from meshforge.data.latents import LatentDataset
+from meshforge.data.sdf_batch import batch_tensor, collate
 from meshforge.data.sdf_dataset import SparseSDFDataset
 from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError, InputError
+from meshforge.models.registry import load_model
 from meshforge.models.ss_dit import LatentFlow, flow_loss_terms
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
-from meshforge.train.checkpoint import load_model, save_checkpoint
 from meshforge.train.config import TrainConfig
+from meshforge.train.latents import encode_dataset
 from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
-from meshforge.train.tasks.vae import batch_tensor, collate
 from meshforge.train.trainer import train
 
 FAMILIES = ["table", "stool", "cabinet"]
@@ -39,7 +41,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
     generate(root / "synth", n=6, seed=0, max_faces=60, families=FAMILIES)
     voxelize_folder(SdfConfig(input=root / "synth", out=root / "sdf", resolution=16, band=2.0, val_fraction=0.3,
-                              workers=1, device="cpu"))
+                              workers=1), "cpu")
     cfg = SSVAEConfig(channels=[8, 8], latent_channels=4, heads=2, window=4, attn_blocks=1, band=2.0, conv_backend="torch")
     torch.manual_seed(0)
     save_checkpoint(root / "vae", step=1, model=SSVAE(cfg), meta={"kind": "ss-vae", "model_config": to_dict(cfg)},
@@ -147,7 +149,7 @@ def test_sdf_data_needs_a_vae_to_encode(data, tmp_path, capsys, monkeypatch):
     assert main(["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--out", str(tmp_path / "run")]) != 0
     assert capsys.readouterr().err == "error: no ss-vae checkpoint under ./runs: run `meshforge train-vae` first\n"
     with pytest.raises(ConfigError, match="is a sparse SDF dataset: pass --vae"):
-        prepare_data(DiTTaskConfig(data=data / "sdf", out=tmp_path / "run"), "cpu", 0)
+        prepare_data(DiTTaskConfig(data=data / "sdf", out=tmp_path / "run"), torch.device("cpu"), 0)
 
 
 def test_train_dit_from_sdf_data_then_sample_from_an_image(data, tmp_path):

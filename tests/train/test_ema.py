@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from meshforge.train.checkpoint import EMA_WEIGHTS, latest_checkpoint, load_ema, load_model, load_weights
-from meshforge.train.config import TrainOptions
+from meshforge.checkpoints import EMA_WEIGHTS, latest_checkpoint, load_ema, load_weights
+from meshforge.models.registry import load_model
+from meshforge.train.config import TrainSettings
 from meshforge.train.ema import EMA, ema_decay_at
 from meshforge.train.trainer import train
 from tests.train.toy import ToyModel, ToyTask, toy_config
@@ -36,11 +37,11 @@ def test_decay_defaults_and_validation():
     from meshforge.train.tasks.dit import DiTTaskConfig
     from meshforge.train.tasks.iflame import TrainIFlameConfig
 
-    assert TrainOptions().ema_decay == 0.0
+    assert TrainSettings().ema_decay == 0.0
     assert TrainIFlameConfig(data="d", out="o").ema_decay == 0.0
     assert DiTTaskConfig(data="d", out="o").ema_decay == 0.999
     with pytest.raises(ValueError, match="ema_decay"):
-        TrainOptions(ema_decay=1.0)
+        TrainSettings(ema_decay=1.0)
     with pytest.raises(ValueError, match="decay"):
         EMA(nn.Linear(1, 1), 0.0)
 

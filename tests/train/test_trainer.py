@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from meshforge.checkpoints import latest_checkpoint
 from meshforge.errors import MeshforgeError
-from meshforge.train.checkpoint import latest_checkpoint, load_model
+from meshforge.models.registry import load_model
 from meshforge.train.distributed import DistEnv
 from meshforge.train.logs import read_csv
 from meshforge.train.trainer import TrainingRun, _Window, train

@@ -9,13 +9,14 @@ from meshforge_plugins.cli import main
 
 from meshforge.config import from_dict
 from meshforge.data.sdf import voxelize
+from meshforge.data.sdf_batch import collate
 from meshforge.data.sdf_dataset import SparseSDFDataset
 from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.errors import ConfigError
+from meshforge.models.registry import load_model
 from meshforge.models.ss_vae import SSVAE
-from meshforge.train.checkpoint import load_model
-from meshforge.train.tasks.vae import VAETask, VaeTaskConfig, collate
+from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
 
 TINY_MODEL = {"channels": [8, 16], "latent_channels": 4, "heads": 2, "window": 4, "attn_blocks": 1}
 
@@ -25,7 +26,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     generate(root / "synth", n=6, seed=0, max_faces=60, families=["table", "stool", "cabinet"])
     voxelize_folder(SdfConfig(input=root / "synth", out=root / "sdf", resolution=32, band=2.5, val_fraction=0.3,
-                              workers=1, device="cpu"))
+                              workers=1), "cpu")
     return root / "sdf"
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from meshforge.train.checkpoint import register_model
+from meshforge.models.registry import ModelSpec, register_model
 from meshforge.train.config import TrainConfig
 from meshforge.train.distributed import global_batch, global_mean, rank_slice
 
@@ -41,7 +41,7 @@ class ToyModel(nn.Module):
         return self.head(self.norm(h))
 
 
-register_model("toy", ToyConfig, ToyModel)
+register_model(ModelSpec("toy", ToyConfig, ToyModel))
 
 
 def toy_config(**overrides) -> TrainConfig:

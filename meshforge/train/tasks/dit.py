@@ -29,17 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from meshforge.data.latents import LatentDataset, LatentItem, encode_dataset, is_latent_dataset
+from meshforge.checkpoints import resolve_checkpoint
+from meshforge.data.latents import LatentDataset, LatentItem, is_latent_dataset
 from meshforge.errors import ConfigError, InputError
 from meshforge.models.conditioning import CONDITIONERS, read_encoder_checkpoint, vit_config_from_state
 from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, flow_loss_terms, logit_normal_timesteps
-from meshforge.runtime import console, resolve_device
-from meshforge.train.checkpoint import register_model, resolve_checkpoint
+from meshforge.runtime import console, to_device
 from meshforge.train.config import TrainOptions
 from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
-from meshforge.train.trainer import to_device
-
-register_model("ss-dit", LatentFlowConfig, LatentFlow)
+from meshforge.train.latents import encode_dataset
 
 
 @dataclass(kw_only=True)
@@ -54,7 +52,7 @@ class DiTTaskConfig(TrainOptions):
     data: Path = field(
         metadata={"help": "Latent dataset, or a sparse SDF dataset to encode with --vae first."},
     )
-    out: Path = field(
+    out: Path = field(  # TrainOptions' field, with this stage's help
         metadata={
             "help": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json (and "
             "latents/)."
@@ -66,10 +64,6 @@ class DiTTaskConfig(TrainOptions):
             "help": "SS-VAE checkpoint that encodes the data and decodes samples (default: the one the "
             "latents name)."
         },
-    )
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run)."},
     )
     model: LatentFlowConfig = field(default_factory=LatentFlowConfig)
     cond_dropout: float = field(
@@ -105,7 +99,7 @@ class DiTTaskConfig(TrainOptions):
             raise ValueError("views must be at least 1 and eval_meshes non-negative")
 
 
-def prepare_data(cfg: DiTTaskConfig, device: str, seed: int = 0) -> DiTTaskConfig:
+def prepare_data(cfg: DiTTaskConfig, device: torch.device, seed: int = 0) -> DiTTaskConfig:
     """``cfg`` reading a latent dataset: a sparse SDF dataset is encoded with ``cfg.vae`` into
     ``OUT/latents`` first (kept and reused while its source, VAE and renders still match)."""
     data = Path(cfg.data)
@@ -122,7 +116,7 @@ def prepare_data(cfg: DiTTaskConfig, device: str, seed: int = 0) -> DiTTaskConfi
         wanted["image_size"] = cfg.model.cond.image_size
     existing = LatentDataset(out).manifest if is_latent_dataset(out) else {}
     if any(existing.get(k) != v for k, v in wanted.items()):
-        encode_dataset(cfg.vae, data, out, resolve_device(device), views=views,
+        encode_dataset(cfg.vae, data, out, device, views=views,
                        image_size=cfg.model.cond.image_size, seed=seed)
     else:
         console.print(f"reusing the latents in {out}", highlight=False)

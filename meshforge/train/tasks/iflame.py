@@ -25,11 +25,8 @@ from meshforge.data.tokens import TOKENS_PER_FACE, collate_tokens
 from meshforge.errors import ConfigError
 from meshforge.metrics.tokens import token_metrics
 from meshforge.models.iflame import IFlame, IFlameConfig
-from meshforge.train.checkpoint import register_model
 from meshforge.train.config import TrainOptions
 from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
-
-register_model("iflame", IFlameConfig, IFlame)
 
 
 @dataclass(kw_only=True)
@@ -46,15 +43,11 @@ class TrainIFlameConfig(TrainOptions):
             "./meshforge-data/tokens)."
         },
     )
-    out: Path = field(
+    out: Path = field(  # TrainOptions' field, with this stage's help
         metadata={
             "help": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json (default: "
             "the next free ./runs/iflame-N; with --resume the newest iFlame run)."
         },
-    )
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run)."},
     )
     model: IFlameConfig = field(default_factory=IFlameConfig)
     augment: bool = field(  # the dataset's random per-axis scale/shift, re-drawn every epoch
@@ -81,14 +74,6 @@ class TrainIFlameConfig(TrainOptions):
             raise ValueError(f"max_faces must be at least 1, got {self.max_faces}")
         if self.eval_meshes < 0 or self.eval_batch_size < 1 or self.length_groups < 1:
             raise ValueError("eval_meshes must be >= 0, eval_batch_size and length_groups >= 1")
-
-
-def checkpoint_max_faces(meta: dict[str, Any]) -> int:
-    """Faces per mesh an iFlame checkpoint handles: what it was trained on (``--max-faces``), within
-    its ``max_seq_len`` (which also holds the END face)."""
-    capacity = int(meta["model_config"]["max_seq_len"]) // TOKENS_PER_FACE - 1
-    trained = (meta.get("task_config") or {}).get("max_faces")
-    return min(capacity, int(trained)) if trained else capacity
 
 
 class IFlameTask:

@@ -29,17 +29,15 @@ from torch import nn
 
 from meshforge.config import load_yaml
 from meshforge.data.sdf import SparseSDF, resample, voxelize
+from meshforge.data.sdf_batch import batch_tensor, collate
 from meshforge.data.sdf_dataset import SparseSDFDataset
 from meshforge.data.sdf_voxelize import SdfConfig
-from meshforge.errors import ConfigError, MeshforgeError
+from meshforge.errors import ConfigError
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig, loss_terms
+from meshforge.runtime import to_device
 from meshforge.sparse.tensor import SparseTensor
-from meshforge.train.checkpoint import register_model
 from meshforge.train.config import TrainOptions
 from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
-from meshforge.train.trainer import to_device
-
-register_model("ss-vae", SSVAEConfig, SSVAE)
 
 LOSS_TERMS = ("in", "extra", "sharp", "kl", "prune")
 
@@ -53,13 +51,6 @@ class VaeTaskConfig(TrainOptions):
     """
 
     data: Path = field(metadata={"help": "Sparse SDF dataset folder (from `meshforge sdf-voxelize`)."})
-    out: Path = field(
-        metadata={"help": "Run folder: checkpoints/, metrics.csv, curves.png, config.yaml, summary.json."},
-    )
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Continue from OUT/checkpoints/latest (same loss curve as an uninterrupted run)."},
-    )
     model: SSVAEConfig = field(default_factory=SSVAEConfig)
     resolutions: list[int] | None = field(
         default=None,
@@ -98,29 +89,6 @@ class VaeTaskConfig(TrainOptions):
             raise ValueError(f"loss weights must be non-negative, got {weights}")
         if self.eval_meshes < 0:
             raise ValueError(f"eval_meshes must be non-negative, got {self.eval_meshes}")
-
-
-def collate(items: list[SparseSDF], band: float) -> dict[str, Any]:
-    """Shapes on one common grid as a batch: int32 ``(b, x, y, z)`` coords, SDF in band units
-    (``sdf * R / band``, clipped to [-1, 1]), sharp flags."""
-    resolution = items[0].resolution
-    if any(item.resolution != resolution for item in items):
-        raise MeshforgeError("a batch needs one resolution; resample its shapes first")
-    batch = [torch.full((len(item), 1), i, dtype=torch.int32) for i, item in enumerate(items)]
-    sdf = torch.cat([item.sdf.float() for item in items])
-    return {
-        "coords": torch.cat([torch.cat([b, item.coords.int()], 1) for b, item in zip(batch, items)]),
-        "sdf": (sdf * resolution / band).clamp(-1.0, 1.0),
-        "sharp": torch.cat([item.sharp.bool() for item in items]),
-        "resolution": resolution,
-        "batch_size": len(items),
-    }
-
-
-def batch_tensor(batch: dict[str, Any]) -> SparseTensor:
-    """The model's input: the SDF (band units) as a one-channel sparse tensor."""
-    r = batch["resolution"]
-    return SparseTensor(batch["sdf"][:, None], batch["coords"], (r, r, r), batch["batch_size"])
 
 
 class VAETask:

@@ -5,15 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from meshforge.checkpoints import latest_checkpoint, load_state, save_checkpoint
 from meshforge.errors import InputError, MeshforgeError
-from meshforge.train.checkpoint import (
-    capture_rng,
-    latest_checkpoint,
-    load_model,
-    load_state,
-    restore_rng,
-    save_checkpoint,
-)
+from meshforge.models.registry import load_model
+from meshforge.runtime import capture_rng, restore_rng
 from tests.train.toy import ToyConfig, ToyModel
 
 META = {"kind": "toy", "model_config": {"vocab": 13, "width": 16}}

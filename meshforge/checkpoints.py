@@ -1,4 +1,4 @@
-"""Checkpoints: atomic step folders, a ``latest`` pointer, and a registry that rebuilds models.
+"""Checkpoints: atomic step folders and a ``latest`` pointer; writing, verifying, finding and reading them.
 
 Layout under a run's output folder::
 
@@ -18,21 +18,19 @@ rewritten only afterwards, so a crash at any moment leaves the previous checkpoi
 folder (``files``), whatever its name, so a file damaged after the write (a truncating copy, a
 full disk on a sync, a bad sector) is detected before anything is loaded: resuming falls back to
 the newest intact step folder, and loading for sample/eval fails with one line naming the file.
+
+The model a step folder holds is rebuilt by :func:`meshforge.models.registry.load_model`; what
+goes into ``state.pt`` is the trainer's (:mod:`meshforge.train.trainer`).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import pickle
-import pkgutil
-import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors_file
@@ -41,7 +39,6 @@ from safetensors.torch import save_file as save_safetensors_file
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from meshforge.config import from_dict
 from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_path, atomic_write_text, hash_path
 
@@ -56,34 +53,6 @@ FILES = "files"  # meta.json key: {relative path: {"bytes", "hash" (io.hash_path
 
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Random number generators
-
-
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy, torch (and this process's CUDA device) generator states, as tensors/ints."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        # int64: pickling a uint32 tensor (all_gather_object does) fails in torch.
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, *rest = state["python"]
-    random.setstate((version, tuple(internal), *rest))
-    name, keys, *np_rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *np_rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,63 +255,3 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
         return json.loads((Path(step_dir) / META).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(Path(step_dir) / META, f"unreadable checkpoint metadata ({exc})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Model registry
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    config_cls: type
-    model_cls: type  # called as model_cls(config)
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-
-
-def register_model(kind: str, config_cls: type, model_cls: type) -> None:
-    """Declare how to rebuild checkpoints of ``kind`` (called by each training task module)."""
-    _REGISTRY[kind] = ModelEntry(config_cls, model_cls)
-
-
-def _lookup(kind: str) -> ModelEntry:
-    failed: list[str] = []
-    if kind not in _REGISTRY:
-        # Tasks register their models on import; import them all once before giving up.
-        from meshforge.train import tasks
-
-        for info in pkgutil.iter_modules(tasks.__path__):
-            try:
-                importlib.import_module(f"{tasks.__name__}.{info.name}")
-            except ImportError as exc:
-                failed.append(f"{info.name}: {exc}")
-    if kind not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        broken = f"; tasks that failed to import: {'; '.join(failed)}" if failed else ""
-        raise MeshforgeError(f"unknown model kind {kind!r} (known: {known}){broken}")
-    return _REGISTRY[kind]
-
-
-def load_model(
-    path: Path, device: torch.device | str = "cpu", ema: bool = True
-) -> tuple[str, nn.Module, dict[str, Any]]:
-    """(kind, model in eval mode on ``device``, meta) from any path :func:`resolve_checkpoint` accepts.
-
-    The weights are the checkpoint's moving average when it has one and ``ema`` is on, else the
-    trained weights; ``meta["weights"]`` says which (``"ema"`` or ``"model"``).
-    """
-    step_dir = resolve_checkpoint(Path(path))
-    verify_checkpoint(step_dir)
-    meta = read_meta(step_dir)
-    kind = meta.get("kind")
-    if not isinstance(kind, str):
-        raise InputError(step_dir / META, "has no model kind")
-    entry = _lookup(kind)
-    model = entry.model_cls(from_dict(entry.config_cls, meta["model_config"])).to(device)
-    load_weights(model, step_dir)
-    averages = load_ema(step_dir) if ema else None
-    if averages is not None:
-        apply_ema(model, averages, step_dir / EMA_WEIGHTS)
-    weights = "ema" if averages is not None else "model"
-    return kind, model.eval(), {**meta, "path": str(step_dir), "weights": weights}

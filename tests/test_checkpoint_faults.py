@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from meshforge import checkpoints as checkpoint
+from meshforge.checkpoints import latest_checkpoint, resumable_checkpoint, save_checkpoint
 from meshforge.errors import InputError, MeshforgeError
-from meshforge.train import checkpoint
-from meshforge.train.checkpoint import latest_checkpoint, load_model, resumable_checkpoint, save_checkpoint
+from meshforge.models.registry import load_model
 from meshforge.train.trainer import train
 from tests.train.toy import ToyConfig, ToyModel, ToyTask, toy_config
 
 torch.set_num_threads(1)
 META = {"kind": "toy", "model_config": {"vocab": 13, "width": 16}}
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def short_run(steps):
@@ -135,7 +136,7 @@ KILLED_WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-from meshforge.train import checkpoint
+from meshforge import checkpoints as checkpoint
 from meshforge.train.trainer import train
 from tests.train.toy import ToyTask, toy_config
 
