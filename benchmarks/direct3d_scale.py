@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from latent_tokens import surface_tokens
-from rich.table import Table
 
 from meshforge.config import from_dict, load_yaml
 from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
@@ -50,7 +49,7 @@ from meshforge.data.synth import generate
 from meshforge.io import atomic_write_json
 from meshforge.models.ss_dit import SSDiT, SSDiTConfig, flow_loss_terms, occupancy_patches
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
-from meshforge.render import render_table_png
+from meshforge.render import report_measures
 from meshforge.runtime import console, cpu_model, resolve_device, seed_everything, to_device
 from meshforge.sample.flow import guided_velocity, integrate
 from meshforge.sparse.conv import MAX_FEATURE_BYTES
@@ -416,13 +415,7 @@ def main() -> None:
 
     shown = table_rows(result)
     title = f"Direct3D-S2 at scale on {result['device']}"
-    table = Table(title=title)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for row in shown:
-        table.add_row(row["measure"], row["value"])
-    console.print(table)
-    png = render_table_png(shown, out.with_suffix(".png"), title)
+    png = report_measures(shown, out.with_suffix(".png"), title)
     console.print(f"wrote {out} and {png}")
     if args.profile:
         console.print(profile_dit(sizes, device))

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.table import Table
 
 from meshforge.config import from_dict, to_dict
 from meshforge.data.sdf_dataset import SparseSDFDataset
@@ -33,7 +32,7 @@ from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate
 from meshforge.io import atomic_write_bytes, atomic_write_json
 from meshforge.metrics.recon import evaluate_reconstruction
-from meshforge.render import render_table_png
+from meshforge.render import report_measures
 from meshforge.runtime import console, cpu_model, resolve_device, to_device
 from meshforge.train.config import TrainConfig
 from meshforge.train.distributed import DistEnv
@@ -222,13 +221,7 @@ def main() -> None:
         {"measure": f"input SDF floor (F@{recon['fscore_tau']})", "value": metrics_text(recon, "input_sdf_")},
     ]  # fmt: skip
     title = f"sparse SDF VAE on {result['device']}"
-    table = Table(title=title)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for row in shown:
-        table.add_row(row["measure"], row["value"])
-    console.print(table)
-    png = render_table_png(shown, out.with_suffix(".png"), title)
+    png = report_measures(shown, out.with_suffix(".png"), title)
     console.print(f"wrote {out}, {png} and {compare}")
 
 

@@ -214,6 +214,21 @@ def _cell_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def report_measures(rows: Sequence[dict[str, str]], path: Path, title: str) -> Path:
+    """A benchmark's ``{"measure", "value"}`` rows: printed as a rich table and written as a PNG table."""
+    from rich.table import Table
+
+    from meshforge.runtime import console
+
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(row["measure"], row["value"])
+    console.print(table)
+    return render_table_png(rows, path, title)
+
+
 def render_table_png(rows: Sequence[dict[str, Any]], path: Path, title: str | None = None) -> Path:
     """A table of result rows (dicts; columns in first-seen key order) as a PNG, for benchmarks."""
     if not rows:

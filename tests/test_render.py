@@ -112,3 +112,14 @@ def test_table_png(tmp_path):
     image = imread(tmp_path / "table.png")
     assert image.ndim == 3 and image.shape[0] == 22 * 3 + 30 + 20
     assert not list(tmp_path.glob(".*"))  # the atomic write left no temporary file
+
+
+def test_report_measures_prints_the_rows_and_writes_the_png(tmp_path, capsys):
+    from meshforge.render import report_measures
+
+    rows = [{"measure": "step R=512", "value": "0.539 s"}, {"measure": "ssa vs fa2", "value": "6.11x"}]
+    path = report_measures(rows, tmp_path / "table.png", "a benchmark")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr()
+    shown = printed.out + printed.err
+    assert "a benchmark" in shown and "0.539 s" in shown and "6.11x" in shown
