@@ -297,13 +297,19 @@ def test_per_token_selection_is_each_querys_own_top_k():
         assert torch.equal(selection[i], per_block.topk(3, dim=-1).indices.sort(dim=-1).values)
 
 
+def tile_study_inputs(points: int, resolution: int, seed: int, tiles: tuple[int, ...], topk: int, heads: int):
+    """One shell sequence, its layouts at each query tile, CPU q/k/v/gates (2 KV heads) and pooled k/v."""
+    coords, cu = batch_coords([(points, resolution)], seed=seed)
+    layouts = {t: build_layout(coords, cu, SSAConfig(block_cmp=2, block_slc=4, topk=topk, window=4, query_tile=t))
+               for t in tiles}
+    q, k, v, gates = (t.detach().cpu() for t in random_inputs(len(coords), heads, 2, 8, seed=seed, device="cpu"))
+    widest = layouts[max(tiles)]
+    return layouts, (q, k, v, gates), (compress_reference(k, widest), compress_reference(v, widest))
+
+
 def test_tile_sharing_error_matches_the_reference_outputs():
     """The study's per-token and tile-shared outputs are the reference's (all rows sampled)."""
-    coords, cu = batch_coords([(700, 24)], seed=8)
-    base = SSAConfig(block_cmp=2, block_slc=4, topk=3, window=4)
-    layouts = {t: build_layout(coords, cu, SSAConfig(**{**base.__dict__, "query_tile": t})) for t in (16, 64)}
-    q, k, v, gates = (t.detach().cpu() for t in random_inputs(len(coords), 4, 2, 8, seed=8, device="cpu"))
-    k_cmp, v_cmp = compress_reference(k, layouts[64]), compress_reference(v, layouts[64])
+    layouts, (q, k, v, gates), (k_cmp, v_cmp) = tile_study_inputs(700, 24, 8, (16, 64), topk=3, heads=4)
     study = tile_sharing_error(q, k, v, gates, layouts, torch.arange(len(q)), k_cmp, v_cmp, chunk=100)
     token, _ = ssa_reference(q, k, v, gates, layouts[64], k_cmp, v_cmp, per_token=True)
     for size, layout in layouts.items():
@@ -315,11 +321,7 @@ def test_tile_sharing_error_matches_the_reference_outputs():
 
 
 def test_tile_sharing_costs_nothing_when_every_block_is_selected():
-    coords, cu = batch_coords([(300, 16)], seed=9)
-    base = SSAConfig(block_cmp=2, block_slc=4, topk=10_000, window=4)
-    layouts = {t: build_layout(coords, cu, SSAConfig(**{**base.__dict__, "query_tile": t})) for t in (16, 32)}
-    q, k, v, gates = (t.detach().cpu() for t in random_inputs(len(coords), 2, 2, 8, seed=9, device="cpu"))
-    k_cmp, v_cmp = compress_reference(k, layouts[32]), compress_reference(v, layouts[32])
+    layouts, (q, k, v, gates), (k_cmp, v_cmp) = tile_study_inputs(300, 16, 9, (16, 32), topk=10_000, heads=2)
     study = tile_sharing_error(q, k, v, gates, layouts, torch.arange(len(q)), k_cmp, v_cmp)
     for size in layouts:
         assert study[size] == {"overlap": 1.0, "slc_rel_err": 0.0, "out_rel_err": 0.0}
