@@ -129,6 +129,24 @@ def test_pooling_matches_block_by_block_mean_with_position_encoding():
     torch.testing.assert_close(v_cmp, compress_reference(v, lay))
 
 
+def test_position_encoding_gradient_is_the_gathered_definitions():
+    """Pooling adds each block's mean position encoding as one small product; its values and gradients
+    equal those of gathering ``pe`` onto every token. Pooling accumulates in float32, so both sum at
+    most 64 float32 terms in another order: within 64 * 2^-24 ~ 4e-6 relative."""
+    coords, cu = batch_coords([(200, 16), (0, 8), (80, 10)], seed=4)
+    lay = build_layout(coords, cu, SSAConfig(block_cmp=4, block_slc=8))
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(len(coords), 2, 8, generator=g, requires_grad=True)
+    pe = torch.randn(4**3, 2, 8, generator=g, requires_grad=True)
+    grad = torch.randn(int(lay.cmp_cu[-1]), 2, 8, generator=g)
+    pooled = compress_kv(k, k, lay, pe_k=pe)[0]
+    definition = torch.segment_reduce((k + pe[lay.cmp_pos])[lay.perm], "mean", offsets=lay.cmp_offsets, axis=0)
+    torch.testing.assert_close(pooled, definition, rtol=1e-5, atol=1e-6)
+    ours, theirs = (torch.autograd.grad(out, (k, pe), grad) for out in (pooled, definition))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton path vs reference (interpreter on CPU)
 
