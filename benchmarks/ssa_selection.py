@@ -33,11 +33,10 @@ from latent_tokens import surface_tokens  # the same real latents as the speed b
 from meshforge.kernels.ssa import SSAConfig, build_layout, spatial_sparse_attention
 from meshforge.kernels.ssa.reference import compress_reference, tile_sharing_error
 
-from meshforge.checkpoints import resolve_checkpoint
 from meshforge.data.latents import LatentDataset
 from meshforge.io import atomic_write_json
 from meshforge.models.registry import load_model
-from meshforge.models.ss_dit import SelfAttention, interpolate
+from meshforge.models.ss_dit import LatentFlow, SelfAttention, interpolate
 from meshforge.render import render_table_png
 from meshforge.sparse.tensor import SparseTensor
 
@@ -78,10 +77,7 @@ def random_rows(device: torch.device, tiles: int, latent_res: int) -> list[dict]
 
 @torch.no_grad()
 def dit_rows(run: Path, device: torch.device, tiles: int, shapes: int) -> list[dict]:
-    kind, model, _ = load_model(resolve_checkpoint(run), device)
-    if kind != "ss-dit":
-        raise SystemExit(f"{run}: an {kind} checkpoint; the study needs a train-dit run")
-    model.eval()
+    model = load_model(run, device, expect=LatentFlow).model
     dit = model.dit
     if model.conditioner.data not in (None, "label"):
         raise SystemExit(f"{run}: the study runs unconditional and class-conditioned SS-DiTs only")
