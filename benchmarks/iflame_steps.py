@@ -40,10 +40,13 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeat: int
 
 
 def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, steps: int,
-               operators_free: bool = False, linear_backend: LinearBackend = "auto") -> dict[str, Any]:
+               operators_free: bool = False, linear_backend: LinearBackend = "auto",
+               warmup: int = 2) -> dict[str, Any]:
     """Seconds and peak memory of a training step (forward + backward + AdamW, bf16 autocast on CUDA) on
-    random tokens of ``faces`` faces. ``operators_free``: with the attention operators passing their
-    values through (:attr:`Attention.operator_free`); ``linear_backend``: the linear blocks' form."""
+    random tokens of ``faces`` faces, the mean of ``steps`` after ``warmup`` untimed ones; the peak
+    covers them all (AdamW's state exists from the first step's end, so a warm-up step makes it the
+    steady one). ``operators_free``: with the attention operators passing their values through
+    (:attr:`Attention.operator_free`); ``linear_backend``: the linear blocks' form."""
     torch.manual_seed(0)
     model = IFlame(cfg).to(device)
     for layer in model.modules():
@@ -63,7 +66,7 @@ def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        seconds = timed(step, device, warmup=2, repeat=steps)
+        seconds = timed(step, device, warmup=warmup, repeat=steps)
     except torch.cuda.OutOfMemoryError:
         return {"step_s": None, "peak_bytes": None, "peak_gb": None, "oom": True}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -1,9 +1,10 @@
 """iFlame (interleaved attention) against its full-attention baseline, same code and sizes, on one GPU.
 
     python benchmarks/iflame_vs_full.py [--batch 48] [--faces 800] [--decode-faces 4000]
-        [--window-faces 10] [--windows 5] [--runs RUN_INTERLEAVED RUN_FULL]
+        [--window-faces 10] [--windows 5] [--long-faces 4000] [--long-batch B] [--runs RUN_INTERLEAVED RUN_FULL]
     python benchmarks/iflame_vs_full.py --rescore-face-acc --runs RUN_INTERLEAVED RUN_FULL
     python benchmarks/iflame_vs_full.py --only decode [--decode-batches 1 16]
+    python benchmarks/iflame_vs_full.py --only long [--long-faces 4000] [--long-batch B]
 
 Measures, for both ``attention`` settings of the reference model (512 wide, 16 heads, 4/4/8/4/4):
 training step time and peak memory (forward + backward + AdamW, bf16 autocast, random tokens of
@@ -19,6 +20,15 @@ and records where they came from. Writes ``benchmarks/results/iflame_vs_full.jso
 naming the device, and the results table as a PNG beside it; ``--device cpu`` with small sizes is a
 smoke test. ``--only decode`` measures decoding and the caches alone (about two minutes on an H200)
 and writes ``iflame_vs_full_decode.json`` unless ``--out`` says otherwise.
+
+The long setting (Objaverse-sized meshes, ``--long-faces`` 4,000: 36,009 tokens, where attention's
+quadratic cost dominates the step) times both models' training steps again at one batch, by
+default the largest the full-attention step fits in: steps of 1 and 2 sequences give its peak
+memory as a line in the batch, the batch is the largest whose line stays within 90% of the free
+GPU memory, and it is halved while either model runs out of memory. Its figures go under
+``long_sequences`` and ``train_step_time_ratio_4k`` / ``peak_memory_ratio_4k`` (the suffix names the
+faces); ``--only long`` measures them alone and merges them into ``--out`` (a result of the same
+device), keeping every other figure there.
 
 Decoding is timed in windows rather than over a whole generation (4 settings x 36,000 sequential
 steps would take far too long). The cost of one ``IFlame.step`` depends only on its position: the
@@ -39,15 +49,17 @@ import argparse
 import itertools
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from iflame_steps import VOCAB, synchronize, train_step
+from meshforge.kernels.linear_attention import cuda_form
 from rich.table import Table
 
 from meshforge.data.tokens import TOKENS_PER_FACE
-from meshforge.errors import MeshforgeError
+from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_write_json
 from meshforge.models.iflame import IFlame, IFlameConfig
 from meshforge.render import render_table_png
@@ -56,6 +68,14 @@ from meshforge.sample.decoding import make_decoder
 
 RESULT = Path(__file__).parent / "results" / "iflame_vs_full.json"
 DECODE_RESULT = RESULT.with_name("iflame_vs_full_decode.json")
+# Of the free GPU memory a fitted batch plans on: the caching allocator's fragmentation comes on top
+# of the allocated peak the fit is made from.
+MEMORY_FRACTION = 0.9
+# Untimed steps before the long setting's timed ones: the first compiles fla's kernels for the new
+# lengths and grows the allocator's pools; at seconds a step, a second would buy nothing.
+LONG_WARMUP = 1
+
+
 def window_starts(decode_faces: int, window_faces: int, windows: int) -> list[int]:
     """First faces of the timed windows: ``windows`` evenly spread over ``[0, decode_faces - window_faces]``
     (fewer when short generations round several onto one face)."""
@@ -135,7 +155,116 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-def main() -> None:
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def size_tag(faces: int) -> str:
+    """The suffix of the long setting's keys: ``4k`` at 4,000 faces, ``60faces`` at 60."""
+    return f"{faces // 1000}k" if faces % 1000 == 0 else f"{faces}faces"
+
+
+def batch_that_fits(peak_one: int, peak_two: int, budget: int) -> int:
+    """The largest batch whose step peak, a line in the batch through the peaks of 1 and 2 sequences
+    (model, gradients and optimiser state once, activations per sequence), stays within ``budget``
+    bytes; at least 1."""
+    per_sequence = peak_two - peak_one
+    if per_sequence <= 0:
+        raise MeshforgeError(f"a second sequence added no memory to the step ({peak_one} -> {peak_two} bytes)")
+    return max(1, (budget - (peak_one - per_sequence)) // per_sequence)
+
+
+def fit_batch(cfg: IFlameConfig, device: torch.device, faces: int) -> tuple[int, dict[str, int]]:
+    """The batch of ``faces``-face sequences whose training step of ``cfg`` fits in the free GPU
+    memory (:func:`batch_that_fits`, :data:`MEMORY_FRACTION` of it), and what it was fitted from."""
+    peaks = []
+    for batch in (1, 2):
+        step = train_step(cfg, device, batch, faces, steps=1, warmup=1)
+        torch.cuda.empty_cache()
+        if step["oom"]:
+            raise MeshforgeError(f"{batch} sequence(s) of {faces} faces do not fit in GPU memory: try --grad-checkpoint")
+        peaks.append(step["peak_bytes"])
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(MEMORY_FRACTION * free)
+    batch = batch_that_fits(*peaks, budget)
+    return batch, {"peak_bytes_b1": peaks[0], "peak_bytes_b2": peaks[1], "free_bytes": free,
+                   "budget_bytes": budget, "fitted_batch": batch}
+
+
+def linear_forms(device: torch.device, tokens: int) -> dict[str, str]:
+    """Which linear-attention form each level's blocks run in training (``linear_attention``'s choice)."""
+    lengths = {"tokens": tokens, "vertices": tokens // 3, "faces": tokens // TOKENS_PER_FACE}
+    if device.type != "cuda":
+        return dict.fromkeys(lengths, "torch chunked")
+    return {level: {"parallel": "fused parallel", "chunked": "fla chunked"}[cuda_form(n, stateful=False)]
+            for level, n in lengths.items()}
+
+
+def long_train(configs: dict[str, IFlameConfig], device: torch.device, faces: int, batch: int | None,
+               steps: int) -> dict[str, Any]:
+    """Both models' training steps on ``faces``-face sequences at one batch: ``batch``, or (None) the
+    largest the full-attention step fits in (:func:`fit_batch`); halved while either model runs out of
+    memory."""
+    fit = None
+    if batch is None:
+        console.print(f"[bold]full[/bold]: fitting the batch of {faces}-face sequences to GPU memory")
+        batch, fit = fit_batch(configs["full"], device, faces)
+    rule = (f"the largest whose full-attention step fits in {MEMORY_FRACTION:.0%} of the free GPU memory "
+            "(a line through the peaks of 1 and 2 sequences)" if fit else "given (--long-batch)")
+    out_of_memory = []
+    while True:
+        measured = {}
+        for kind in ("full", "interleaved"):  # the baseline first: the batch is fitted to it
+            console.print(f"[bold]{kind}[/bold]: training step at {batch} x {faces} faces")
+            measured[kind] = train_step(configs[kind], device, batch, faces, steps, warmup=LONG_WARMUP)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if measured[kind]["oom"]:
+                break
+        else:
+            break
+        if batch == 1:
+            raise MeshforgeError(f"one sequence of {faces} faces runs out of GPU memory: try --grad-checkpoint")
+        out_of_memory.append(batch)
+        batch //= 2
+    tokens = TOKENS_PER_FACE * (faces + 1)
+    cfg = configs["full"]
+    return {
+        "faces": faces, "tokens_per_sequence": tokens, "batch": batch, "tokens_per_step": batch * tokens,
+        "batch_rule": rule + (f", halved after running out of memory at {out_of_memory}" if out_of_memory else ""),
+        "fit": fit, "device": device_name(device), "dim": cfg.dim, "n_heads": cfg.n_heads,
+        "grad_checkpoint": cfg.grad_checkpoint, "warmup_steps": LONG_WARMUP, "train_steps": steps,
+        "linear_attention_forms": linear_forms(device, tokens),
+        "interleaved": measured["interleaved"], "full": measured["full"],
+    }
+
+
+def add_long(summary: dict[str, Any], long: dict[str, Any]) -> None:
+    """Put the long setting's figures into ``summary`` (replacing those of the same faces)."""
+    tag = size_tag(long["faces"])
+    inter, full = long["interleaved"], long["full"]
+    summary[f"train_step_time_ratio_{tag}"] = ratio(inter["step_s"], full["step_s"])
+    summary[f"peak_memory_ratio_{tag}"] = ratio(inter["peak_bytes"], full["peak_bytes"])
+    summary.setdefault("long_sequences", {})[tag] = long
+
+
+def existing_summary(out: Path, device: torch.device) -> dict[str, Any]:
+    """The result at ``out`` that ``--only long`` adds to (a bare one if there is none yet)."""
+    if not out.exists():
+        return {"benchmark": "iflame_vs_full", "device": device_name(device)}
+    try:
+        summary = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(out, f"not a readable result ({error})") from error
+    if not isinstance(summary, dict) or summary.get("benchmark") != "iflame_vs_full":
+        raise InputError(out, "not an iflame_vs_full result")
+    if summary.get("device") != device_name(device):
+        raise InputError(out, f"measured on {summary.get('device')}, this run is on {device_name(device)}: "
+                              "pass another --out")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=48)
@@ -148,13 +277,20 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="smaller for a smoke test")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--long-faces", type=int, default=4000,
+                        help="faces of the long setting's training steps (0: none)")
+    parser.add_argument("--long-batch", type=int,
+                        help="its batch (default: the largest the full-attention step fits in on the GPU)")
+    parser.add_argument("--long-train-steps", type=int, default=3, help="its timed steps (after one warm-up)")
     parser.add_argument("--runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"))
-    parser.add_argument("--only", choices=["decode"], help="decode: skip the training steps (and their bound)")
+    parser.add_argument("--only", choices=["decode", "long"],
+                        help="decode: skip the training steps (and their bound); long: the long setting alone, "
+                             "merged into --out")
     parser.add_argument("--out", type=Path, help=f"JSON, the table PNG beside it (default {RESULT.name}, "
                         f"{DECODE_RESULT.name} with --only decode)")
     parser.add_argument("--rescore-face-acc", action="store_true",
                         help="only replace the face-acc figures of --out with those of --runs (after retraining them)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out is None:
         args.out = DECODE_RESULT if args.only == "decode" else RESULT
     if args.rescore_face_acc:
@@ -167,11 +303,31 @@ def main() -> None:
         parser.error("need --windows >= 2 and 1 <= --window-faces <= --decode-faces")
     if args.only and args.runs:
         parser.error("--runs compares trained runs: not with --only")
-    accuracy, runs = face_acc(dict(zip(("interleaved", "full"), args.runs))) if args.runs else ({}, None)
+    long = args.long_faces > 0 and args.only != "decode"
+    if args.long_faces < 0 or (args.only == "long" and not long):
+        parser.error("--long-faces must be positive with --only long, 0 or more without")
+    if (args.long_batch is not None and args.long_batch < 1) or args.long_train_steps < 1:
+        parser.error("--long-batch and --long-train-steps must be at least 1")
     device = resolve_device(args.device)
-    max_len = TOKENS_PER_FACE * (max(args.faces, args.decode_faces) + 1)
+    if long and args.long_batch is None and device.type != "cuda":
+        parser.error("--long-batch is needed off CUDA (by default the batch is fitted to GPU memory)")
+    max_len = TOKENS_PER_FACE * (max(args.faces, args.decode_faces, args.long_faces) + 1)
     base = {"dim": args.dim, "n_heads": args.heads, "max_seq_len": max_len, "grad_checkpoint": args.grad_checkpoint}
     configs = {kind: IFlameConfig(**base, attention=kind) for kind in ("interleaved", "full")}
+    if args.only == "long":
+        summary = existing_summary(args.out, device)
+    else:
+        summary = train_and_decode(args, configs, device)
+    if long:
+        add_long(summary, long_train(configs, device, args.long_faces, args.long_batch, args.long_train_steps))
+    write(summary, args.out)
+
+
+def train_and_decode(args: argparse.Namespace, configs: dict[str, IFlameConfig],
+                     device: torch.device) -> dict[str, Any]:
+    """The summary of every figure but the long setting's: training steps at ``--faces`` (unless
+    ``--only decode``), decoding, caches, face accuracy of ``--runs``."""
+    accuracy, runs = face_acc(dict(zip(("interleaved", "full"), args.runs))) if args.runs else ({}, None)
     # Replayed CUDA graphs are how `meshforge sample` decodes on a GPU (the headline figures); eager
     # steps are kept for comparison.
     decode_modes = (True, False) if device.type == "cuda" else (False,)
@@ -203,7 +359,7 @@ def main() -> None:
     if args.only != "decode":
         console.print("[bold]bound[/bold]: training step with the attention operators free")
         free = train_step(configs["full"], device, args.batch, args.faces, args.train_steps, operators_free=True)
-    plain = IFlame(IFlameConfig(**base, attention="full", blocks=(0, 0, 0, 0, 24))).to(device)
+    plain = IFlame(replace(configs["full"], blocks=(0, 0, 0, 0, 24))).to(device)
     plain_cache = plain.init_cache(1, TOKENS_PER_FACE * args.decode_faces, device, torch.bfloat16).nbytes()
     del plain
 
@@ -215,9 +371,9 @@ def main() -> None:
         key = f"decode_b{batch}"
         return ratio(inter[key]["tokens_per_s"], full[key]["tokens_per_s"])
 
-    summary = {
+    return {
         "benchmark": "iflame_vs_full",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "train_step_time_ratio": ratio(train_i.get("step_s"), train_f.get("step_s")),
         "peak_memory_ratio": ratio(train_i.get("peak_bytes"), train_f.get("peak_bytes")),
         # The least any replacement of the attention operators could reach against this baseline.
@@ -245,13 +401,12 @@ def main() -> None:
         "plain_transformer_cache_bytes": plain_cache,
     }
 
-    write(summary, args.out)
-
 
 def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
-    """The results table (figure, interleaved, full, ratio) of a summary."""
-    inter, full, free = summary["interleaved"], summary["full"], summary["attention_free_train"]
-    accuracy, settings = summary["face_acc"], summary["settings"]
+    """The results table (figure, interleaved, full, ratio) of a summary (with ``--only long`` and no
+    earlier result, of the long setting alone)."""
+    inter, full, free = summary.get("interleaved"), summary.get("full"), summary.get("attention_free_train")
+    accuracy, settings = summary.get("face_acc"), summary.get("settings")
     rows: list[dict[str, str]] = []
 
     def cell(value: float | None, spec: str) -> str:
@@ -261,15 +416,21 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
         rows.append({"figure": name, "interleaved": cell(a, fmt), "full": cell(b, fmt), "ratio": cell(ratio(a, b), ".3f")})
 
     if free is not None:  # not with --only decode
-        row("train step (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
+        size = f"{settings['batch']} x {settings['faces']} faces"
+        row(f"train step, {size} (s)", inter["train"]["step_s"], full["train"]["step_s"], ".3f")
         row("train step, attention free (s)", free["step_s"], full["train"]["step_s"], ".3f")
-        row("peak memory (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
+        row(f"peak memory, {size} (GB)", inter["train"]["peak_gb"], full["train"]["peak_gb"], ".2f")
         row("peak memory, attention free (GB)", free["peak_gb"], full["train"]["peak_gb"], ".2f")
-    for key in (k for k in inter if k.startswith("decode_")):
-        batch = key.rsplit("_b", 1)[1]
-        mode = " (eager)" if key.startswith("decode_eager") else ""
-        row(f"decode tokens/s, batch {batch}{mode}", inter[key]["tokens_per_s"], full[key]["tokens_per_s"], ",.0f")
-    row(f"cache MB at {settings['decode_faces']} faces", inter["cache_bytes"] / 1e6, full["cache_bytes"] / 1e6, ".1f")
+    for long in summary.get("long_sequences", {}).values():
+        size = f"{long['batch']} x {long['faces']} faces"
+        row(f"train step, {size} (s)", long["interleaved"]["step_s"], long["full"]["step_s"], ".3f")
+        row(f"peak memory, {size} (GB)", long["interleaved"]["peak_gb"], long["full"]["peak_gb"], ".2f")
+    if inter is not None:  # not with --only long alone
+        for key in (k for k in inter if k.startswith("decode_")):
+            batch = key.rsplit("_b", 1)[1]
+            mode = " (eager)" if key.startswith("decode_eager") else ""
+            row(f"decode tokens/s, batch {batch}{mode}", inter[key]["tokens_per_s"], full[key]["tokens_per_s"], ",.0f")
+        row(f"cache MB at {settings['decode_faces']} faces", inter["cache_bytes"] / 1e6, full["cache_bytes"] / 1e6, ".1f")
     if accuracy:
         row("val face-acc", accuracy["interleaved"], accuracy["full"], ".4f")
     return rows
