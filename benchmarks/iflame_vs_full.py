@@ -23,9 +23,9 @@ and writes ``iflame_vs_full_decode.json`` unless ``--out`` says otherwise.
 
 The long setting (Objaverse-sized meshes, ``--long-faces`` 4,000: 36,009 tokens, where attention's
 quadratic cost dominates the step) times both models' training steps again at one batch, by
-default the largest the full-attention step fits in: steps of 1 and 2 sequences give its peak
-memory as a line in the batch, the batch is the largest whose line stays within 90% of the free
-GPU memory, and it is halved while either model runs out of memory. Its figures go under
+default the largest both fit in: steps of 1 and 2 sequences give each model's peak memory as a
+line in the batch, the batch is the largest at which both lines stay within 90% of the free GPU
+memory, and it is halved while either model runs out of memory. Its figures go under
 ``long_sequences`` and ``train_step_time_ratio_4k`` / ``peak_memory_ratio_4k`` (the suffix names the
 faces); ``--only long`` measures them alone and merges them into ``--out`` (a result of the same
 device), keeping every other figure there.
@@ -174,21 +174,31 @@ def batch_that_fits(peak_one: int, peak_two: int, budget: int) -> int:
     return max(1, (budget - (peak_one - per_sequence)) // per_sequence)
 
 
-def fit_batch(cfg: IFlameConfig, device: torch.device, faces: int) -> tuple[int, dict[str, int]]:
-    """The batch of ``faces``-face sequences whose training step of ``cfg`` fits in the free GPU
-    memory (:func:`batch_that_fits`, :data:`MEMORY_FRACTION` of it), and what it was fitted from."""
-    peaks = []
-    for batch in (1, 2):
-        step = train_step(cfg, device, batch, faces, steps=1, warmup=1)
-        torch.cuda.empty_cache()
-        if step["oom"]:
-            raise MeshforgeError(f"{batch} sequence(s) of {faces} faces do not fit in GPU memory: try --grad-checkpoint")
-        peaks.append(step["peak_bytes"])
+def checkpoint_hint(cfg: IFlameConfig) -> str:
+    return "" if cfg.grad_checkpoint else ": try --grad-checkpoint"
+
+
+def fit_batch(configs: dict[str, IFlameConfig], device: torch.device, faces: int) -> tuple[int, dict[str, Any]]:
+    """The largest batch of ``faces``-face sequences at which the training steps of both ``configs``
+    fit in :data:`MEMORY_FRACTION` of the free GPU memory (:func:`batch_that_fits` for each), and
+    what it was fitted from."""
+    peaks = {}
+    for kind, cfg in configs.items():
+        peaks[kind] = []
+        for batch in (1, 2):
+            step = train_step(cfg, device, batch, faces, steps=1, warmup=1)
+            torch.cuda.empty_cache()
+            if step["oom"]:
+                raise MeshforgeError(f"{kind}: {batch} sequence(s) of {faces} faces do not fit in GPU memory"
+                                     + checkpoint_hint(cfg))
+            peaks[kind].append(step["peak_bytes"])
     free, _ = torch.cuda.mem_get_info(device)
     budget = int(MEMORY_FRACTION * free)
-    batch = batch_that_fits(*peaks, budget)
-    return batch, {"peak_bytes_b1": peaks[0], "peak_bytes_b2": peaks[1], "free_bytes": free,
-                   "budget_bytes": budget, "fitted_batch": batch}
+    fits = {kind: batch_that_fits(*peak, budget) for kind, peak in peaks.items()}
+    fit = {"free_bytes": free, "budget_bytes": budget}
+    for kind, peak in peaks.items():
+        fit[kind] = {"peak_bytes_b1": peak[0], "peak_bytes_b2": peak[1], "batch": fits[kind]}
+    return min(fits.values()), fit
 
 
 def linear_forms(device: torch.device, tokens: int) -> dict[str, str]:
@@ -203,18 +213,19 @@ def linear_forms(device: torch.device, tokens: int) -> dict[str, str]:
 def long_train(configs: dict[str, IFlameConfig], device: torch.device, faces: int, batch: int | None,
                steps: int) -> dict[str, Any]:
     """Both models' training steps on ``faces``-face sequences at one batch: ``batch``, or (None) the
-    largest the full-attention step fits in (:func:`fit_batch`); halved while either model runs out of
-    memory."""
+    largest both fit in (:func:`fit_batch`); halved while either runs out of memory."""
     fit = None
     if batch is None:
-        console.print(f"[bold]full[/bold]: fitting the batch of {faces}-face sequences to GPU memory")
-        batch, fit = fit_batch(configs["full"], device, faces)
-    rule = (f"the largest whose full-attention step fits in {MEMORY_FRACTION:.0%} of the free GPU memory "
-            "(a line through the peaks of 1 and 2 sequences)" if fit else "given (--long-batch)")
-    out_of_memory = []
+        console.print(f"fitting the batch of {faces}-face sequences to GPU memory")
+        batch, fit = fit_batch(configs, device, faces)
+        console.print(f"batch {batch} (full attention fits {fit['full']['batch']}, "
+                      f"interleaved {fit['interleaved']['batch']})")
+    rule = (f"the largest at which both models' steps fit in {MEMORY_FRACTION:.0%} of the free GPU memory "
+            "(each a line through its peaks at 1 and 2 sequences)" if fit else "given (--long-batch)")
+    cfg, out_of_memory = configs["full"], []
     while True:
         measured = {}
-        for kind in ("full", "interleaved"):  # the baseline first: the batch is fitted to it
+        for kind in ("full", "interleaved"):
             console.print(f"[bold]{kind}[/bold]: training step at {batch} x {faces} faces")
             measured[kind] = train_step(configs[kind], device, batch, faces, steps, warmup=LONG_WARMUP)
             if device.type == "cuda":
@@ -224,11 +235,10 @@ def long_train(configs: dict[str, IFlameConfig], device: torch.device, faces: in
         else:
             break
         if batch == 1:
-            raise MeshforgeError(f"one sequence of {faces} faces runs out of GPU memory: try --grad-checkpoint")
+            raise MeshforgeError(f"one sequence of {faces} faces runs out of GPU memory" + checkpoint_hint(cfg))
         out_of_memory.append(batch)
         batch //= 2
     tokens = TOKENS_PER_FACE * (faces + 1)
-    cfg = configs["full"]
     return {
         "faces": faces, "tokens_per_sequence": tokens, "batch": batch, "tokens_per_step": batch * tokens,
         "batch_rule": rule + (f", halved after running out of memory at {out_of_memory}" if out_of_memory else ""),
@@ -280,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-faces", type=int, default=4000,
                         help="faces of the long setting's training steps (0: none)")
     parser.add_argument("--long-batch", type=int,
-                        help="its batch (default: the largest the full-attention step fits in on the GPU)")
-    parser.add_argument("--long-train-steps", type=int, default=3, help="its timed steps (after one warm-up)")
+                        help="its batch (default: the largest both models' steps fit in on the GPU)")
+    # Steps of seconds each at 4,000 faces: two timed ones keep the section within about two minutes.
+    parser.add_argument("--long-train-steps", type=int, default=2, help="its timed steps (after one warm-up)")
     parser.add_argument("--runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"))
     parser.add_argument("--only", choices=["decode", "long"],
                         help="decode: skip the training steps (and their bound); long: the long setting alone, "

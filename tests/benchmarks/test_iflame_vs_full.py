@@ -1,0 +1,118 @@
+"""benchmarks/iflame_vs_full.py on CPU: the long setting's figures, its batch fit and its merge into a result."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshforge.errors import InputError, MeshforgeError
+from meshforge.models.iflame import IFlameConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+RESULT = BENCHMARKS / "results" / "iflame_vs_full.json"
+TINY = ["--device", "cpu", "--dim", "64", "--heads", "4"]
+LONG = [*TINY, "--only", "long", "--long-faces", "60", "--long-batch", "2", "--long-train-steps", "1"]
+CONFIGS = {kind: IFlameConfig(dim=64, n_heads=4, attention=kind) for kind in ("interleaved", "full")}
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # how the script finds iflame_steps beside it
+    import iflame_vs_full
+
+    return iflame_vs_full
+
+
+def test_only_long_adds_its_figures_and_keeps_every_other(bench, tmp_path):
+    # The committed H200 result, as if measured here (a result only takes figures of its own device).
+    before = json.loads(RESULT.read_text()) | {"device": "cpu"}
+    out = tmp_path / "iflame_vs_full.json"
+    out.write_text(json.dumps(before))
+    bench.main([*LONG, "--out", str(out)])
+    after = json.loads(out.read_text())
+
+    assert {k: after[k] for k in before} == before
+    long = after["long_sequences"]["60faces"]
+    assert (long["faces"], long["batch"], long["tokens_per_step"]) == (60, 2, 2 * 9 * 61)
+    assert long["batch_rule"] == "given (--long-batch)" and long["fit"] is None
+    assert set(long["linear_attention_forms"].values()) == {"torch chunked"}
+    for kind in ("interleaved", "full"):
+        assert long[kind]["step_s"] > 0 and not long[kind]["oom"]
+    assert after["train_step_time_ratio_60faces"] == pytest.approx(long["interleaved"]["step_s"] / long["full"]["step_s"])
+    assert after["peak_memory_ratio_60faces"] is None  # no allocator peak off CUDA
+    figures = [row["figure"] for row in bench.table_rows(after)]
+    assert "train step, 48 x 800 faces (s)" in figures and "train step, 2 x 60 faces (s)" in figures
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_4000_face_setting_has_the_4k_keys(bench):
+    summary = {}
+    long = {"faces": 4000, "interleaved": {"step_s": 2.0, "peak_bytes": 30}, "full": {"step_s": 4.0, "peak_bytes": 40}}
+    bench.add_long(summary, long)
+    assert summary == {"train_step_time_ratio_4k": 0.5, "peak_memory_ratio_4k": 0.75, "long_sequences": {"4k": long}}
+
+
+def test_every_level_of_a_4000_face_mesh_runs_fla_chunked_on_cuda(bench):
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+    assert set(bench.linear_forms(cuda, 9 * 4001).values()) == {"fla chunked"}
+    # At 800 faces the face level (801 positions) is within PARALLEL_MAX_LEN.
+    assert bench.linear_forms(cuda, 9 * 801) == {"tokens": "fla chunked", "vertices": "fla chunked",
+                                                 "faces": "fused parallel"}  # fmt: skip
+
+
+def test_only_long_refuses_a_result_of_another_device(bench, tmp_path):
+    out = tmp_path / "iflame_vs_full.json"
+    out.write_text(json.dumps({"benchmark": "iflame_vs_full", "device": "NVIDIA H200"}))
+    with pytest.raises(InputError, match="measured on NVIDIA H200, this run is on cpu"):
+        bench.main([*LONG, "--out", str(out)])
+
+
+def test_off_cuda_the_long_batch_must_be_given(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--only", "long", "--out", str(tmp_path / "x.json")])
+
+
+def test_the_fitted_batch_is_the_largest_whose_peak_line_stays_in_the_budget(bench):
+    # Peaks 10 GB at one sequence and 14 at two: 6 GB of model and optimiser, 4 GB a sequence.
+    gb = 10**9
+    batch = bench.batch_that_fits(10 * gb, 14 * gb, 33 * gb)
+    assert batch == 6 and 6 * gb + batch * 4 * gb <= 33 * gb < 6 * gb + (batch + 1) * 4 * gb
+    assert bench.batch_that_fits(10 * gb, 14 * gb, 9 * gb) == 1
+    with pytest.raises(MeshforgeError, match="added no memory"):
+        bench.batch_that_fits(10 * gb, 10 * gb, 33 * gb)
+
+
+def test_the_long_batch_is_the_largest_both_models_fit(bench, monkeypatch):
+    gb = 10**9
+    per_sequence = {"full": 4 * gb, "interleaved": 5 * gb}  # beside 6 GB of model and optimiser each
+
+    def fake_step(cfg, device, batch, faces, steps, warmup):
+        return {"step_s": 1.0, "peak_bytes": 6 * gb + batch * per_sequence[cfg.attention], "oom": False}
+
+    monkeypatch.setattr(bench, "train_step", fake_step)
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench.torch.cuda, "mem_get_info", lambda device: (40 * gb, 141 * gb))
+    batch, fit = bench.fit_batch(CONFIGS, bench.resolve_device("cpu"), 60)
+    # A budget of 36 GB: the baseline fits 7 sequences, the interleaved model 6.
+    assert (fit["budget_bytes"], fit["full"]["batch"], fit["interleaved"]["batch"], batch) == (36 * gb, 7, 6, 6)
+
+
+def test_the_long_batch_is_halved_until_both_models_fit(bench, monkeypatch):
+    fits = {"full": 5, "interleaved": 3}  # largest batch each fits in
+    calls = []
+
+    def fake_step(cfg, device, batch, faces, steps, warmup):
+        calls.append((cfg.attention, batch))
+        oom = batch > fits[cfg.attention]
+        return {"step_s": None if oom else 1.0, "peak_bytes": None, "peak_gb": None, "oom": oom}
+
+    monkeypatch.setattr(bench, "train_step", fake_step)
+    long = bench.long_train(CONFIGS, bench.resolve_device("cpu"), 60, 8, 1)
+    # 8: the baseline runs out of memory; 4: the baseline fits, the interleaved model does not; 2: both fit.
+    assert calls == [("full", 8), ("full", 4), ("interleaved", 4), ("full", 2), ("interleaved", 2)]
+    assert long["batch"] == 2 and long["batch_rule"].endswith("out of memory at [8, 4]")
+
+    fits["full"] = 0
+    with pytest.raises(MeshforgeError, match="one sequence of 60 faces runs out of GPU memory"):
+        bench.long_train(CONFIGS, bench.resolve_device("cpu"), 60, 2, 1)
