@@ -212,7 +212,9 @@ def _attn_bwd_dkdv(
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    offs = part.to(tl.int64) * part_stride + cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :]
+    offs = (
+        cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :] + part.to(tl.int64) * part_stride
+    )
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
@@ -291,22 +293,26 @@ def _longest_first(plan: AttnPlan, groups: int) -> Tensor:
     return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
 
 
-# dK/dV programs per SM to aim for: one program per (key tile, KV head) leaves an H100/H200 mostly
-# idle when KV heads are few (compression, 2 KV heads: 128 programs on 132 SMs, each looping over 8
-# heads x every query tile). Each work item is then split into parts that sum separately.
-DKDV_PROGRAMS_PER_SM = 4
-DKDV_SPLIT: int | None = None  # parts per dK/dV work item; None: chosen by dkdv_split (tests, benchmarks set it)
+# dK/dV programs per SM to aim for. One program per (key tile, KV head) leaves an H100/H200 mostly
+# idle when KV heads are few: the compression branch at 123k tokens with 2 KV heads launches 128
+# programs on 132 SMs, each over 8 heads x 1,930 query tiles. With 16 KV heads the same branch
+# launches 1,024 programs (~8 per SM) of 1,930 steps and runs at ~280 TFLOP/s (PERF.md); splitting
+# the 2-head items into 8 parts restores exactly that launch.
+DKDV_PROGRAMS_PER_SM = 8
+# Parts per dK/dV work item; None: dkdv_split chooses (tests and benchmarks set it).
+DKDV_SPLIT: int | None = None
 
 
 def dkdv_split(items: int, device: torch.device) -> int:
-    """Parts per dK/dV work item: enough for ``DKDV_PROGRAMS_PER_SM`` programs per SM on CUDA, 2 in
-    the interpreter (so that the CPU tests run the split path); :data:`DKDV_SPLIT` overrides."""
+    """Parts per dK/dV work item: as many as keep ``items * parts`` within ``DKDV_PROGRAMS_PER_SM``
+    programs per SM on CUDA (1 for launches already that large), 2 in the interpreter (so that the
+    CPU tests run the split path); :data:`DKDV_SPLIT` overrides."""
     if DKDV_SPLIT is not None:
         return DKDV_SPLIT
     if device.type != "cuda":
         return 2
     target = DKDV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, -(-target // items))
+    return max(1, target // items)
 
 
 def attention_backward(
@@ -336,11 +342,12 @@ def attention_backward(
     if items:
         parts = dkdv_split(items, q.device)
         # Parts write float32 partial sums [parts, M, G, D], added afterwards in PyTorch rather than
-        # by atomics: the gradient stays deterministic, and the buffers stay small because a split
-        # happens only on small launches: items < target programs, M * G <= items * BLOCK_N rows, so
-        # parts * M * G < 2 * target * BLOCK_N rows (~35 MB for dK and dV at D 64 on 132 SMs).
-        dk_parts, dv_parts = (dk, dv) if parts == 1 else (k.new_empty(parts, *k.shape, dtype=torch.float32),
-                                                          v.new_empty(parts, *v.shape, dtype=torch.float32))
+        # by atomics: the gradient stays deterministic, and the buffers stay small: a key tile holds
+        # <= BLOCK_N rows, so M * G <= items * BLOCK_N and parts * M * G <= target * BLOCK_N rows
+        # (1,056 x 64 rows of D 64: 35 MB for dK and dV together on 132 SMs).
+        dk_parts, dv_parts = (
+            (dk, dv) if parts == 1 else (x.new_empty(parts, *x.shape, dtype=torch.float32) for x in (k, v))
+        )
         _attn_bwd_dkdv[(items * parts,)](
             q, k, v, dout, dk_parts, dv_parts, lse, delta,
             plan.tile_start, plan.tile_end, plan.kv_start, plan.kv_end, plan.kv_list, plan.rev_ptr, plan.rev,

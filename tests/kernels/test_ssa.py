@@ -7,9 +7,6 @@ tests run the compiled kernels at full size in bf16.
 
 import pytest
 import torch
-from meshforge.data.canonical import normalize_vertices
-from meshforge.data.sdf import voxelize
-from meshforge.data.synth import synth_mesh
 from meshforge.kernels.ssa import (
     SSAConfig,
     build_layout,
@@ -28,6 +25,10 @@ from meshforge.kernels.ssa.reference import (
     tile_sharing_error,
 )
 from meshforge.kernels.ssa.select import topk_blocks
+
+from meshforge.data.canonical import normalize_vertices
+from meshforge.data.sdf import voxelize
+from meshforge.data.synth import synth_mesh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
