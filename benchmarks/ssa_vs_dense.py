@@ -31,6 +31,7 @@ import triton
 from latent_tokens import random_tokens, surface_tokens
 from meshforge.kernels.attention import sdpa
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, range_attn, spatial_sparse_attention
+from meshforge.kernels.ssa.mix import gated_sum
 from meshforge.kernels.ssa.plans import selection_plan
 from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
@@ -101,8 +102,9 @@ def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_hea
     _, score = compression_branch(qs, k_cmp, v_cmp, layout)
     times["topk+plan"] = time_ms(lambda: selection_plan(layout, topk_blocks(score, layout), BLOCK_N))
     selection = topk_blocks(score, layout)
-    gates = torch.rand(n, HEADS, 3, device=device, dtype=DTYPE)
-    times["mix"] = time_ms(lambda: qs * gates[..., 0:1] + qs * gates[..., 1:2] + qs * gates[..., 2:3])
+    mix_leaves = [qs.detach().requires_grad_(), torch.rand(n, HEADS, 3, device=device, requires_grad=True)]
+    times["mix"], times["mix_bwd"] = fwd_bwd_ms(lambda: gated_sum(*mix_leaves[:1] * 3, mix_leaves[1], layout.perm),
+                                                mix_leaves)  # fmt: skip
     # Each branch alone, forward and backward, at each key-tile size.
     for block_n in (32, 64, 128):
         cmp_plan, win_plan = branch_plans(layout, block_n)

@@ -12,6 +12,7 @@ from meshforge.kernels.ssa import (
     build_layout,
     compress_kv,
     gathered,
+    mix,
     range_attn,
     spatial_sparse_attention,
     ssa_reference,
@@ -313,6 +314,28 @@ def test_gathered_form_equals_the_reference(shift, chunk, monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_fused_gated_sum_equals_the_pytorch_mix(head_dim):
+    """The fused kernel against the op it replaces (mix in block order, gather to the caller's order),
+    values and all four gradients, float32: each value is a sum of 3 (mix, dO) or head_dim (gate
+    gradient) float32 products in another order, within head_dim x 2^-24 < 2e-6 relative."""
+    n, heads = 150, 3  # 450 (token, head) rows: a partial last program; head dim 24 pads to 32
+    g = torch.Generator().manual_seed(50)
+    branches = [torch.randn(n, heads, head_dim, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    gates = torch.rand(n, heads, 3, generator=g).to(DEVICE).requires_grad_()
+    perm = torch.randperm(n, generator=g).to(DEVICE)
+    fused = mix.gated_sum(*branches, gates, perm)
+    in_block_order = gates[perm]
+    mixed = sum(o * in_block_order[..., b : b + 1] for b, o in enumerate(branches))
+    expected = mixed[torch.argsort(perm)]
+    assert rel_err(fused, expected) < 2e-6
+    grad = torch.randn(fused.shape, generator=g).to(DEVICE)
+    ours = torch.autograd.grad(fused, (*branches, gates), grad)
+    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
+    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
+        assert rel_err(a, b) < 2e-6, name
+
+
 def test_cpu_dispatch_is_the_gathered_form_and_checks_shapes():
     coords, cu = batch_coords([(80, 10)], seed=10)
     cfg = SSAConfig(block_cmp=2, block_slc=4, window=4, query_tile=16)
@@ -393,6 +416,25 @@ def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkey
             assert torch.equal(dq, unsplit[0]), name
             assert rel_err(dk, unsplit[1]) < 5e-3, (name, split)
             assert rel_err(dv, unsplit[2]) < 5e-3, (name, split)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_gated_sum_matches_the_pytorch_mix_in_bf16():
+    """123k tokens, 16 heads of 64, bf16, float32 gates. The kernel rounds once (<= 2^-9 relative);
+    the PyTorch mix rounds the cast gates, three products and two sums: within ~6 x 2^-9 < 1.2e-2."""
+    n, heads = 123_552, 16
+    branches = [torch.randn(n, heads, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    gates = torch.rand(n, heads, 3, device="cuda", requires_grad=True)
+    perm = torch.randperm(n, device="cuda")
+    fused = mix.gated_sum(*branches, gates, perm)
+    g = gates[perm].to(torch.bfloat16)
+    expected = (branches[0] * g[..., 0:1] + branches[1] * g[..., 1:2] + branches[2] * g[..., 2:3])[perm.argsort()]
+    assert rel_err(fused, expected) < 1.2e-2
+    grad = torch.randn_like(fused)
+    ours = torch.autograd.grad(fused, (*branches, gates), grad)
+    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
+    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
+        assert rel_err(a, b) < 1.2e-2, name
 
 
 # ---------------------------------------------------------------------------------------------
