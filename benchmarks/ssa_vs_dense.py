@@ -1,8 +1,9 @@
 """Spatial Sparse Attention vs dense attention (SDPA FlashAttention-2 and cuDNN), forward and backward.
 
     python benchmarks/ssa_vs_dense.py [--out benchmarks/results] [--quick] [--breakdown] [--sweep]
+                                      [--kv-heads 16 2]
 
-Token sets, one sequence each, 16 heads of dim 64, bf16, the same q/k/v for every method:
+Token sets, one sequence each, 16 query heads of dim 64, bf16, the same q/k/v for every method:
 
 - ``synth-*``: real sparse latents. Synth meshes (:mod:`meshforge.data.synth`) voxelised by the SDF
   voxeliser (:mod:`meshforge.data.sdf`) at the latent resolution of a 1024^3 grid under the SS-VAE's
@@ -10,11 +11,13 @@ Token sets, one sequence each, 16 heads of dim 64, bf16, the same q/k/v for ever
   largest sizes;
 - ``random-*``: uniformly random voxels at 25% occupancy of a cube (blocks fuller than surfaces').
 
-SSA runs with the released defaults (m_cmp 4, m_slc 8, top-k 8, m_win 8) and G = H (the dense
-methods' heads) on a prebuilt layout (coordinates only, shared by every layer of a model);
-its forward includes pooling, top-k and the selection plan. Backward is timed alone (autograd
-over a kept graph). Times are medians of ``triton.testing.do_bench``. Writes
-``ssa_vs_dense.json`` (device, per-size times and speedups) and ``ssa_vs_dense.png`` (table).
+SSA runs with the released defaults (m_cmp 4, m_slc 8, top-k 8, m_win 8) on a prebuilt layout
+(coordinates only, shared by every layer of a model), once per ``--kv-heads`` count: 16 (G = H) and
+2 (the released DiT's GQA groups of 8); its forward includes pooling, top-k and the selection plan.
+The dense methods are timed once per set with 16 K/V heads and shared by its rows: grouped K/V
+cost them the same FLOPs. Backward is timed alone (autograd over a kept graph). Times are medians
+of ``triton.testing.do_bench``. Writes ``ssa_vs_dense.json`` (device, per-size times and speedups)
+and ``ssa_vs_dense.png`` (table). ``--sweep`` times launch options and dK/dV splits instead.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import triton
 from latent_tokens import random_tokens, surface_tokens
 from meshforge.kernels.attention import sdpa
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, range_attn, spatial_sparse_attention
+from meshforge.kernels.ssa.mix import gated_sum
 from meshforge.kernels.ssa.plans import selection_plan
 from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
@@ -38,6 +42,7 @@ from meshforge.render import render_table_png
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, HEAD_DIM, DTYPE = 16, 64, torch.bfloat16
+DKDV_SPLITS = (1, 2, 4, 8, 16)  # --sweep: parts per dK/dV work item (range_attn.DKDV_SPLIT)
 LATENT_RES = 1024 // 8  # the SS-VAE's 8x downsampling of a 1024^3 grid
 FAMILIES = ("chair", "cabinet", "shelf", "table")
 TARGET = {"fwd_vs_fa2": 3.9, "bwd_vs_fa2": 9.6}  # the paper's figures at >= 100k tokens (floor)
@@ -65,9 +70,12 @@ def fwd_bwd_ms(forward, inputs: list[torch.Tensor]) -> tuple[float, float]:
     return fwd, bwd
 
 
-def inputs_for(n: int, seed: int, device: torch.device) -> list[torch.Tensor]:
+def inputs_for(n: int, seed: int, device: torch.device, kv_heads: int = HEADS) -> list[torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(n, HEADS, HEAD_DIM, generator=g, device=device, dtype=DTYPE) for _ in range(3))
+    q, k, v = (
+        torch.randn(n, h, HEAD_DIM, generator=g, device=device, dtype=DTYPE)
+        for h in (HEADS, kv_heads, kv_heads)
+    )
     gates = torch.rand(n, HEADS, 3, generator=g, device=device, dtype=DTYPE)
     return [t.requires_grad_() for t in (q, k, v, gates)]
 
@@ -79,11 +87,11 @@ def bench_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str)
     return fwd_bwd_ms(forward, [q, k, v])
 
 
-def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> dict[str, float]:
+def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_heads: int) -> dict[str, float]:
     """Milliseconds of each stage of the SSA forward and of each branch's backward."""
     n = len(coords)
     cu = torch.tensor([0, n], device=device)
-    q, k, v, _ = inputs_for(n, 1, device)
+    q, k, v, _ = inputs_for(n, 1, device, kv_heads)
     times = {"layout": time_ms(lambda: build_layout(coords, cu, cfg))}
     layout = build_layout(coords, cu, cfg)
     times["pool"] = time_ms(lambda: compress_kv(k, v, layout))
@@ -94,8 +102,9 @@ def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> dic
     _, score = compression_branch(qs, k_cmp, v_cmp, layout)
     times["topk+plan"] = time_ms(lambda: selection_plan(layout, topk_blocks(score, layout), BLOCK_N))
     selection = topk_blocks(score, layout)
-    gates = torch.rand(n, HEADS, 3, device=device, dtype=DTYPE)
-    times["mix"] = time_ms(lambda: qs * gates[..., 0:1] + qs * gates[..., 1:2] + qs * gates[..., 2:3])
+    mix_leaves = [qs.detach().requires_grad_(), torch.rand(n, HEADS, 3, device=device, requires_grad=True)]
+    times["mix"], times["mix_bwd"] = fwd_bwd_ms(lambda: gated_sum(*mix_leaves[:1] * 3, mix_leaves[1], layout.perm),
+                                                mix_leaves)  # fmt: skip
     # Each branch alone, forward and backward, at each key-tile size.
     for block_n in (32, 64, 128):
         cmp_plan, win_plan = branch_plans(layout, block_n)
@@ -107,6 +116,14 @@ def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> dic
         for name, (bq, bk, bv, plan) in plans.items():
             fwd_ms, bwd_ms = branch_ms([t.detach().requires_grad_() for t in (bq, bk, bv)], plan, cfg)
             times[f"{name}_fwd_bn{block_n}"], times[f"{name}_bwd_bn{block_n}"] = fwd_ms, bwd_ms
+    # The compression backward without the dK/dV split, against cmp_bwd_bn64 (split chosen by the launch size).
+    range_attn.DKDV_SPLIT = 1
+    cmp_plan, _ = branch_plans(layout)
+    times["cmp_bwd_bn64_unsplit"] = branch_ms(
+        [t.detach().requires_grad_() for t in (qs, k_cmp, v_cmp)], cmp_plan, cfg
+    )[1]
+    range_attn.DKDV_SPLIT = None
+    times["cmp_dkdv_split"] = range_attn.dkdv_split(len(cmp_plan.kv_start) * kv_heads, device)
     return times
 
 
@@ -116,13 +133,25 @@ def branch_ms(leaves: list[torch.Tensor], plan, cfg: SSAConfig) -> tuple[float, 
     )
 
 
-def sweep(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> list[dict]:
-    """Time the whole SSA forward/backward under alternative launch options of each kernel."""
+def sweep(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_heads: int) -> list[dict]:
+    """Time the whole SSA forward/backward under alternative launch options of each kernel, and
+    under each dK/dV split (parts per work item)."""
     n = len(coords)
     cu = torch.tensor([0, n], device=device)
     layout = build_layout(coords, cu, cfg)
-    q, k, v, gates = inputs_for(n, 2, device)
+    inputs = inputs_for(n, 2, device, kv_heads)
     rows = []
+
+    def timed(kernel: str, option: dict) -> None:
+        try:
+            fwd, bwd = ssa_ms(inputs, layout)
+        except (triton.runtime.errors.OutOfResources, triton.CompilationError) as exc:
+            fwd = bwd = float("nan")
+            print(f"  {kernel} {option}: {type(exc).__name__}")
+        rows.append({"kernel": kernel, "kv_heads": kv_heads, **{k_: str(v_) for k_, v_ in option.items()},
+                     "fwd_ms": fwd, "bwd_ms": bwd})  # fmt: skip
+        print(rows[-1])
+
     candidates = {
         "fwd": [
             {"BLOCK_N": bn, "num_warps": w, "num_stages": s}
@@ -142,38 +171,46 @@ def sweep(coords: torch.Tensor, cfg: SSAConfig, device: torch.device) -> list[di
         default = range_attn.LAUNCH[kernel][64]
         for option in options:
             range_attn.LAUNCH[kernel][64] = option
-            try:
-                fwd, bwd = fwd_bwd_ms(
-                    lambda: spatial_sparse_attention(q, k, v, gates, None, cu, cfg, layout=layout),
-                    [q, k, v, gates],
-                )
-            except (triton.runtime.errors.OutOfResources, triton.CompilationError) as exc:
-                fwd = bwd = float("nan")
-                print(f"  {kernel} {option}: {type(exc).__name__}")
-            rows.append(
-                {"kernel": kernel, **{k_: str(v_) for k_, v_ in option.items()}, "fwd_ms": fwd, "bwd_ms": bwd}
-            )
-            print(rows[-1])
+            timed(kernel, option)
         range_attn.LAUNCH[kernel][64] = default
+    for split in DKDV_SPLITS:
+        range_attn.DKDV_SPLIT = split
+        timed("dkdv_split", {"split": split})
+    range_attn.DKDV_SPLIT = None
     return rows
 
 
-def bench_set(name: str, coords: torch.Tensor, cfg: SSAConfig, skip_dense_above: int) -> dict:
+def ssa_ms(inputs: list[torch.Tensor], layout) -> tuple[float, float]:
+    q, k, v, gates = inputs
+    return fwd_bwd_ms(
+        lambda: spatial_sparse_attention(q, k, v, gates, None, layout.cu_seqlens, layout.cfg, layout=layout),
+        inputs,
+    )
+
+
+def bench_set(name: str, coords: torch.Tensor, cfg: SSAConfig, skip_dense_above: int,
+              kv_heads: list[int]) -> list[dict]:  # fmt: skip
+    """One row per KV-head count: SSA's times, the dense methods' (timed once) and the speedups."""
     n = len(coords)
     cu = torch.tensor([0, n], device=coords.device)
     layout = build_layout(coords, cu, cfg)
-    q, k, v, gates = inputs_for(n, 0, coords.device)
-    ssa_fwd, ssa_bwd = fwd_bwd_ms(
-        lambda: spatial_sparse_attention(q, k, v, gates, coords, cu, cfg, layout=layout), [q, k, v, gates]
-    )
-    row = {"set": name, "tokens": n, "ssa_fwd_ms": ssa_fwd, "ssa_bwd_ms": ssa_bwd,
-           "cmp_blocks": len(layout.cmp_offsets) - 1, "slc_blocks": len(layout.slc_offsets) - 1}  # fmt: skip
+    dense = {}
     if n <= skip_dense_above:
+        q, k, v, _ = inputs_for(n, 0, coords.device)
         for label, backend in (("fa2", "flash"), ("cudnn", "cudnn")):
-            fwd, bwd = bench_dense(q, k, v, backend)
+            dense[label] = bench_dense(q, k, v, backend)
+    cmp_plan, _ = branch_plans(layout)
+    rows = []
+    for groups in kv_heads:
+        ssa_fwd, ssa_bwd = ssa_ms(inputs_for(n, 0, coords.device, groups), layout)
+        row = {"set": name, "tokens": n, "kv_heads": groups, "ssa_fwd_ms": ssa_fwd, "ssa_bwd_ms": ssa_bwd,
+               "cmp_blocks": len(layout.cmp_offsets) - 1, "slc_blocks": len(layout.slc_offsets) - 1,
+               "cmp_dkdv_split": range_attn.dkdv_split(len(cmp_plan.kv_start) * groups, coords.device)}  # fmt: skip
+        for label, (fwd, bwd) in dense.items():
             row.update({f"{label}_fwd_ms": fwd, f"{label}_bwd_ms": bwd,
                         f"fwd_speedup_vs_{label}": fwd / ssa_fwd, f"bwd_speedup_vs_{label}": bwd / ssa_bwd})  # fmt: skip
-    return row
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -185,7 +222,16 @@ def main() -> None:
     parser.add_argument(
         "--skip-dense-above", type=int, default=10**9, help="skip dense baselines above N tokens"
     )
+    parser.add_argument(
+        "--kv-heads",
+        type=int,
+        nargs="+",
+        default=[HEADS, 2],
+        help=f"SSA's K/V head counts (dividing {HEADS})",
+    )
     args = parser.parse_args()
+    if any(HEADS % g for g in args.kv_heads):
+        parser.error(f"--kv-heads must divide {HEADS}, got {args.kv_heads}")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
     device = torch.device("cuda")
@@ -193,48 +239,54 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         coords = surface_tokens("table", LATENT_RES, device)
+        rows = [row for groups in args.kv_heads for row in sweep(coords, cfg, device, groups)]
         atomic_write_json(args.out / "ssa_vs_dense_sweep.json", {"device": torch.cuda.get_device_name(),
-                          "tokens": len(coords), "rows": sweep(coords, cfg, device)})  # fmt: skip
+                          "tokens": len(coords), "rows": rows})  # fmt: skip
         return
     sets = token_sets(args.quick, device)
     result: dict = {
         "benchmark": "ssa_vs_dense",
         "device": torch.cuda.get_device_name(),
         "software": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
-        "setup": {"heads": HEADS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bf16", "batch": 1,
+        "setup": {"heads": HEADS, "kv_heads": args.kv_heads, "head_dim": HEAD_DIM, "dtype": "bf16", "batch": 1,
                   "ssa": {"block_cmp": cfg.block_cmp, "block_slc": cfg.block_slc, "topk": cfg.topk,
                           "window": cfg.window, "query_tile": cfg.query_tile},
-                  "timing": "median of triton.testing.do_bench; backward alone; SSA on a prebuilt layout"},
+                  "timing": "median of triton.testing.do_bench; backward alone; SSA on a prebuilt layout",
+                  "dense": f"timed once per set with {HEADS} K/V heads, shared by the set's kv_heads rows"},
         "target_at_100k": TARGET,
         "aim_at_100k": AIM,
         "sizes": [],
     }  # fmt: skip
     for name, coords in sets:
-        result["sizes"].append(bench_set(name, coords, cfg, args.skip_dense_above))
-        print(
-            {k: round(v, 3) if isinstance(v, float) else v for k, v in result["sizes"][-1].items()},
-            flush=True,
-        )
+        for row in bench_set(name, coords, cfg, args.skip_dense_above, args.kv_heads):
+            result["sizes"].append(row)
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         torch.cuda.empty_cache()
 
-    big = [r for r in result["sizes"] if r["tokens"] >= 100_000 and "fwd_speedup_vs_fa2" in r]
-    if big:
-        result["at_100k_plus"] = {
-            "min_fwd_speedup_vs_fa2": min(r["fwd_speedup_vs_fa2"] for r in big),
-            "min_bwd_speedup_vs_fa2": min(r["bwd_speedup_vs_fa2"] for r in big),
-        }
+    result["at_100k_plus"] = {}
+    for groups in args.kv_heads:
+        big = [r for r in result["sizes"]
+               if r["kv_heads"] == groups and r["tokens"] >= 100_000 and "fwd_speedup_vs_fa2" in r]  # fmt: skip
+        if big:
+            result["at_100k_plus"][f"kv_heads_{groups}"] = {
+                "min_fwd_speedup_vs_fa2": min(r["fwd_speedup_vs_fa2"] for r in big),
+                "min_bwd_speedup_vs_fa2": min(r["bwd_speedup_vs_fa2"] for r in big),
+            }
     if args.breakdown:
         coords = dict(sets)[f"synth-table-R{LATENT_RES}"]
-        result["breakdown_ms"] = {"tokens": len(coords), **breakdown(coords, cfg, device)}
+        result["breakdown_ms"] = [
+            {"tokens": len(coords), "kv_heads": groups, **breakdown(coords, cfg, device, groups)}
+            for groups in args.kv_heads
+        ]
         print(result["breakdown_ms"])
     atomic_write_json(args.out / "ssa_vs_dense.json", result)
-    columns = ("set", "tokens", "ssa_fwd_ms", "ssa_bwd_ms", "fa2_fwd_ms", "fa2_bwd_ms", "cudnn_fwd_ms",
+    columns = ("set", "tokens", "kv_heads", "ssa_fwd_ms", "ssa_bwd_ms", "fa2_fwd_ms", "fa2_bwd_ms", "cudnn_fwd_ms",
                "cudnn_bwd_ms", "fwd_speedup_vs_fa2", "bwd_speedup_vs_fa2", "fwd_speedup_vs_cudnn", "bwd_speedup_vs_cudnn")  # fmt: skip
     table = [{c: r.get(c) for c in columns} for r in result["sizes"]]
     render_table_png(
         table,
         args.out / "ssa_vs_dense.png",
-        title=f"SSA vs dense attention, {result['device']}, bf16, H16 D64",
+        title=f"SSA vs dense attention, {result['device']}, bf16, H{HEADS} D{HEAD_DIM}",
     )
     for r in table:
         print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in columns))

@@ -4,7 +4,8 @@
 ``build_layout`` precomputes the coordinate bookkeeping for reuse across layers; ``compress_kv`` is
 the default block pooling. Forms: ``reference.py`` (the definition, dense masks, O(n^2)),
 ``gathered.py`` (PyTorch, memory linear in the tokens: the CPU path) and ``triton_path.py`` (the
-range-attention kernels of ``range_attn.py`` over the index plans of ``plans.py``: the CUDA path).
+range-attention kernels of ``range_attn.py`` over the index plans of ``plans.py``, the gated sum of
+``mix.py``: the CUDA path).
 Triton is imported only when the kernel path runs.
 """
 

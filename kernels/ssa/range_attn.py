@@ -5,7 +5,9 @@ program owns a query tile of ``BLOCK_M`` rows and one head and walks its key ran
 at a time, with the online softmax of FlashAttention in base 2 (``exp2`` of log2e-scaled logits;
 the saved log-sum-exp is base 2 too). Backward is FlashAttention-2's split: one kernel for dQ over
 the same ranges, one for dK/dV per key tile over the reverse list of query tiles that read it, all
-heads of the GQA group in one program, so every gradient row has a single writer.
+heads of the GQA group in one program, so every gradient row has a single writer. Where that makes
+too few programs to fill the GPU (few KV heads, few key tiles), each is split into parts over its
+(head, query tile) steps whose float32 partial sums are added afterwards (:func:`dkdv_split`).
 
 Masked logits are a large finite negative rather than -inf: a row whose first key chunk is
 entirely masked (window branch) then accumulates junk with weight 1, which the rescale factor
@@ -164,13 +166,16 @@ def _attn_bwd_dq(
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     tile_start, tile_end, kv_start, kv_end, kv_list, rev_ptr, rev, rev_gstride, win_q, win_k, work,
-    stride_qn, stride_qh, stride_kn, stride_kh,
-    n_heads, n_groups, qk_scale, sm_scale, head_dim,
+    stride_qn, stride_qh, stride_kn, stride_kh, part_stride,
+    n_heads, n_groups, n_parts, qk_scale, sm_scale, head_dim,
     HPG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_WIN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # K, V, DK and DV share one layout (contiguous [M, G, D]); Q and DO another.
-    item = tl.load(work + tl.program_id(0))  # (key tile, group) pairs, longest reverse list first
+    # K, V, DK and DV share one layout (contiguous [M, G, D]); Q and DO another. With n_parts > 1,
+    # DK and DV are float32 [n_parts, M, G, D] partial sums, ``part_stride`` apart.
+    p = tl.program_id(0)
+    item = tl.load(work + p // n_parts)  # (key tile, group) pairs, longest reverse list first
+    part = p % n_parts
     j = item // n_groups
     g = item % n_groups
     cols = tl.load(kv_start + j) + tl.arange(0, BLOCK_N)
@@ -185,27 +190,31 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lid = tl.load(kv_list + j)
     i_lo = tl.load(rev_ptr + g * rev_gstride + lid)
-    i_hi = tl.load(rev_ptr + g * rev_gstride + lid + 1)
-    for hh in range(HPG):
-        h = g * HPG + hh
-        for i in range(i_lo, i_hi):
-            t = tl.load(rev + i)
-            rows = tl.load(tile_start + t) + tl.arange(0, BLOCK_M)
-            row_ok = rows < tl.load(tile_end + t)
-            q = _load_rows(Q, rows, row_ok, h, stride_qn, stride_qh, d, d_ok)
-            do = _load_rows(DO, rows, row_ok, h, stride_qn, stride_qh, d, d_ok)
-            lse = tl.load(LSE + rows.to(tl.int64) * n_heads + h, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + rows.to(tl.int64) * n_heads + h, mask=row_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            valid = col_ok[:, None] & row_ok[None, :]
-            if MASK_WIN:
-                valid = valid & (wk[:, None] == tl.load(win_q + rows, mask=row_ok, other=-1)[None, :])
-            pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    offs = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :]
+    n_rev = tl.load(rev_ptr + g * rev_gstride + lid + 1) - i_lo
+    # The item's steps are (head of the group, query tile of the reverse list) pairs, head-major;
+    # part ``part`` takes an equal share of them (all of them when n_parts is 1).
+    steps = HPG * n_rev
+    for f in range(part * steps // n_parts, (part + 1) * steps // n_parts):
+        h = g * HPG + f // n_rev
+        t = tl.load(rev + i_lo + f % n_rev)
+        rows = tl.load(tile_start + t) + tl.arange(0, BLOCK_M)
+        row_ok = rows < tl.load(tile_end + t)
+        q = _load_rows(Q, rows, row_ok, h, stride_qn, stride_qh, d, d_ok)
+        do = _load_rows(DO, rows, row_ok, h, stride_qn, stride_qh, d, d_ok)
+        lse = tl.load(LSE + rows.to(tl.int64) * n_heads + h, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + rows.to(tl.int64) * n_heads + h, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        valid = col_ok[:, None] & row_ok[None, :]
+        if MASK_WIN:
+            valid = valid & (wk[:, None] == tl.load(win_q + rows, mask=row_ok, other=-1)[None, :])
+        pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    offs = (
+        cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :] + part.to(tl.int64) * part_stride
+    )
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
@@ -284,6 +293,28 @@ def _longest_first(plan: AttnPlan, groups: int) -> Tensor:
     return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
 
 
+# dK/dV programs per SM to aim for. One program per (key tile, KV head) leaves an H100/H200 mostly
+# idle when KV heads are few: the compression branch at 123k tokens with 2 KV heads launches 128
+# programs on 132 SMs, each over 8 heads x 1,930 query tiles. With 16 KV heads the same branch
+# launches 1,024 programs (~8 per SM) of 1,930 steps and runs at ~280 TFLOP/s (PERF.md); splitting
+# the 2-head items into 8 parts restores exactly that launch.
+DKDV_PROGRAMS_PER_SM = 8
+# Parts per dK/dV work item; None: dkdv_split chooses (tests and benchmarks set it).
+DKDV_SPLIT: int | None = None
+
+
+def dkdv_split(items: int, device: torch.device) -> int:
+    """Parts per dK/dV work item: as many as keep ``items * parts`` within ``DKDV_PROGRAMS_PER_SM``
+    programs per SM on CUDA (1 for launches already that large), 2 in the interpreter (so that the
+    CPU tests run the split path); :data:`DKDV_SPLIT` overrides."""
+    if DKDV_SPLIT is not None:
+        return DKDV_SPLIT
+    if device.type != "cuda":
+        return 2
+    target = DKDV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, target // items)
+
+
 def attention_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, plan: AttnPlan, block_m: int,
     scale: float,
@@ -307,14 +338,25 @@ def attention_backward(
             win_q, win_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             heads, scale * LOG2E, scale, head_dim, **common, **_launch_options("dq", head_dim, plan),
         )  # fmt: skip
-    if len(plan.kv_start):
-        _attn_bwd_dkdv[(len(plan.kv_start) * groups,)](
-            q, k, v, dout, dk, dv, lse, delta,
+    items = len(plan.kv_start) * groups
+    if items:
+        parts = dkdv_split(items, q.device)
+        # Parts write float32 partial sums [parts, M, G, D], added afterwards in PyTorch rather than
+        # by atomics: the gradient stays deterministic, and the buffers stay small: a key tile holds
+        # <= BLOCK_N rows, so M * G <= items * BLOCK_N and parts * M * G <= target * BLOCK_N rows
+        # (1,056 x 64 rows of D 64: 35 MB for dK and dV together on 132 SMs).
+        dk_parts, dv_parts = (
+            (dk, dv) if parts == 1 else (x.new_empty(parts, *x.shape, dtype=torch.float32) for x in (k, v))
+        )
+        _attn_bwd_dkdv[(items * parts,)](
+            q, k, v, dout, dk_parts, dv_parts, lse, delta,
             plan.tile_start, plan.tile_end, plan.kv_start, plan.kv_end, plan.kv_list, plan.rev_ptr, plan.rev,
             plan.rev_gstride, win_q, win_k, _longest_first(plan, groups), q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), heads, groups, scale * LOG2E, scale, head_dim, **common,
+            k.stride(1), k.numel(), heads, groups, parts, scale * LOG2E, scale, head_dim, **common,
             **_launch_options("dkdv", head_dim, plan),
         )  # fmt: skip
+        if parts > 1:
+            dk, dv = dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
     return dq, dk, dv
 
 

@@ -7,7 +7,8 @@ What :func:`meshforge.kernels.ssa.spatial_sparse_attention` runs on CUDA (and on
    windows are shifted or differ from the selection blocks);
 2. compression branch kernel: attention to the sequence's block tokens, plus the block scores;
 3. ``topk`` over the scores per query tile and group (:func:`topk_blocks`) -> the selection plan;
-4. selection and window branch kernels; gated sum back in the caller's order.
+4. selection and window branch kernels; the gated sum, written in the caller's order by one kernel
+   (:mod:`~meshforge.kernels.ssa.mix`).
 
 Layouts and the compression/window plans depend only on the coordinates (:func:`branch_plans`
 caches them on the layout, so layers sharing a layout share them). Each stage is a function of its
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from meshforge.kernels.ssa.blocks import SSALayout
 from meshforge.kernels.ssa.compress import pool_sorted
+from meshforge.kernels.ssa.mix import gated_sum
 from meshforge.kernels.ssa.plans import AttnPlan, compression_plan, selection_plan, window_plan
 from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
@@ -109,7 +111,4 @@ def ssa_triton(
     selection = topk_blocks(score, layout)
     o_slc = selection_branch(qs, ks, vs, layout, selection)
     o_win = window_branch(q, k, v, qs, ks, vs, layout)
-    # Mix in block order (gates move there once), then one gather back to the caller's order.
-    g = to_block_order(gates, layout).to(q.dtype)
-    mixed = o_cmp * g[..., 0:1] + o_slc * g[..., 1:2] + o_win * g[..., 2:3]
-    return _Permute.apply(mixed, layout.inv_perm, layout.perm), selection
+    return gated_sum(o_cmp, o_slc, o_win, gates, layout.perm), selection

@@ -12,16 +12,24 @@ from meshforge.kernels.ssa import (
     build_layout,
     compress_kv,
     gathered,
+    mix,
+    range_attn,
     spatial_sparse_attention,
     ssa_reference,
     triton_path,
 )
+from meshforge.kernels.ssa.plans import selection_plan
 from meshforge.kernels.ssa.reference import (
     block_scores_reference,
     compress_reference,
     masked_attention,
     tile_sharing_error,
 )
+from meshforge.kernels.ssa.select import topk_blocks
+
+from meshforge.data.canonical import normalize_vertices
+from meshforge.data.sdf import voxelize
+from meshforge.data.synth import synth_mesh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -226,6 +234,64 @@ def test_selection_of_every_block_is_dense_attention(small_key_tiles):
         assert rel_err(out[a:e], dense) < 1e-5
 
 
+def plan_mask(plan, n_queries: int, n_keys: int, groups: int) -> torch.Tensor:
+    """``[G, queries, keys]``: which keys each query reads under ``plan``, from its CSR arrays."""
+    mask = torch.zeros(groups, n_queries, n_keys, dtype=torch.bool)
+    ptr, start, end = (x.cpu().tolist() for x in (plan.rng_ptr, plan.rng_start, plan.rng_end))
+    for g in range(groups):
+        for t, (a, e) in enumerate(zip(plan.tile_start.tolist(), plan.tile_end.tolist())):
+            for r in range(ptr[g * plan.rng_gstride + t], ptr[g * plan.rng_gstride + t + 1]):
+                mask[g, a:e, start[r] : end[r]] = True
+    if plan.win_q is not None:
+        mask &= plan.win_q.cpu()[None, :, None] == plan.win_k.cpu()[None, None, :]
+    return mask
+
+
+def branch_gradients(q, k, v, plan, tile, grad_out, split, monkeypatch):
+    """(dQ, dK, dV) of one range-attention call with ``split`` parts per dK/dV work item."""
+    monkeypatch.setattr(range_attn, "DKDV_SPLIT", split)
+    out = range_attn.RangeAttention.apply(q, k, v, plan, tile, q.shape[-1] ** -0.5, None)
+    return torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+@pytest.mark.parametrize("branch", ["compression", "selection", "window"])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_split_dkdv_equals_unsplit_and_the_reference(branch, groups, small_key_tiles, monkeypatch):
+    """dK/dV split into 2 or 3 parts per (key tile, KV head) equal the unsplit kernel's and the
+    masked definition's; dQ is untouched (bit for bit). Float32 throughout: a split only changes the
+    order of the float32 sums (each gradient row adds <= heads x tiles x tile rows = 4 x 9 x 16 = 576
+    products), so the parts differ from one sum by ~sqrt(576) x 2^-24 ~ 1.5e-6 relative in norm
+    (576 x 2^-24 ~ 3.4e-5 at worst), far inside 1e-5 for the random-order case the sums are."""
+    coords, cu = batch_coords([(90, 10), (0, 4), (40, 8)], seed=30)
+    cfg = SSAConfig(block_cmp=2, block_slc=4, topk=2, window=4, shift=2, query_tile=16)
+    layout = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
+    n, heads = len(coords), 4
+    q, k, v, _ = random_inputs(n, heads, groups, 16, seed=31)
+    cmp_plan, win_plan = triton_path.branch_plans(layout)
+    if branch == "compression":
+        k, v = (compress_kv(k, v, layout)[i].detach().requires_grad_() for i in (0, 1))
+        plan = cmp_plan
+    elif branch == "selection":
+        scores = torch.rand(len(layout.tile_start), groups, cmp_plan.score_width,
+                            generator=torch.Generator().manual_seed(32)).to(DEVICE)  # fmt: skip
+        plan = selection_plan(layout, topk_blocks(scores, layout), triton_path.BLOCK_N)
+    else:
+        plan = win_plan
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
+    unsplit = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, 1, monkeypatch)
+    mask = plan_mask(plan, n, len(k), groups).repeat_interleave(heads // groups, 0).to(DEVICE)
+    ref_out, _ = masked_attention(q, k, v, mask, 16**-0.5)
+    reference = torch.autograd.grad(ref_out, (q, k, v), grad_out)
+    for split in (2, 3):
+        dq, dk, dv = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, split, monkeypatch)
+        assert torch.equal(dq, unsplit[0])
+        for name, a, b, ref in (("k", dk, unsplit[1], reference[1]), ("v", dv, unsplit[2], reference[2])):
+            assert rel_err(a, b) < 1e-5, name
+            assert rel_err(a, ref) < 1e-5, name
+    for name, a, ref in zip("qkv", unsplit, reference):
+        assert rel_err(a, ref) < 1e-5, name
+
+
 @pytest.mark.parametrize("shift", [0, 2])
 @pytest.mark.parametrize("chunk", [1 << 24, 1 << 12])
 def test_gathered_form_equals_the_reference(shift, chunk, monkeypatch):
@@ -246,6 +312,28 @@ def test_gathered_form_equals_the_reference(shift, chunk, monkeypatch):
     ref_grads = torch.autograd.grad(ref, (q, k, v, gates), grad)
     for name, a, b in zip(["q", "k", "v", "gates"], grads, ref_grads):
         assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_fused_gated_sum_equals_the_pytorch_mix(head_dim):
+    """The fused kernel against the op it replaces (mix in block order, gather to the caller's order),
+    values and all four gradients, float32: each value is a sum of 3 (mix, dO) or head_dim (gate
+    gradient) float32 products in another order, within head_dim x 2^-24 < 2e-6 relative."""
+    n, heads = 150, 3  # 450 (token, head) rows: a partial last program; head dim 24 pads to 32
+    g = torch.Generator().manual_seed(50)
+    branches = [torch.randn(n, heads, head_dim, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    gates = torch.rand(n, heads, 3, generator=g).to(DEVICE).requires_grad_()
+    perm = torch.randperm(n, generator=g).to(DEVICE)
+    fused = mix.gated_sum(*branches, gates, perm)
+    in_block_order = gates[perm]
+    mixed = sum(o * in_block_order[..., b : b + 1] for b, o in enumerate(branches))
+    expected = mixed[torch.argsort(perm)]
+    assert rel_err(fused, expected) < 2e-6
+    grad = torch.randn(fused.shape, generator=g).to(DEVICE)
+    ours = torch.autograd.grad(fused, (*branches, gates), grad)
+    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
+    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
+        assert rel_err(a, b) < 2e-6, name
 
 
 def test_cpu_dispatch_is_the_gathered_form_and_checks_shapes():
@@ -294,6 +382,59 @@ def test_gpu_full_selection_equals_flash_attention():
     out, _ = triton_path.ssa_triton(q, k, v, only_selection, lay, *compress_kv(k, v, lay))
     dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
     assert rel_err(out, dense[0].transpose(0, 1)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkeypatch):
+    """The released DiT's heads (16 query, 2 KV, dim 64, bf16) on the synth table's surface band at
+    the 1024^3 grid's latent resolution (123,552 tokens): each branch's dK/dV with the automatic split
+    (several parts per work item for the compression branch) and with 5 parts equal the unsplit ones.
+    Both sum the same bf16 products in float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative
+    for the ~1e6 terms of a compression row), and round once to bf16 (<= 2^-9 relative each): within
+    2^-8 + 1e-4 < 5e-3 in norm. dQ's kernel is untouched: bit for bit."""
+    vertices, faces = synth_mesh("table", seed=0, index=0)
+    coords = voxelize(normalize_vertices(vertices) * 0.9, faces, 128, band=1.0, device="cuda").coords.long()
+    cfg = SSAConfig()
+    layout = build_layout(coords, torch.tensor([0, len(coords)], device="cuda"), cfg)
+    assert len(coords) > 100_000
+    q, k, v, _ = random_inputs(len(coords), 16, 2, 64, seed=40, dtype=torch.bfloat16)
+    qs, ks, vs = (triton_path.to_block_order(t, layout).detach().requires_grad_() for t in (q, k, v))
+    k_cmp, v_cmp = (t.detach().requires_grad_() for t in compress_kv(ks, vs, layout))
+    cmp_plan, win_plan = triton_path.branch_plans(layout)
+    assert range_attn.dkdv_split(len(cmp_plan.kv_start) * 2, qs.device) > 1
+    _, score = triton_path.compression_branch(qs, k_cmp, v_cmp, layout)
+    branches = {
+        "compression": (k_cmp, v_cmp, cmp_plan),
+        "selection": (ks, vs, selection_plan(layout, topk_blocks(score, layout), triton_path.BLOCK_N)),
+        "window": (ks, vs, win_plan),
+    }
+    grad_out = torch.randn_like(qs)
+    for name, (bk, bv, plan) in branches.items():
+        unsplit = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, 1, monkeypatch)
+        for split in (None, 5):
+            dq, dk, dv = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, split, monkeypatch)
+            assert torch.equal(dq, unsplit[0]), name
+            assert rel_err(dk, unsplit[1]) < 5e-3, (name, split)
+            assert rel_err(dv, unsplit[2]) < 5e-3, (name, split)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_gated_sum_matches_the_pytorch_mix_in_bf16():
+    """123k tokens, 16 heads of 64, bf16, float32 gates. The kernel rounds once (<= 2^-9 relative);
+    the PyTorch mix rounds the cast gates, three products and two sums: within ~6 x 2^-9 < 1.2e-2."""
+    n, heads = 123_552, 16
+    branches = [torch.randn(n, heads, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    gates = torch.rand(n, heads, 3, device="cuda", requires_grad=True)
+    perm = torch.randperm(n, device="cuda")
+    fused = mix.gated_sum(*branches, gates, perm)
+    g = gates[perm].to(torch.bfloat16)
+    expected = (branches[0] * g[..., 0:1] + branches[1] * g[..., 1:2] + branches[2] * g[..., 2:3])[perm.argsort()]
+    assert rel_err(fused, expected) < 1.2e-2
+    grad = torch.randn_like(fused)
+    ours = torch.autograd.grad(fused, (*branches, gates), grad)
+    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
+    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
+        assert rel_err(a, b) < 1.2e-2, name
 
 
 # ---------------------------------------------------------------------------------------------
