@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -312,8 +313,27 @@ def sample_section(sizes: Sizes, device: torch.device, steps: int = 30, cfg_scal
 # recipe_r256
 
 
-def recipe_section(run: Path) -> dict:
-    """The R 256 recipe's figures from its run folder (the paths recipes/direct3d_r256.yaml writes)."""
+# The run's small outputs, kept beside the JSON: run folders hold GBs of data and checkpoints.
+RECIPE_KEEP = ("samples/dit/grid.png", "samples/dit/stats.json", "eval/*.json", "manifests/*.json",
+               "vae/summary.json", "vae/metrics.csv", "vae/curves.png", "vae/config.yaml",
+               "dit/summary.json", "dit/metrics.csv", "dit/curves.png", "dit/config.yaml")
+
+
+def keep_recipe_outputs(run: Path, keep: Path) -> list[str]:
+    """Copy :data:`RECIPE_KEEP` from ``run`` into ``keep`` (same relative paths); the copied paths."""
+    copied = []
+    for pattern in RECIPE_KEEP:
+        for source in sorted(run.glob(pattern)):
+            target = keep / source.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            copied.append(str(source.relative_to(run)))
+    return copied
+
+
+def recipe_section(run: Path, keep: Path) -> dict:
+    """The R 256 recipe's figures from its run folder (the paths recipes/direct3d_r256.yaml writes),
+    its small outputs copied into ``keep``."""
 
     def read(relative: str) -> dict:
         path = run / relative
@@ -325,9 +345,11 @@ def recipe_section(run: Path) -> dict:
     generation = read("eval/generation.json")
     keep_recon = ("chamfer", "fscore", "normal_consistency", "input_sdf_chamfer", "input_sdf_fscore",
                   "input_sdf_normal_consistency", "meshes", "failed")
+    kept = keep_recipe_outputs(run, keep)
     return {
         "run": str(run),
-        "grid_png": str(run / "samples" / "dit" / "grid.png"),
+        "kept_in": str(keep),
+        "grid_png": str(keep / "samples" / "dit" / "grid.png") if "samples/dit/grid.png" in kept else None,
         "wall_time_s": wall,
         "total_wall_time_s": round(sum(v for v in wall.values() if v), 1),
         "recon": {k: recon.get(k) for k in keep_recon} if "missing" not in recon else recon,
@@ -410,7 +432,7 @@ def main() -> None:
         if "sample" in sections:
             result["sample"] = sample_section(sizes, device)
     if "recipe_r256" in sections:
-        result["recipe_r256"] = recipe_section(args.recipe_run)
+        result["recipe_r256"] = recipe_section(args.recipe_run, out.parent / "direct3d_r256")
     atomic_write_json(out, result)
 
     shown = table_rows(result)

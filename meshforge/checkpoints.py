@@ -222,8 +222,10 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
     try:
         load_safetensors_model(model, str(path), device=str(device))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(step_dir, f"weights do not fit the model ({first})") from None
+        # torch's first line only names the model class; the first mismatch is what helps.
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = next((line for line in lines[1:] if "mismatch" in line or "key" in line), lines[0])
+        raise InputError(step_dir, f"weights do not fit the model ({first.rstrip('.')})") from None
     except (OSError, SafetensorError) as exc:
         raise InputError(path, f"unreadable weights ({_first_line(exc)})") from None
 

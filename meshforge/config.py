@@ -190,9 +190,22 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# A training run's config.yaml records its stage options under this key (beside the trainer's and
+# the model's resolved sections), so that the file can be passed back as the stage's --config.
+RUN_RECORD_STAGE_KEY = "task_config"
+
+
+def load_stage_yaml(path: Path) -> dict[str, Any]:
+    """A stage's options from a YAML file: a file of them, or a training run's ``config.yaml``."""
+    data = load_yaml(path)
+    if isinstance(data.get(RUN_RECORD_STAGE_KEY), dict) and "task" in data:
+        return data[RUN_RECORD_STAGE_KEY]
+    return data
+
+
 def load_config(cls: type[T], path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults < YAML file < explicit overrides (already parsed)."""
-    data = load_yaml(path) if path else {}
+    """Defaults < YAML file (:func:`load_stage_yaml`) < explicit overrides (already parsed)."""
+    data = load_stage_yaml(path) if path else {}
     for key, value in (overrides or {}).items():
         set_path(data, key.split("."), value)
     return from_dict(cls, data)

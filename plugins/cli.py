@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from meshforge.config import field_help, field_types, from_dict, load_yaml, parse_override, set_path
+from meshforge.config import field_help, field_types, from_dict, load_stage_yaml, parse_override, set_path
 from meshforge.errors import ConfigError, MeshforgeError
 from meshforge.runtime import console
 from meshforge.stages import RunContext, Stage, discover_stages, save_stage_record, with_context_defaults
@@ -166,7 +166,7 @@ def _parameters(stage: Stage) -> list[inspect.Parameter]:
     params += [
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                           default=typer.Option(None, "--config", metavar="FILE.yaml",
-                                               help="YAML file of this stage's options.")),
+                                               help="YAML file of this stage's options (a training run's config.yaml too).")),
         inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
                           default=typer.Option(None, "--set", metavar="KEY=VALUE",
                                                help="Override any option, nested keys with dots (model.dim=256).")),
@@ -193,7 +193,7 @@ def build_config(
 ) -> Any:
     """Defaults < global --device/--seed < --config file < options on the command line < --set;
     paths still missing then come from the workspace convention (``stage.workspace``)."""
-    data = load_yaml(config_file) if config_file else {}
+    data = load_stage_yaml(config_file) if config_file else {}
     for name, value in given.items():
         if value is not None:
             data[name] = value

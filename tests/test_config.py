@@ -64,6 +64,15 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     assert config_hash(cfg) == config_hash(from_dict(Outer, to_dict(cfg)))
 
 
+def test_a_training_runs_config_yaml_loads_back_as_the_stage_config(tmp_path):
+    # The record the trainer writes: its stage options under task_config, beside other sections.
+    stage = from_dict(Outer, {"data": "d", "note": "run", "inner": {"width": 7}})
+    save_config({"task": "ss-vae", "train": {"steps": 3}, "model": {"width": 7}, "task_config": stage},
+                tmp_path / "config.yaml")
+    loaded = load_config(Outer, tmp_path / "config.yaml", {"note": "resumed"})
+    assert loaded.inner.width == 7 and loaded.data == Path("d") and loaded.note == "resumed"
+
+
 def test_bad_yaml_is_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):

@@ -38,7 +38,7 @@ from meshforge.checkpoints import (
     step_name,
 )
 from meshforge.config import save_config, to_dict
-from meshforge.errors import MeshforgeError
+from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_write_json, remove_stale_temporaries
 from meshforge.runtime import (
     capture_rng,
@@ -204,7 +204,11 @@ class TrainingRun:
             )
         if len(state["optimizers"]) != len(self.optimizers):
             raise MeshforgeError(f"{step_dir} was trained with a different optimizer setup than --optimizer {self.cfg.optimizer}")
-        load_weights(self.model, step_dir)
+        try:
+            load_weights(self.model, step_dir)
+        except InputError as exc:
+            record = self.out_dir / "config.yaml"
+            raise MeshforgeError(f"{exc}; the run's options are in {record}: resume with --config {record}") from None
         if self.ema is not None:
             averages = load_ema(step_dir)
             if averages is None:

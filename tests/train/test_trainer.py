@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -156,3 +157,15 @@ def test_train_step_is_the_trainers_step_clipping_and_refusing_non_finite_losses
         run.train_step(run.model, next(batches))
     assert run.step == 1
     assert all(torch.equal(p, a) for p, a in zip(run.model.parameters(), after_first))
+
+
+def test_resume_with_other_model_options_names_the_mismatch_and_the_runs_config(tmp_path):
+    out = tmp_path / "run"
+    train(ToyTask(batch_size=8), toy_config(steps=2, eval_every=0, checkpoint_every=2), out, device="cpu")
+    wider = ToyTask(batch_size=8)
+    wider.cfg = dataclasses.replace(wider.cfg, width=24)
+    with pytest.raises(MeshforgeError) as failure:
+        train(wider, toy_config(steps=4), out, device="cpu", resume=True)
+    message = str(failure.value)
+    assert "weights do not fit the model (size mismatch for " in message
+    assert f"resume with --config {out / 'config.yaml'}" in message and "\n" not in message
