@@ -20,10 +20,20 @@ BLOCK_R = 64  # (token, head) rows per program
 
 
 @triton.jit
-def _rows(perm, r, r_ok, n_heads):
-    """Block-order row offsets ``r`` (over tokens x heads) and their rows in the caller's order."""
-    n = r // n_heads
-    return r.to(tl.int64), tl.load(perm + n, mask=r_ok, other=0).to(tl.int64) * n_heads + r % n_heads
+def _tile(GATES, perm, n_rows, n_heads, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's ``BLOCK_R`` (token, head) rows: offsets of their values in block order (``at``)
+    and in the caller's order (``out_at``), the caller's rows, masks, and the three gates (float32)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < n_rows
+    dst = tl.load(perm + r // n_heads, mask=r_ok, other=0).to(tl.int64) * n_heads + r % n_heads
+    d = tl.arange(0, BLOCK_D)
+    ok = r_ok[:, None] & (d < head_dim)[None, :]
+    at = r.to(tl.int64)[:, None] * head_dim + d[None, :]
+    out_at = dst[:, None] * head_dim + d[None, :]
+    g0 = tl.load(GATES + dst * 3, mask=r_ok, other=0.0).to(tl.float32)
+    g1 = tl.load(GATES + dst * 3 + 1, mask=r_ok, other=0.0).to(tl.float32)
+    g2 = tl.load(GATES + dst * 3 + 2, mask=r_ok, other=0.0).to(tl.float32)
+    return at, out_at, dst, ok, r_ok, g0, g1, g2
 
 
 @triton.jit
@@ -31,19 +41,11 @@ def _mix_fwd(
     O_CMP, O_SLC, O_WIN, GATES, OUT, perm, n_rows, n_heads, head_dim,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    src, dst = _rows(perm, r, r_ok, n_heads)
-    d = tl.arange(0, BLOCK_D)
-    ok = r_ok[:, None] & (d < head_dim)[None, :]
-    at = src[:, None] * head_dim + d[None, :]
-    g0 = tl.load(GATES + dst * 3, mask=r_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(GATES + dst * 3 + 1, mask=r_ok, other=0.0).to(tl.float32)
-    g2 = tl.load(GATES + dst * 3 + 2, mask=r_ok, other=0.0).to(tl.float32)
+    at, out_at, _, ok, _, g0, g1, g2 = _tile(GATES, perm, n_rows, n_heads, head_dim, BLOCK_R, BLOCK_D)
     out = g0[:, None] * tl.load(O_CMP + at, mask=ok, other=0.0).to(tl.float32)
     out += g1[:, None] * tl.load(O_SLC + at, mask=ok, other=0.0).to(tl.float32)
     out += g2[:, None] * tl.load(O_WIN + at, mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + dst[:, None] * head_dim + d[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + out_at, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -59,16 +61,8 @@ def _mix_bwd(
     O_CMP, O_SLC, O_WIN, GATES, DOUT, DO_CMP, DO_SLC, DO_WIN, DGATES, perm, n_rows, n_heads, head_dim,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    src, dst = _rows(perm, r, r_ok, n_heads)
-    d = tl.arange(0, BLOCK_D)
-    ok = r_ok[:, None] & (d < head_dim)[None, :]
-    at = src[:, None] * head_dim + d[None, :]
-    dout = tl.load(DOUT + dst[:, None] * head_dim + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    g0 = tl.load(GATES + dst * 3, mask=r_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(GATES + dst * 3 + 1, mask=r_ok, other=0.0).to(tl.float32)
-    g2 = tl.load(GATES + dst * 3 + 2, mask=r_ok, other=0.0).to(tl.float32)
+    at, out_at, dst, ok, r_ok, g0, g1, g2 = _tile(GATES, perm, n_rows, n_heads, head_dim, BLOCK_R, BLOCK_D)
+    dout = tl.load(DOUT + out_at, mask=ok, other=0.0).to(tl.float32)
     _branch_bwd(O_CMP, DO_CMP, DGATES, 0, dout, g0, at, dst, ok, r_ok)
     _branch_bwd(O_SLC, DO_SLC, DGATES, 1, dout, g1, at, dst, ok, r_ok)
     _branch_bwd(O_WIN, DO_WIN, DGATES, 2, dout, g2, at, dst, ok, r_ok)
