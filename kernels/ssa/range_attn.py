@@ -4,8 +4,8 @@ One kernel family serves all three branches (:mod:`meshforge.kernels.ssa.plans` 
 program owns a query tile of ``BLOCK_M`` rows and one head and walks its key ranges ``BLOCK_N`` rows
 at a time, with the online softmax of FlashAttention in base 2 (``exp2`` of log2e-scaled logits;
 the saved log-sum-exp is base 2 too). Backward is FlashAttention-2's split: one kernel for dQ over
-the same ranges, one for dK/dV per key tile over the reverse list of query tiles that read it, all
-heads of the GQA group in one program, so every gradient row has a single writer. Those work items
+the same ranges, one for dK/dV per work item (key tile, KV head) over the reverse list of query
+tiles that read it and all heads of the GQA group, so every gradient row has a single writer. Work items
 differ widely in length (few KV heads make long ones; a selection block many tiles chose has a long
 reverse list), so :func:`dkdv_schedule` cuts the long ones into pieces of at most ``cap`` (head,
 query tile) steps; a split item's pieces write float32 partial sums that a second kernel adds in a
@@ -326,12 +326,13 @@ def attention_forward(
 DKDV_PROGRAMS_PER_SM = 8
 # Fewest steps a cap allows. A split item's piece pays a round trip of float32 partials (dK and dV
 # written and read back: 4 x BLOCK_N x D x 4 bytes, 64 KB at 64 x 64, the Q/dO loads of 4 steps)
-# and a second K/V load; pieces are equal shares of their item, so under a cap of 32 each has more
-# than 16 steps, keeping that overhead a small part of its work, and items of <= 32 steps (window
-# items, most selection items with many KV heads) are never split.
+# and a second K/V load; pieces are equal shares of their item, so under a cap of >= 32 each has more
+# than 16 steps, keeping that overhead a small part of its work; items of <= 32 steps are never
+# split, however small the launch.
 DKDV_MIN_STEPS = 32
 # A fixed cap (steps per piece) instead of the computed one: tests and sweeps set it.
 DKDV_CAP: int | None = None
+DKDV_NO_SPLIT = 2**40  # a cap above every item's steps: one program per work item (for comparisons)
 
 
 @dataclass(frozen=True)

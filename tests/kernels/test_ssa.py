@@ -254,9 +254,6 @@ def branch_gradients(q, k, v, plan, tile, grad_out, cap, monkeypatch):
     return torch.autograd.grad(out, (q, k, v), grad_out)
 
 
-UNSPLIT = 2**40  # a cap above every item's steps: one piece (one program) per work item
-
-
 def skewed_plan(lengths: list[list[int]], tiles_per_list: int = 2) -> AttnPlan:
     """A plan whose dK/dV side has reverse lists of the given lengths per group (``rev_gstride`` apart),
     each read by ``tiles_per_list`` key tiles; the forward arrays are never read by the schedule."""
@@ -286,7 +283,8 @@ def test_dkdv_schedule_covers_each_items_steps_in_capped_pieces_longest_first(ca
     assert int(sched.cap) == expected_cap
     spare = target if cap is None else -(-total // cap)  # bounds total / cap
     assert len(sched.piece_item) == len(steps) + spare
-    item, lo, hi, slot = (x.tolist() for x in (sched.piece_item, sched.piece_lo, sched.piece_hi, sched.piece_slot))
+    item, lo, hi, slot = (x.tolist() for x in (sched.piece_item, sched.piece_lo, sched.piece_hi,
+                                                 sched.piece_slot))  # fmt: skip
     real = [i for i in item if i >= 0]
     assert item[: len(real)] == real, "unused entries come last"
     lengths = [e - b for b, e in zip(lo, hi)][: len(real)]
@@ -340,7 +338,7 @@ def test_split_dkdv_equals_unsplit_and_the_reference(branch, groups, small_key_t
     else:
         plan = win_plan
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
-    unsplit = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, UNSPLIT, monkeypatch)
+    unsplit = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, range_attn.DKDV_NO_SPLIT, monkeypatch)
     mask = plan_mask(plan, n, len(k), groups).repeat_interleave(heads // groups, 0).to(DEVICE)
     ref_out, _ = masked_attention(q, k, v, mask, 16**-0.5)
     reference = torch.autograd.grad(ref_out, (q, k, v), grad_out)
@@ -457,11 +455,12 @@ def test_gpu_full_selection_equals_flash_attention():
 @pytest.mark.gpu
 def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkeypatch):
     """The released DiT's heads (16 query, 2 KV, dim 64, bf16) on the synth table's surface band at
-    the 1024^3 grid's latent resolution (123,552 tokens): each branch's dK/dV with the automatic split
-    (several parts per work item for the compression branch) and with 5 parts equal the unsplit ones.
-    Both sum the same bf16 products in float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative
-    for the ~1e6 terms of a compression row), and round once to bf16 (<= 2^-9 relative each): within
-    2^-8 + 1e-4 < 5e-3 in norm. dQ's kernel is untouched: bit for bit."""
+    the 1024^3 grid's latent resolution (123,552 tokens): each branch's dK/dV with the computed cap
+    (which splits the compression items, 8 heads x 1,930 tiles each) and with a small fixed cap per
+    branch (which splits some items of every branch) equal the unsplit ones. Both sum the same bf16 products in
+    float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative for the ~1e6 terms of a
+    compression row), and round once to bf16 (<= 2^-9 relative each): within 2^-8 + 1e-4 < 5e-3 in
+    norm. dQ's kernel is untouched: bit for bit."""
     vertices, faces = synth_mesh("table", seed=0, index=0)
     coords = voxelize(normalize_vertices(vertices) * 0.9, faces, 128, band=1.0, device="cuda").coords.long()
     cfg = SSAConfig()
@@ -471,21 +470,23 @@ def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkey
     qs, ks, vs = (triton_path.to_block_order(t, layout).detach().requires_grad_() for t in (q, k, v))
     k_cmp, v_cmp = (t.detach().requires_grad_() for t in compress_kv(ks, vs, layout))
     cmp_plan, win_plan = triton_path.branch_plans(layout)
-    assert range_attn.dkdv_split(len(cmp_plan.kv_start) * 2, qs.device) > 1
     _, score = triton_path.compression_branch(qs, k_cmp, v_cmp, layout)
-    branches = {
-        "compression": (k_cmp, v_cmp, cmp_plan),
-        "selection": (ks, vs, selection_plan(layout, topk_blocks(score, layout), triton_path.BLOCK_N)),
-        "window": (ks, vs, win_plan),
+    branches = {  # name: keys, values, plan, a fixed cap that splits some of its items
+        "compression": (k_cmp, v_cmp, cmp_plan, 1000),
+        "selection": (ks, vs, selection_plan(layout, topk_blocks(score, layout), triton_path.BLOCK_N), 128),
+        "window": (ks, vs, win_plan, 8),
     }
     grad_out = torch.randn_like(qs)
-    for name, (bk, bv, plan) in branches.items():
-        unsplit = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, 1, monkeypatch)
-        for split in (None, 5):
-            dq, dk, dv = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, split, monkeypatch)
+    for name, (bk, bv, plan, small_cap) in branches.items():
+        unsplit = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, range_attn.DKDV_NO_SPLIT, monkeypatch)
+        for cap in (None, small_cap):
+            monkeypatch.setattr(range_attn, "DKDV_CAP", cap)
+            split = range_attn.dkdv_schedule(plan, 2, 8, qs.device).counts()["split_items"]
+            assert split > 0 or (cap is None and name != "compression"), (name, cap)
+            dq, dk, dv = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, cap, monkeypatch)
             assert torch.equal(dq, unsplit[0]), name
-            assert rel_err(dk, unsplit[1]) < 5e-3, (name, split)
-            assert rel_err(dv, unsplit[2]) < 5e-3, (name, split)
+            assert rel_err(dk, unsplit[1]) < 5e-3, (name, cap)
+            assert rel_err(dv, unsplit[2]) < 5e-3, (name, cap)
 
 
 @pytest.mark.gpu
