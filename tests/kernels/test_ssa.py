@@ -318,10 +318,10 @@ def test_split_dkdv_equals_unsplit_and_the_reference(branch, groups, small_key_t
     """dK/dV with work items cut into pieces equal the unsplit kernel's and the masked definition's;
     dQ is untouched (bit for bit). Caps: the computed one, aimed (through the programs-per-SM target
     and a minimum of 1 step) at about the shortest non-empty item's steps, so that the longer items
-    split and the shortest not; and 1, a piece per step. Float32 throughout: a split only regroups a row's float32 sum (<= heads x
-    tiles x tile rows = 4 x 9 x 16 = 576 products) into <= 36 partial sums added in order, so the
-    results differ from one sum by ~sqrt(576) x 2^-24 ~ 1.5e-6 relative in norm (576 x 2^-24 ~ 3.4e-5
-    at worst, for sums of one sign; these are of random sign), inside 1e-5."""
+    split and the shortest not; and 1, a piece per step. Float32 throughout: a split only regroups a
+    row's float32 sum (<= heads x tiles x tile rows = 4 x 9 x 16 = 576 products) into <= 36 partial
+    sums added in order, so the results differ from one sum by ~sqrt(576) x 2^-24 ~ 1.5e-6 relative
+    in norm (576 x 2^-24 ~ 3.4e-5 at worst, for sums of one sign; these are of random sign): 1e-5."""
     coords, cu = batch_coords([(90, 10), (0, 4), (40, 8)], seed=30)
     cfg = SSAConfig(block_cmp=2, block_slc=4, topk=2, window=4, shift=2, query_tile=16)
     layout = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
@@ -345,6 +345,7 @@ def test_split_dkdv_equals_unsplit_and_the_reference(branch, groups, small_key_t
     steps = range_attn.dkdv_steps(plan, groups, heads // groups)
     shortest, nonempty = int(steps[steps > 0].min()), int((steps > 0).sum())
     # The computed cap, aimed at about the shortest non-empty item's steps: the longer ones split.
+    monkeypatch.setattr(range_attn, "_sm_count", lambda device: 1)  # as in the interpreter
     monkeypatch.setattr(range_attn, "DKDV_PROGRAMS_PER_SM", int(steps.sum()) // shortest)
     monkeypatch.setattr(range_attn, "DKDV_MIN_STEPS", 1)
     for cap in (None, 1):
@@ -457,10 +458,10 @@ def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkey
     """The released DiT's heads (16 query, 2 KV, dim 64, bf16) on the synth table's surface band at
     the 1024^3 grid's latent resolution (123,552 tokens): each branch's dK/dV with the computed cap
     (which splits the compression items, 8 heads x 1,930 tiles each) and with a small fixed cap per
-    branch (which splits some items of every branch) equal the unsplit ones. Both sum the same bf16 products in
-    float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative for the ~1e6 terms of a
-    compression row), and round once to bf16 (<= 2^-9 relative each): within 2^-8 + 1e-4 < 5e-3 in
-    norm. dQ's kernel is untouched: bit for bit."""
+    branch (which splits some items of every branch) equal the unsplit ones. Both sum the same bf16
+    products in float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative for the ~1e6 terms
+    of a compression row), and round once to bf16 (<= 2^-9 relative each): within 2^-8 + 1e-4 <
+    5e-3 in norm. dQ's kernel is untouched: bit for bit."""
     vertices, faces = synth_mesh("table", seed=0, index=0)
     coords = voxelize(normalize_vertices(vertices) * 0.9, faces, 128, band=1.0, device="cuda").coords.long()
     cfg = SSAConfig()
