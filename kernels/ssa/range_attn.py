@@ -330,7 +330,8 @@ DKDV_PROGRAMS_PER_SM = 8
 # than 16 steps, keeping that overhead a small part of its work; items of <= 32 steps are never
 # split, however small the launch.
 DKDV_MIN_STEPS = 32
-# A fixed cap (steps per piece) instead of the computed one: tests and sweeps set it.
+# A fixed cap (steps per piece) instead of the computed one, for tests and comparisons; it costs
+# one host sync per call (the launch size needs the total steps).
 DKDV_CAP: int | None = None
 DKDV_NO_SPLIT = 2**40  # a cap above every item's steps: one program per work item (for comparisons)
 
