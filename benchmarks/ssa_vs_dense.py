@@ -17,7 +17,9 @@ SSA runs with the released defaults (m_cmp 4, m_slc 8, top-k 8, m_win 8) on a pr
 The dense methods are timed once per set with 16 K/V heads and shared by its rows: grouped K/V
 cost them the same FLOPs. Backward is timed alone (autograd over a kept graph). Times are medians
 of ``triton.testing.do_bench``. Writes ``ssa_vs_dense.json`` (device, per-size times and speedups)
-and ``ssa_vs_dense.png`` (table). ``--sweep`` times launch options and dK/dV splits instead.
+and ``ssa_vs_dense.png`` (table); each row also gives every branch's dK/dV schedule (steps per
+piece ``*_dkdv_cap``, ``*_dkdv_pieces``, ``*_dkdv_split_items``). ``--sweep`` times launch options
+and dK/dV programs-per-SM targets (with an unsplit row) instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from latent_tokens import random_tokens, surface_tokens
 from meshforge.kernels.attention import sdpa
 from meshforge.kernels.ssa import SSAConfig, build_layout, compress_kv, range_attn, spatial_sparse_attention
 from meshforge.kernels.ssa.mix import gated_sum
-from meshforge.kernels.ssa.plans import selection_plan
+from meshforge.kernels.ssa.plans import AttnPlan, selection_plan
 from meshforge.kernels.ssa.range_attn import RangeAttention
 from meshforge.kernels.ssa.select import topk_blocks
 from meshforge.kernels.ssa.triton_path import BLOCK_N, branch_plans, compression_branch, to_block_order
@@ -42,7 +44,7 @@ from meshforge.render import render_table_png
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, HEAD_DIM, DTYPE = 16, 64, torch.bfloat16
-DKDV_SPLITS = (1, 2, 4, 8, 16)  # --sweep: parts per dK/dV work item (range_attn.DKDV_SPLIT)
+DKDV_TARGETS = (2, 4, 8, 16, 32)  # --sweep: dK/dV programs per SM (range_attn.DKDV_PROGRAMS_PER_SM)
 LATENT_RES = 1024 // 8  # the SS-VAE's 8x downsampling of a 1024^3 grid
 FAMILIES = ("chair", "cabinet", "shelf", "table")
 TARGET = {"fwd_vs_fa2": 3.9, "bwd_vs_fa2": 9.6}  # the paper's figures at >= 100k tokens (floor)
@@ -87,8 +89,25 @@ def bench_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str)
     return fwd_bwd_ms(forward, [q, k, v])
 
 
-def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_heads: int) -> dict[str, float]:
-    """Milliseconds of each stage of the SSA forward and of each branch's backward."""
+def dkdv_counts(plans: dict[str, AttnPlan], kv_heads: int, device: torch.device) -> dict[str, int]:
+    """Each branch's computed dK/dV schedule: steps per piece, pieces, items split into several."""
+    return {f"{name}_dkdv_{key}": value for name, plan in plans.items()
+            for key, value in range_attn.dkdv_schedule(plan, kv_heads, HEADS // kv_heads, device).counts().items()}  # fmt: skip
+
+
+def op_selection(inputs: list[torch.Tensor], layout) -> torch.Tensor:
+    """The op's top-k block choice for these inputs (what its selection plan is built from)."""
+    q, k, v, _ = inputs
+    with torch.no_grad():
+        _, score = compression_branch(to_block_order(q, layout), *compress_kv(k, v, layout), layout)
+    return topk_blocks(score, layout)
+
+
+def breakdown(
+    coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_heads: int
+) -> dict[str, float | int]:
+    """Milliseconds of each stage of the SSA forward and of each branch's backward (at the default
+    key tiles also unsplit, ``*_unsplit``), and each branch's dK/dV schedule."""
     n = len(coords)
     cu = torch.tensor([0, n], device=device)
     q, k, v, _ = inputs_for(n, 1, device, kv_heads)
@@ -114,16 +133,15 @@ def breakdown(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_hea
             "win": (qs, ks, vs, win_plan),
         }
         for name, (bq, bk, bv, plan) in plans.items():
-            fwd_ms, bwd_ms = branch_ms([t.detach().requires_grad_() for t in (bq, bk, bv)], plan, cfg)
+            leaves = [t.detach().requires_grad_() for t in (bq, bk, bv)]
+            fwd_ms, bwd_ms = branch_ms(leaves, plan, cfg)
             times[f"{name}_fwd_bn{block_n}"], times[f"{name}_bwd_bn{block_n}"] = fwd_ms, bwd_ms
-    # The compression backward without the dK/dV split, against cmp_bwd_bn64 (split chosen by the launch size).
-    range_attn.DKDV_SPLIT = 1
-    cmp_plan, _ = branch_plans(layout)
-    times["cmp_bwd_bn64_unsplit"] = branch_ms(
-        [t.detach().requires_grad_() for t in (qs, k_cmp, v_cmp)], cmp_plan, cfg
-    )[1]
-    range_attn.DKDV_SPLIT = None
-    times["cmp_dkdv_split"] = range_attn.dkdv_split(len(cmp_plan.kv_start) * kv_heads, device)
+            if block_n == BLOCK_N:  # the op's tiles: against one dK/dV program per work item too
+                range_attn.DKDV_CAP = range_attn.DKDV_NO_SPLIT
+                times[f"{name}_bwd_bn{block_n}_unsplit"] = branch_ms(leaves, plan, cfg)[1]
+                range_attn.DKDV_CAP = None
+        if block_n == BLOCK_N:
+            times.update(dkdv_counts({name: entry[3] for name, entry in plans.items()}, kv_heads, device))
     return times
 
 
@@ -135,7 +153,7 @@ def branch_ms(leaves: list[torch.Tensor], plan, cfg: SSAConfig) -> tuple[float, 
 
 def sweep(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_heads: int) -> list[dict]:
     """Time the whole SSA forward/backward under alternative launch options of each kernel, and
-    under each dK/dV split (parts per work item)."""
+    under each dK/dV programs-per-SM target (which sets the cap on a piece's steps) and unsplit."""
     n = len(coords)
     cu = torch.tensor([0, n], device=device)
     layout = build_layout(coords, cu, cfg)
@@ -173,10 +191,14 @@ def sweep(coords: torch.Tensor, cfg: SSAConfig, device: torch.device, kv_heads: 
             range_attn.LAUNCH[kernel][64] = option
             timed(kernel, option)
         range_attn.LAUNCH[kernel][64] = default
-    for split in DKDV_SPLITS:
-        range_attn.DKDV_SPLIT = split
-        timed("dkdv_split", {"split": split})
-    range_attn.DKDV_SPLIT = None
+    default = range_attn.DKDV_PROGRAMS_PER_SM
+    for per_sm in DKDV_TARGETS:
+        range_attn.DKDV_PROGRAMS_PER_SM = per_sm
+        timed("dkdv_programs_per_sm", {"programs_per_sm": per_sm})
+    range_attn.DKDV_PROGRAMS_PER_SM = default
+    range_attn.DKDV_CAP = range_attn.DKDV_NO_SPLIT
+    timed("dkdv_programs_per_sm", {"programs_per_sm": "unsplit"})
+    range_attn.DKDV_CAP = None
     return rows
 
 
@@ -199,13 +221,15 @@ def bench_set(name: str, coords: torch.Tensor, cfg: SSAConfig, skip_dense_above:
         q, k, v, _ = inputs_for(n, 0, coords.device)
         for label, backend in (("fa2", "flash"), ("cudnn", "cudnn")):
             dense[label] = bench_dense(q, k, v, backend)
-    cmp_plan, _ = branch_plans(layout)
+    cmp_plan, win_plan = branch_plans(layout)
     rows = []
     for groups in kv_heads:
-        ssa_fwd, ssa_bwd = ssa_ms(inputs_for(n, 0, coords.device, groups), layout)
+        inputs = inputs_for(n, 0, coords.device, groups)
+        ssa_fwd, ssa_bwd = ssa_ms(inputs, layout)
         row = {"set": name, "tokens": n, "kv_heads": groups, "ssa_fwd_ms": ssa_fwd, "ssa_bwd_ms": ssa_bwd,
-               "cmp_blocks": len(layout.cmp_offsets) - 1, "slc_blocks": len(layout.slc_offsets) - 1,
-               "cmp_dkdv_split": range_attn.dkdv_split(len(cmp_plan.kv_start) * groups, coords.device)}  # fmt: skip
+               "cmp_blocks": len(layout.cmp_offsets) - 1, "slc_blocks": len(layout.slc_offsets) - 1}  # fmt: skip
+        slc_plan = selection_plan(layout, op_selection(inputs, layout), BLOCK_N)
+        row.update(dkdv_counts({"cmp": cmp_plan, "slc": slc_plan, "win": win_plan}, groups, coords.device))
         for label, (fwd, bwd) in dense.items():
             row.update({f"{label}_fwd_ms": fwd, f"{label}_bwd_ms": bwd,
                         f"fwd_speedup_vs_{label}": fwd / ssa_fwd, f"bwd_speedup_vs_{label}": bwd / ssa_bwd})  # fmt: skip

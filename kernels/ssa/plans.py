@@ -13,7 +13,7 @@ window      the windows of t's rows, with   chunks of each window; the tiles hol
 
 Forward and dQ walk the ranges of a query tile; dK/dV walks, for one key tile, the reverse list
 of query tiles that read it, so every gradient is written by exactly one program (no atomics;
-the kernel may split that walk into parts summed afterwards, see :mod:`~meshforge.kernels.ssa.range_attn`).
+a long walk is cut into pieces whose partial sums one program adds, see :mod:`~meshforge.kernels.ssa.range_attn`).
 Ranges are CSR arrays: tile t of group g owns ``rng_ptr[g * rng_gstride + t] ..`` (``rng_gstride``
 0 when all groups share them); likewise ``rev_ptr[g * rev_gstride + kv_list[j]]`` for key tile j.
 """

@@ -4,10 +4,12 @@ One kernel family serves all three branches (:mod:`meshforge.kernels.ssa.plans` 
 program owns a query tile of ``BLOCK_M`` rows and one head and walks its key ranges ``BLOCK_N`` rows
 at a time, with the online softmax of FlashAttention in base 2 (``exp2`` of log2e-scaled logits;
 the saved log-sum-exp is base 2 too). Backward is FlashAttention-2's split: one kernel for dQ over
-the same ranges, one for dK/dV per key tile over the reverse list of query tiles that read it, all
-heads of the GQA group in one program, so every gradient row has a single writer. Where that makes
-too few programs to fill the GPU (few KV heads, few key tiles), each is split into parts over its
-(head, query tile) steps whose float32 partial sums are added afterwards (:func:`dkdv_split`).
+the same ranges, one for dK/dV per work item (key tile, KV head) over the reverse list of query
+tiles that read it and all heads of the GQA group, so every gradient row has a single writer. Work items
+differ widely in length (few KV heads make long ones; a selection block many tiles chose has a long
+reverse list), so :func:`dkdv_schedule` cuts the long ones into pieces of at most ``cap`` (head,
+query tile) steps; a split item's pieces write float32 partial sums that a second kernel adds in a
+fixed order (deterministic, no atomics).
 
 Masked logits are a large finite negative rather than -inf: a row whose first key chunk is
 entirely masked (window branch) then accumulates junk with weight 1, which the rescale factor
@@ -19,6 +21,8 @@ the same keys recomputes the normalised probabilities and adds their column sums
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -164,18 +168,20 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
-    tile_start, tile_end, kv_start, kv_end, kv_list, rev_ptr, rev, rev_gstride, win_q, win_k, work,
-    stride_qn, stride_qh, stride_kn, stride_kh, part_stride,
-    n_heads, n_groups, n_parts, qk_scale, sm_scale, head_dim,
+    Q, K, V, DO, DK, DV, PART_DK, PART_DV, LSE, DELTA,
+    tile_start, tile_end, kv_start, kv_end, kv_list, rev_ptr, rev, rev_gstride, win_q, win_k,
+    piece_item, piece_lo, piece_hi, piece_slot,
+    stride_qn, stride_qh, stride_kn, stride_kh,
+    n_heads, n_groups, qk_scale, sm_scale, head_dim,
     HPG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_WIN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # K, V, DK and DV share one layout (contiguous [M, G, D]); Q and DO another. With n_parts > 1,
-    # DK and DV are float32 [n_parts, M, G, D] partial sums, ``part_stride`` apart.
+    # K, V, DK and DV share one layout (contiguous [M, G, D]); Q and DO another. PART_DK and PART_DV
+    # are float32 [slots, BLOCK_N, head_dim]: the partial sums of split items (DkdvSchedule).
     p = tl.program_id(0)
-    item = tl.load(work + p // n_parts)  # (key tile, group) pairs, longest reverse list first
-    part = p % n_parts
+    item = tl.load(piece_item + p)  # (key tile, group) pair
+    if item < 0:
+        return  # past the last piece: the launch is an upper bound on their number
     j = item // n_groups
     g = item % n_groups
     cols = tl.load(kv_start + j) + tl.arange(0, BLOCK_N)
@@ -192,9 +198,8 @@ def _attn_bwd_dkdv(
     i_lo = tl.load(rev_ptr + g * rev_gstride + lid)
     n_rev = tl.load(rev_ptr + g * rev_gstride + lid + 1) - i_lo
     # The item's steps are (head of the group, query tile of the reverse list) pairs, head-major;
-    # part ``part`` takes an equal share of them (all of them when n_parts is 1).
-    steps = HPG * n_rev
-    for f in range(part * steps // n_parts, (part + 1) * steps // n_parts):
+    # this piece takes the run piece_lo .. piece_hi of them.
+    for f in range(tl.load(piece_lo + p), tl.load(piece_hi + p)):
         h = g * HPG + f // n_rev
         t = tl.load(rev + i_lo + f % n_rev)
         rows = tl.load(tile_start + t) + tl.arange(0, BLOCK_M)
@@ -212,10 +217,43 @@ def _attn_bwd_dkdv(
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    offs = (
-        cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :] + part.to(tl.int64) * part_stride
-    )
     mask = col_ok[:, None] & d_ok[None, :]
+    slot = tl.load(piece_slot + p)
+    if slot < 0:  # the item's only piece: the gradient itself
+        offs = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :]
+        tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+    else:
+        offs = (slot.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * head_dim + d[None, :]
+        tl.store(PART_DK + offs, dk, mask=mask)
+        tl.store(PART_DV + offs, dv, mask=mask)
+
+
+@triton.jit
+def _dkdv_reduce(
+    DK, DV, PART_DK, PART_DV, kv_start, kv_end, split_item, split_slot, split_pieces,
+    stride_kn, stride_kh, n_groups, sm_scale, head_dim,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One split item: the sum of its pieces' partials, in piece order, scaled and cast into dK/dV."""
+    s = tl.program_id(0)
+    item = tl.load(split_item + s)
+    if item < 0:
+        return  # past the last split item
+    j = item // n_groups
+    g = item % n_groups
+    cols = tl.load(kv_start + j) + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    mask = (cols < tl.load(kv_end + j))[:, None] & (d < head_dim)[None, :]
+    part_rows = tl.load(split_slot + s).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    part = part_rows[:, None] * head_dim + d[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for _piece in range(tl.load(split_pieces + s)):
+        dk += tl.load(PART_DK + part, mask=mask, other=0.0)
+        dv += tl.load(PART_DV + part, mask=mask, other=0.0)
+        part += BLOCK_N * head_dim
+    offs = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + d[None, :]
     tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -280,39 +318,104 @@ def attention_forward(
     return out, lse
 
 
-def _longest_first(plan: AttnPlan, groups: int) -> Tensor:
-    """dK/dV work items ``tile * groups + group`` by decreasing reverse-list length.
+# dK/dV programs per SM to aim for. One program per (key tile, KV head) leaves an H100/H200 mostly
+# idle when KV heads are few: the compression branch at 123k tokens with 2 KV heads has 128 work
+# items on 132 SMs, each over 8 heads x 1,930 query tiles. With 16 KV heads the same branch launches
+# 1,024 programs (~8 per SM) of 1,930 steps and runs at ~280 TFLOP/s (PERF.md); a cap of total
+# steps / (8 x SMs) restores about that launch whatever the KV heads, and evens out skewed lists.
+DKDV_PROGRAMS_PER_SM = 8
+# Fewest steps a cap allows. A split item's piece pays a round trip of float32 partials (dK and dV
+# written and read back: 4 x BLOCK_N x D x 4 bytes, 64 KB at 64 x 64, the Q/dO loads of 4 steps)
+# and a second K/V load; pieces are equal shares of their item, so under a cap of >= 32 each has more
+# than 16 steps, keeping that overhead a small part of its work; items of <= 32 steps are never
+# split, however small the launch.
+DKDV_MIN_STEPS = 32
+# A fixed cap (steps per piece) instead of the computed one, for tests and comparisons; it costs
+# one host sync per call (the launch size needs the total steps).
+DKDV_CAP: int | None = None
+DKDV_NO_SPLIT = 2**40  # a cap above every item's steps: one program per work item (for comparisons)
 
-    Selection lists are skewed (a block many tiles chose has a long one); blocks are scheduled in
-    launch order, so starting the longest first keeps them from forming a tail.
+
+@dataclass(frozen=True)
+class DkdvSchedule:
+    """The dK/dV launch: pieces (runs of a work item's steps), longest first, and the split items.
+
+    Work item ``j * groups + g`` is key tile j of KV group g; its steps are (head of the group,
+    query tile of its reverse list) pairs. The arrays have fixed sizes, upper bounds on the counts,
+    so building them needs no device-host sync; entries past the real ones hold item -1 and their
+    programs exit at once.
     """
+
+    cap: Tensor  # 0-d int64: most steps of a piece
+    piece_item: Tensor  # int32 [P]: the piece's work item, -1 past the last piece
+    piece_lo: Tensor  # int32 [P]: its steps lo .. hi of the item
+    piece_hi: Tensor
+    piece_slot: Tensor  # int32 [P]: its row block of the partial sums; -1: the item's only piece
+    split_item: Tensor  # int32 [S]: the items of several pieces, -1 past the last
+    split_slot: Tensor  # int32 [S]: their first slot (an item's pieces hold consecutive ones)
+    split_pieces: Tensor  # int32 [S]
+    n_slots: int  # partial-sum slots to allocate
+
+    def counts(self) -> dict[str, int]:
+        """Cap, pieces and split items as numbers (a host sync: for reports)."""
+        return {"cap": int(self.cap), "pieces": int((self.piece_item >= 0).sum()),
+                "split_items": int((self.split_item >= 0).sum())}  # fmt: skip
+
+
+def _sm_count(device: torch.device) -> int:
+    # The interpreter runs one program at a time: one SM.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def dkdv_steps(plan: AttnPlan, groups: int, heads_per_group: int) -> Tensor:
+    """int64 ``[key tiles * groups]``: steps of each dK/dV work item, heads of the group x reverse list."""
     list_ids = (
         torch.arange(groups, device=plan.kv_list.device)[None, :] * plan.rev_gstride + plan.kv_list[:, None]
     )
-    lengths = (plan.rev_ptr[list_ids + 1] - plan.rev_ptr[list_ids]).flatten()
-    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+    return heads_per_group * (plan.rev_ptr[list_ids + 1] - plan.rev_ptr[list_ids]).flatten().long()
 
 
-# dK/dV programs per SM to aim for. One program per (key tile, KV head) leaves an H100/H200 mostly
-# idle when KV heads are few: the compression branch at 123k tokens with 2 KV heads launches 128
-# programs on 132 SMs, each over 8 heads x 1,930 query tiles. With 16 KV heads the same branch
-# launches 1,024 programs (~8 per SM) of 1,930 steps and runs at ~280 TFLOP/s (PERF.md); splitting
-# the 2-head items into 8 parts restores exactly that launch.
-DKDV_PROGRAMS_PER_SM = 8
-# Parts per dK/dV work item; None: dkdv_split chooses (tests and benchmarks set it).
-DKDV_SPLIT: int | None = None
+def dkdv_schedule(plan: AttnPlan, groups: int, heads_per_group: int, device: torch.device) -> DkdvSchedule:
+    """Cut the dK/dV work items into pieces of at most ``cap`` steps, equal shares of their item.
 
-
-def dkdv_split(items: int, device: torch.device) -> int:
-    """Parts per dK/dV work item: as many as keep ``items * parts`` within ``DKDV_PROGRAMS_PER_SM``
-    programs per SM on CUDA (1 for launches already that large), 2 in the interpreter (so that the
-    CPU tests run the split path); :data:`DKDV_SPLIT` overrides."""
-    if DKDV_SPLIT is not None:
-        return DKDV_SPLIT
-    if device.type != "cuda":
-        return 2
-    target = DKDV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, target // items)
+    ``cap = max(DKDV_MIN_STEPS, ceil(total steps / (DKDV_PROGRAMS_PER_SM x SMs)))`` (:data:`DKDV_CAP`
+    overrides it). Then ``sum(ceil(steps / cap)) <= items + total / cap <= items + target``: that
+    many programs are launched; split items (> cap steps each) number < total / cap <= target and
+    hold < 2 total / cap pieces. Pieces run longest first: blocks are scheduled in launch order, so
+    the long ones do not form a tail.
+    """
+    steps = dkdv_steps(plan, groups, heads_per_group)
+    items = len(steps)
+    total = steps.sum()
+    if DKDV_CAP is None:
+        target = DKDV_PROGRAMS_PER_SM * _sm_count(device)
+        cap = ((total + target - 1) // target).clamp(min=DKDV_MIN_STEPS)
+        spare = target  # >= total / cap
+    else:
+        cap = torch.tensor(DKDV_CAP, device=steps.device)
+        spare = -(-int(total) // DKDV_CAP)  # a host sync, for the override only
+    pieces = ((steps + cap - 1) // cap).clamp(min=1)  # an item of no steps still writes its zeros
+    ends = pieces.cumsum(0)
+    owner = torch.searchsorted(ends, torch.arange(items + spare, device=steps.device), right=True)
+    real = owner < items
+    owner = owner.clamp(max=items - 1)
+    n, s = pieces[owner], steps[owner]
+    nth = torch.arange(items + spare, device=steps.device) - ends[owner] + n
+    lo, hi = nth * s // n, (nth + 1) * s // n
+    split = pieces > 1
+    split_pieces = torch.where(split, pieces, 0)
+    first_slot = split_pieces.cumsum(0) - split_pieces
+    slot = torch.where(split[owner], first_slot[owner] + nth, -1)
+    order = torch.argsort(torch.where(real, hi - lo, -1), descending=True, stable=True)
+    split_ids = torch.argsort((~split).to(torch.uint8), stable=True)[: min(items, spare)]
+    return DkdvSchedule(
+        cap,
+        *(x[order].to(torch.int32) for x in (torch.where(real, owner, -1), lo, hi, slot)),
+        torch.where(split[split_ids], split_ids, -1).to(torch.int32),
+        first_slot[split_ids].to(torch.int32),
+        pieces[split_ids].to(torch.int32),
+        spare + min(items, spare),
+    )
 
 
 def attention_backward(
@@ -338,25 +441,28 @@ def attention_backward(
             win_q, win_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             heads, scale * LOG2E, scale, head_dim, **common, **_launch_options("dq", head_dim, plan),
         )  # fmt: skip
-    items = len(plan.kv_start) * groups
-    if items:
-        parts = dkdv_split(items, q.device)
-        # Parts write float32 partial sums [parts, M, G, D], added afterwards in PyTorch rather than
-        # by atomics: the gradient stays deterministic, and the buffers stay small: a key tile holds
-        # <= BLOCK_N rows, so M * G <= items * BLOCK_N and parts * M * G <= target * BLOCK_N rows
-        # (1,056 x 64 rows of D 64: 35 MB for dK and dV together on 132 SMs).
-        dk_parts, dv_parts = (
-            (dk, dv) if parts == 1 else (x.new_empty(parts, *x.shape, dtype=torch.float32) for x in (k, v))
+    if len(plan.kv_start):
+        sched = dkdv_schedule(plan, groups, heads // groups, q.device)
+        options = _launch_options("dkdv", head_dim, plan)
+        # Partial sums of split items, added by _dkdv_reduce rather than by atomics: the gradient
+        # stays deterministic. < 2 x target slots of BLOCK_N rows: 2,112 x 64 rows of D 64 on 132
+        # SMs, 69 MB for dK and dV together.
+        part_dk, part_dv = (
+            torch.empty(sched.n_slots, plan.block_n, head_dim, dtype=torch.float32, device=q.device)
+            for _ in "kv"
         )
-        _attn_bwd_dkdv[(items * parts,)](
-            q, k, v, dout, dk_parts, dv_parts, lse, delta,
+        _attn_bwd_dkdv[(len(sched.piece_item),)](
+            q, k, v, dout, dk, dv, part_dk, part_dv, lse, delta,
             plan.tile_start, plan.tile_end, plan.kv_start, plan.kv_end, plan.kv_list, plan.rev_ptr, plan.rev,
-            plan.rev_gstride, win_q, win_k, _longest_first(plan, groups), q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), k.numel(), heads, groups, parts, scale * LOG2E, scale, head_dim, **common,
-            **_launch_options("dkdv", head_dim, plan),
+            plan.rev_gstride, win_q, win_k, sched.piece_item, sched.piece_lo, sched.piece_hi, sched.piece_slot,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            heads, groups, scale * LOG2E, scale, head_dim, **common, **options,
         )  # fmt: skip
-        if parts > 1:
-            dk, dv = dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
+        _dkdv_reduce[(len(sched.split_item),)](
+            dk, dv, part_dk, part_dv, plan.kv_start, plan.kv_end, sched.split_item, sched.split_slot,
+            sched.split_pieces, k.stride(0), k.stride(1), groups, scale, head_dim,
+            BLOCK_N=plan.block_n, BLOCK_D=options["BLOCK_D"],
+        )  # fmt: skip
     return dq, dk, dv
 
 

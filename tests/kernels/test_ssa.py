@@ -18,7 +18,7 @@ from meshforge.kernels.ssa import (
     ssa_reference,
     triton_path,
 )
-from meshforge.kernels.ssa.plans import selection_plan
+from meshforge.kernels.ssa.plans import AttnPlan, selection_plan
 from meshforge.kernels.ssa.reference import (
     block_scores_reference,
     compress_reference,
@@ -247,21 +247,81 @@ def plan_mask(plan, n_queries: int, n_keys: int, groups: int) -> torch.Tensor:
     return mask
 
 
-def branch_gradients(q, k, v, plan, tile, grad_out, split, monkeypatch):
-    """(dQ, dK, dV) of one range-attention call with ``split`` parts per dK/dV work item."""
-    monkeypatch.setattr(range_attn, "DKDV_SPLIT", split)
+def branch_gradients(q, k, v, plan, tile, grad_out, cap, monkeypatch):
+    """(dQ, dK, dV) of one range-attention call, dK/dV pieces of at most ``cap`` steps (None: computed)."""
+    monkeypatch.setattr(range_attn, "DKDV_CAP", cap)
     out = range_attn.RangeAttention.apply(q, k, v, plan, tile, q.shape[-1] ** -0.5, None)
     return torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def skewed_plan(lengths: list[list[int]], tiles_per_list: int = 2) -> AttnPlan:
+    """A plan whose dK/dV side has reverse lists of the given lengths per group (``rev_gstride`` apart),
+    each read by ``tiles_per_list`` key tiles; the forward arrays are never read by the schedule."""
+    n_lists = len(lengths[0])
+    flat = torch.tensor([n for group in lengths for n in group])
+    rev_ptr = torch.cat([torch.zeros(1, dtype=torch.long), flat.cumsum(0)]).int()
+    kv_list = torch.arange(n_lists).repeat_interleave(tiles_per_list).int()
+    none = torch.zeros(0, dtype=torch.int32)
+    return AttnPlan(none, none, none, none, none, 0, torch.zeros_like(kv_list), torch.zeros_like(kv_list),
+                    kv_list, rev_ptr, torch.zeros(int(flat.sum()), dtype=torch.int32), n_lists, 16)  # fmt: skip
+
+
+@pytest.mark.parametrize("cap", [None, 5])
+def test_dkdv_schedule_covers_each_items_steps_in_capped_pieces_longest_first(cap, monkeypatch):
+    """Skewed lists (empty, short, one very long): every item's steps are covered once by equal
+    shares of at most ``cap``; short items stay one direct-writing piece; split items own consecutive
+    partial slots, listed once for the reduction; the fixed sizes bound the real counts."""
+    monkeypatch.setattr(range_attn, "DKDV_CAP", cap)
+    monkeypatch.setattr(range_attn, "DKDV_PROGRAMS_PER_SM", 20)
+    monkeypatch.setattr(range_attn, "DKDV_MIN_STEPS", 4)
+    groups, hpg = 2, 3
+    plan = skewed_plan([[0, 1, 2, 40, 7], [3, 0, 90, 1, 1]])
+    steps = range_attn.dkdv_steps(plan, groups, hpg)
+    sched = range_attn.dkdv_schedule(plan, groups, hpg, torch.device("cpu"))
+    total, target = int(steps.sum()), 20  # one "SM" off CUDA
+    expected_cap = cap if cap is not None else max(4, -(-total // target))
+    assert int(sched.cap) == expected_cap
+    spare = target if cap is None else -(-total // cap)  # bounds total / cap
+    assert len(sched.piece_item) == len(steps) + spare
+    item, lo, hi, slot = (x.tolist() for x in (sched.piece_item, sched.piece_lo, sched.piece_hi,
+                                                 sched.piece_slot))  # fmt: skip
+    real = [i for i in item if i >= 0]
+    assert item[: len(real)] == real, "unused entries come last"
+    lengths = [e - b for b, e in zip(lo, hi)][: len(real)]
+    assert lengths == sorted(lengths, reverse=True), "longest first"
+    split = {}
+    for i, n_steps in enumerate(steps.tolist()):
+        mine = sorted((lo[p], hi[p], slot[p]) for p in range(len(real)) if item[p] == i)
+        n = max(1, -(-n_steps // expected_cap))
+        assert len(mine) == n
+        assert [b for b, _, _ in mine] == [k * n_steps // n for k in range(n)]
+        assert [e for _, e, _ in mine] == [(k + 1) * n_steps // n for k in range(n)]
+        if n == 1:
+            assert mine[0][2] == -1
+        else:
+            first = mine[0][2]
+            assert [s for _, _, s in mine] == list(range(first, first + n))
+            split[i] = (first, n)
+    assert any(0 < n <= expected_cap for n in steps.tolist()), "whole items exist"
+    assert max(n for _, n in split.values()) >= 3, "an item of several pieces"
+    used = sorted(s for s in slot if s >= 0)
+    assert used == list(range(len(used))) and len(used) <= sched.n_slots
+    listed = {i: (s, n) for i, s, n in zip(*(x.tolist() for x in (sched.split_item, sched.split_slot,
+                                                                   sched.split_pieces))) if i >= 0}  # fmt: skip
+    assert listed == split
+    assert sched.counts() == {"cap": expected_cap, "pieces": len(real), "split_items": len(split)}
 
 
 @pytest.mark.parametrize("branch", ["compression", "selection", "window"])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_split_dkdv_equals_unsplit_and_the_reference(branch, groups, small_key_tiles, monkeypatch):
-    """dK/dV split into 2 or 3 parts per (key tile, KV head) equal the unsplit kernel's and the
-    masked definition's; dQ is untouched (bit for bit). Float32 throughout: a split only changes the
-    order of the float32 sums (each gradient row adds <= heads x tiles x tile rows = 4 x 9 x 16 = 576
-    products), so the parts differ from one sum by ~sqrt(576) x 2^-24 ~ 1.5e-6 relative in norm
-    (576 x 2^-24 ~ 3.4e-5 at worst), far inside 1e-5 for the random-order case the sums are."""
+    """dK/dV with work items cut into pieces equal the unsplit kernel's and the masked definition's;
+    dQ is untouched (bit for bit). Caps: the computed one, aimed (through the programs-per-SM target
+    and a minimum of 1 step) at about the shortest non-empty item's steps, so that the longer items
+    split and the shortest not; and 1, a piece per step. Float32 throughout: a split only regroups a
+    row's float32 sum (<= heads x tiles x tile rows = 4 x 9 x 16 = 576 products) into <= 36 partial
+    sums added in order, so the results differ from one sum by ~sqrt(576) x 2^-24 ~ 1.5e-6 relative
+    in norm (576 x 2^-24 ~ 3.4e-5 at worst, for sums of one sign; these are of random sign): 1e-5."""
     coords, cu = batch_coords([(90, 10), (0, 4), (40, 8)], seed=30)
     cfg = SSAConfig(block_cmp=2, block_slc=4, topk=2, window=4, shift=2, query_tile=16)
     layout = build_layout(coords.to(DEVICE), cu.to(DEVICE), cfg)
@@ -278,16 +338,25 @@ def test_split_dkdv_equals_unsplit_and_the_reference(branch, groups, small_key_t
     else:
         plan = win_plan
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
-    unsplit = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, 1, monkeypatch)
+    unsplit = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, range_attn.DKDV_NO_SPLIT, monkeypatch)
     mask = plan_mask(plan, n, len(k), groups).repeat_interleave(heads // groups, 0).to(DEVICE)
     ref_out, _ = masked_attention(q, k, v, mask, 16**-0.5)
     reference = torch.autograd.grad(ref_out, (q, k, v), grad_out)
-    for split in (2, 3):
-        dq, dk, dv = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, split, monkeypatch)
+    steps = range_attn.dkdv_steps(plan, groups, heads // groups)
+    shortest, nonempty = int(steps[steps > 0].min()), int((steps > 0).sum())
+    # The computed cap, aimed at about the shortest non-empty item's steps: the longer ones split.
+    monkeypatch.setattr(range_attn, "_sm_count", lambda device: 1)  # as in the interpreter
+    monkeypatch.setattr(range_attn, "DKDV_PROGRAMS_PER_SM", int(steps.sum()) // shortest)
+    monkeypatch.setattr(range_attn, "DKDV_MIN_STEPS", 1)
+    for cap in (None, 1):
+        monkeypatch.setattr(range_attn, "DKDV_CAP", cap)
+        split = range_attn.dkdv_schedule(plan, groups, heads // groups, q.device).counts()["split_items"]
+        assert 0 < split and (cap == 1 or split < nonempty), "some items in several pieces, others whole"
+        dq, dk, dv = branch_gradients(q, k, v, plan, cfg.query_tile, grad_out, cap, monkeypatch)
         assert torch.equal(dq, unsplit[0])
         for name, a, b, ref in (("k", dk, unsplit[1], reference[1]), ("v", dv, unsplit[2], reference[2])):
-            assert rel_err(a, b) < 1e-5, name
-            assert rel_err(a, ref) < 1e-5, name
+            assert rel_err(a, b) < 1e-5, (name, cap)
+            assert rel_err(a, ref) < 1e-5, (name, cap)
     for name, a, ref in zip("qkv", unsplit, reference):
         assert rel_err(a, ref) < 1e-5, name
 
@@ -387,11 +456,12 @@ def test_gpu_full_selection_equals_flash_attention():
 @pytest.mark.gpu
 def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkeypatch):
     """The released DiT's heads (16 query, 2 KV, dim 64, bf16) on the synth table's surface band at
-    the 1024^3 grid's latent resolution (123,552 tokens): each branch's dK/dV with the automatic split
-    (several parts per work item for the compression branch) and with 5 parts equal the unsplit ones.
-    Both sum the same bf16 products in float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative
-    for the ~1e6 terms of a compression row), and round once to bf16 (<= 2^-9 relative each): within
-    2^-8 + 1e-4 < 5e-3 in norm. dQ's kernel is untouched: bit for bit."""
+    the 1024^3 grid's latent resolution (123,552 tokens): each branch's dK/dV with the computed cap
+    (which splits the compression items, 8 heads x 1,930 tiles each) and with a small fixed cap per
+    branch (which splits some items of every branch) equal the unsplit ones. Both sum the same bf16
+    products in float32, in another grouping (~sqrt(n) x 2^-24 ~ 1e-4 relative for the ~1e6 terms
+    of a compression row), and round once to bf16 (<= 2^-9 relative each): within 2^-8 + 1e-4 <
+    5e-3 in norm. dQ's kernel is untouched: bit for bit."""
     vertices, faces = synth_mesh("table", seed=0, index=0)
     coords = voxelize(normalize_vertices(vertices) * 0.9, faces, 128, band=1.0, device="cuda").coords.long()
     cfg = SSAConfig()
@@ -401,21 +471,23 @@ def test_gpu_split_dkdv_equals_unsplit_on_a_real_latent_with_two_kv_heads(monkey
     qs, ks, vs = (triton_path.to_block_order(t, layout).detach().requires_grad_() for t in (q, k, v))
     k_cmp, v_cmp = (t.detach().requires_grad_() for t in compress_kv(ks, vs, layout))
     cmp_plan, win_plan = triton_path.branch_plans(layout)
-    assert range_attn.dkdv_split(len(cmp_plan.kv_start) * 2, qs.device) > 1
     _, score = triton_path.compression_branch(qs, k_cmp, v_cmp, layout)
-    branches = {
-        "compression": (k_cmp, v_cmp, cmp_plan),
-        "selection": (ks, vs, selection_plan(layout, topk_blocks(score, layout), triton_path.BLOCK_N)),
-        "window": (ks, vs, win_plan),
+    branches = {  # name: keys, values, plan, a fixed cap that splits some of its items
+        "compression": (k_cmp, v_cmp, cmp_plan, 1000),
+        "selection": (ks, vs, selection_plan(layout, topk_blocks(score, layout), triton_path.BLOCK_N), 128),
+        "window": (ks, vs, win_plan, 8),
     }
     grad_out = torch.randn_like(qs)
-    for name, (bk, bv, plan) in branches.items():
-        unsplit = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, 1, monkeypatch)
-        for split in (None, 5):
-            dq, dk, dv = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, split, monkeypatch)
+    for name, (bk, bv, plan, small_cap) in branches.items():
+        unsplit = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, range_attn.DKDV_NO_SPLIT, monkeypatch)
+        for cap in (None, small_cap):
+            monkeypatch.setattr(range_attn, "DKDV_CAP", cap)
+            split = range_attn.dkdv_schedule(plan, 2, 8, qs.device).counts()["split_items"]
+            assert split > 0 or (cap is None and name != "compression"), (name, cap)
+            dq, dk, dv = branch_gradients(qs, bk, bv, plan, cfg.query_tile, grad_out, cap, monkeypatch)
             assert torch.equal(dq, unsplit[0]), name
-            assert rel_err(dk, unsplit[1]) < 5e-3, (name, split)
-            assert rel_err(dv, unsplit[2]) < 5e-3, (name, split)
+            assert rel_err(dk, unsplit[1]) < 5e-3, (name, cap)
+            assert rel_err(dv, unsplit[2]) < 5e-3, (name, cap)
 
 
 @pytest.mark.gpu
