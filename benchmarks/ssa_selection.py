@@ -1,6 +1,7 @@
 """What SSA's tile-shared top-k selection costs against the paper's per-token selection.
 
     python benchmarks/ssa_selection.py [--run DIT_RUN] [--quick] [--out benchmarks/results]
+    python benchmarks/ssa_selection.py --ab 64=RUN_TILE64 16=RUN_TILE16   # the training A/B
 
 ``SSAConfig.query_tile`` makes 64 consecutive queries of the block order share one top-k selection
 per GQA group (what lets the selection kernel run dense tile x block products); the paper selects
@@ -20,25 +21,36 @@ Two sources of queries and keys, both on real sparse latents:
 
 On CUDA it also times SSA (forward, backward) at each query tile on the largest set. Writes
 ``ssa_selection.json`` (device named) and a PNG of the summary table.
+
+``--ab`` compares ``train-dit`` runs that differ only in ``model.dit.ssa_query_tile`` (checked on
+their ``config.yaml``): the loss at every logged step they share, the final validation losses, steps,
+wall time and throughput. It goes under ``training_ab`` in ``ssa_selection.json`` (the other figures
+there are kept) and to ``ssa_selection_ab.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 from latent_tokens import surface_tokens  # the same real latents as the speed benchmark
 from meshforge.kernels.ssa import SSAConfig, build_layout, spatial_sparse_attention
 from meshforge.kernels.ssa.reference import compress_reference, tile_sharing_error
 
+from meshforge.config import load_yaml
 from meshforge.data.latents import LatentDataset
+from meshforge.errors import InputError
 from meshforge.io import atomic_write_json
 from meshforge.models.registry import load_model
 from meshforge.models.ss_dit import LatentFlow, SelfAttention, interpolate
 from meshforge.render import render_table_png
 from meshforge.sparse.tensor import SparseTensor
+from meshforge.train.logs import read_csv
 
 TILES = (64, 32, 16)
 FAMILIES = ("chair", "table")
@@ -164,14 +176,73 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
+# What may differ between the runs of the training A/B: the tile, and where each run lives.
+AB_FREE = {("task_config", "model", "dit", "ssa_query_tile"), ("model", "dit", "ssa_query_tile"),
+           ("task_config", "out"), ("train", "out")}
+
+
+def _flat(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, (*prefix, key)).items()}
+
+
+def training_ab(runs: dict[int, Path]) -> dict[str, Any]:
+    """Runs of one DiT setup at different query tiles: losses at shared steps, validation, speed."""
+    records = {tile: _flat(load_yaml(run / "config.yaml")) for tile, run in runs.items()}
+    first_tile, first = next(iter(records.items()))
+    for tile, record in records.items():
+        differ = sorted(".".join(k) for k in set(first) | set(record)
+                        if k not in AB_FREE and first.get(k) != record.get(k))
+        if differ:
+            raise InputError(runs[tile] / "config.yaml", f"differs from the tile-{first_tile} run in {differ[0]}: "
+                             "the A/B needs runs that differ only in model.dit.ssa_query_tile")
+    rows, curves = [], {}
+    for tile, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        logged = [r for r in read_csv(run / "metrics.csv") if "loss" in r]
+        curves[tile] = {int(r["step"]): r["loss"] for r in logged}
+        rows.append({"query_tile": tile, "steps": summary["last_step"], "wall_time_s": summary["wall_time_s"],
+                     "samples_per_s": summary.get("samples_per_s"),
+                     "loss_last_5_rows": statistics.fmean(r["loss"] for r in logged[-5:]),
+                     "val_latent": summary.get("val_latent"), "val_structure": summary.get("val_structure")})
+    shared = sorted(set.intersection(*(set(c) for c in curves.values())))
+    return {"runs": {str(tile): str(run) for tile, run in runs.items()}, "rows": rows,
+            "loss_at_shared_steps": [{"step": step, **{f"tile_{t}": c[step] for t, c in curves.items()}}
+                                     for step in shared]}
+
+
+def parse_ab(values: list[str]) -> dict[int, Path]:
+    runs = {}
+    for value in values:
+        tile, _, run = value.partition("=")
+        if not tile.isdigit() or not run:
+            raise SystemExit(f"--ab takes TILE=RUN_DIR, got {value!r}")
+        runs[int(tile)] = Path(run)
+    if len(runs) < 2:
+        raise SystemExit("--ab needs runs of at least two query tiles")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a train-dit run folder (its checkpoint and latents/)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tiles", type=int, default=32, help="query tiles of 64 sampled per layer and set")
     parser.add_argument("--shapes", type=int, default=4, help="validation latents of --run")
     parser.add_argument("--quick", action="store_true", help="small sets (a CPU smoke test)")
-    args = parser.parse_args()
+    parser.add_argument("--ab", nargs="+", metavar="TILE=RUN", help="only the training A/B of train-dit runs")
+    args = parser.parse_args(argv)
+    if args.ab:
+        out = args.out / "ssa_selection.json"
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        result["training_ab"] = ab = training_ab(parse_ab(args.ab))
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, result)
+        render_table_png(ab["rows"], args.out / "ssa_selection_ab.png", title="SS-DiT trained at each SSA query tile")
+        for r in ab["rows"]:
+            print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = random_rows(device, 2 if args.quick else args.tiles, 32 if args.quick else 128)
     if args.run:
