@@ -22,6 +22,16 @@
 #                                            # (batches 1, 16, 64) on one GPU (~3 min)
 #   bash benchmarks/gpu_session.sh long      # iflame_vs_full --only long: both training steps at 4,000
 #                                            # faces, merged into iflame_vs_full.json (~2 min on a fresh machine)
+#   bash benchmarks/gpu_session.sh direct3d-r256      # recipes/direct3d_r256.yaml, its figures (direct3d_scale.json
+#                                            # recipe_r256, benchmarks/results/direct3d_r256/) and the
+#                                            # selection study on its trained DiT (~9 min on one H200)
+#   bash benchmarks/gpu_session.sh ssa-tile-ab        # after direct3d-r256 on the same machine: its DiT trained
+#                                            # again at query tiles 64 and 16 for the same 500 steps,
+#                                            # ssa_selection.py --ab (~4 min)
+#   bash benchmarks/gpu_session.sh direct3d-reference # recipes/direct3d_reference.yaml shortened: 16 shapes at
+#                                            # 1024^3, multi-resolution SS-VAE, the 24-block SS-DiT, one
+#                                            # 1024^3 sample (~7 min); direct3d-reference-resume runs it
+#                                            # again with a longer DiT limit: train-dit resumes (~5 min)
 #
 # Several phases run one after the other in one call: gpu_session.sh ddp-large retrain-interleaved.
 #
@@ -30,7 +40,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe linear-attention decode long)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -135,8 +145,31 @@ ddp_compute_bound() {  # the same comparison where a step is compute-bound: 128 
   done
 }
 
+direct3d_r256() {
+  $CLI --device cuda run recipes/direct3d_r256.yaml --out "$WORK/r256"
+  timed python3 benchmarks/direct3d_scale.py --sections recipe_r256 --recipe-run "$WORK/r256"
+  timed python3 benchmarks/ssa_selection.py --run "$WORK/r256/dit" --tiles 16
+}
+
+ssa_tile_ab() {  # the same DiT, data, seed and steps (its run record as --config); only the tile differs
+  [ -f "$WORK/r256/dit/config.yaml" ] || { echo "ssa-tile-ab needs the direct3d-r256 phase first"; return 1; }
+  for tile in 64 16; do
+    $CLI --device cuda train-dit --config "$WORK/r256/dit/config.yaml" --out "$WORK/ab-$tile" --steps 500 \
+      --time-limit-min 0 --eval-every 0 --set model.dit.ssa_query_tile=$tile
+  done
+  timed python3 benchmarks/ssa_selection.py --ab 64="$WORK/ab-64" 16="$WORK/ab-16"
+}
+
+# The reference recipe cut to fit a call: 16 shapes, the trainers stopped by short time limits.
+REFERENCE_SHORT=(--set synth.n=16 --set train-vae.time_limit_min=1.5 --set eval-recon.n=4 --set sample-dit.n=1)
+
+direct3d_reference() {  # $1: the SS-DiT's time limit (minutes); a second run resumes the first's
+  $CLI --device cuda run recipes/direct3d_reference.yaml --out "$WORK/reference" "${REFERENCE_SHORT[@]}" \
+    --set train-dit.time_limit_min="$1"
+}
+
 needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
-for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention) ;; *) needs_data=true ;; esac; done
+for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
 if $needs_data; then
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
@@ -174,6 +207,11 @@ case $phase in
       timed python3 benchmarks/iflame_vs_full.py --only decode --decode-batches 1 16 64 ) >"$LOGS/decode.log" 2>&1 ;;
   long)  # the 4,000-face training steps alone, added to benchmarks/results/iflame_vs_full.json
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/iflame_vs_full.py --only long ) >"$LOGS/long.log" 2>&1 ;;
+  direct3d-r256) ( export CUDA_VISIBLE_DEVICES=0; direct3d_r256 ) >"$LOGS/direct3d-r256.log" 2>&1 ;;
+  ssa-tile-ab) ( export CUDA_VISIBLE_DEVICES=0; ssa_tile_ab ) >"$LOGS/ssa-tile-ab.log" 2>&1 ;;
+  direct3d-reference) ( export CUDA_VISIBLE_DEVICES=0; direct3d_reference 1.5 ) >"$LOGS/direct3d-reference.log" 2>&1 ;;
+  direct3d-reference-resume)
+    ( export CUDA_VISIBLE_DEVICES=0; direct3d_reference 3 ) >"$LOGS/direct3d-reference-resume.log" 2>&1 ;;
   retrain-interleaved)  # the interleaved run of the face-acc pair again, after a change to the model
     ( export CUDA_VISIBLE_DEVICES=0; lane_train interleaved ) >"$LOGS/retrain-interleaved.log" 2>&1 ;;
   *) echo "unknown phase $phase"; exit 2 ;;
