@@ -29,6 +29,7 @@ Implementations of the same map:
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from meshforge.kernels.linear_attention.chunked import (
@@ -100,6 +101,11 @@ def linear_attention(
         from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
         return linear_attention_parallel_triton(q, k, v, slopes, scale), None
+    # fla's kernels autotune over many configs on their first call in a process (most of the ~100 s
+    # first step on a fresh machine, with compiling). Triton keeps compiled kernels on disk anyway;
+    # with this it keeps the winning configs too, read when fla's autotuners are made (at import),
+    # so later processes on the machine neither re-time them nor pick differently.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     from fla.ops.simple_gla import chunk_simple_gla  # Triton: imported only where it can run
 
     return chunk_simple_gla(

@@ -193,6 +193,7 @@ class TrainingRun:
         self.val: dict[str, float] = {}
         self.profile: dict[str, Any] | None = None
         self.sync_wait_s = 0.0  # the last step's wait for the reduction of its values (host sync)
+        self.first_step_s: float | None = None  # this run's first step, kernel compilation included
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -288,6 +289,7 @@ class TrainingRun:
         # attention) and autotunes: on a fresh machine that alone can take a minute or more.
         limit_s = 60 * cfg.time_limit_min if cfg.time_limit_min else math.inf
         deadline = math.inf
+        loop_start = time.perf_counter()
         with closing(batches), closing(profiler), make_progress() if env.is_main else nullcontext() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=self.step) if progress else None
             while self.step < cfg.steps:
@@ -300,6 +302,7 @@ class TrainingRun:
                 out_of_time = values.pop(OUT_OF_TIME) > 0
                 interrupted = values.pop(STOP_ASKED) > 0
                 if deadline == math.inf:
+                    self.first_step_s = time.perf_counter() - loop_start
                     deadline = time.perf_counter() + limit_s
                 window.add(values)
                 last = self.step == cfg.steps or out_of_time or interrupted
@@ -490,6 +493,8 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
             "resumed_from": start_step if start_step else None,
             "world_size": env.world_size,
             "wall_time_s": round(time.perf_counter() - start, 3),
+            # What the time limit does not count: on a fresh machine mostly Triton compiling and autotuning.
+            "first_step_s": None if run.first_step_s is None else round(run.first_step_s, 3),
             **run.last_row,
             **{f"val_{k}": v for k, v in run.val.items()},
         }

@@ -63,6 +63,7 @@ def test_time_limit_stops_like_a_last_step_and_resume_finishes_the_curve(tmp_pat
     # The 60 s count from the end of the 100 s first step: step 8 (at 170 s) is the first to finish
     # past them; it is logged, evaluated and checkpointed.
     assert summary["stopped_by_time_limit"] and summary["last_step"] == 8
+    assert summary["first_step_s"] == 100.0  # reported, and not counted against the limit
     assert latest_checkpoint(tmp_path / "split").name == "step_0000008"
     rows = read_csv(tmp_path / "split" / "metrics.csv")
     assert [r["step"] for r in rows if "val_loss" in r] == [8]
