@@ -48,6 +48,14 @@ def in_worker() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def process_env() -> DistEnv:
+    """This process's place in the run, from torchrun's environment (rank 0 of 1 outside torchrun);
+    readable before the process group exists."""
+    if not in_worker():
+        return DistEnv()
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def launch(nproc: int, module: str, args: list[str]) -> None:
     """Run ``python -m module *args`` as ``nproc`` workers on this node; returns when all have finished."""
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -75,9 +83,9 @@ def setup(device: torch.device | str) -> tuple[DistEnv, torch.device]:
     """Join the process group when running under torchrun; the device this process trains on
     (``device``, or under torchrun on CUDA this process's GPU)."""
     dev = torch.device(device)
-    if not in_worker() or int(os.environ["WORLD_SIZE"]) == 1:
+    env = process_env()
+    if not env.active:
         return DistEnv(), dev
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise MeshforgeError(
