@@ -205,3 +205,53 @@ def test_two_processes_match_one_and_encode_once(data, tmp_path, monkeypatch):
     ema = [load_ema(latest_checkpoint(out)) for out in runs.values()]
     for name in ema[0]:
         torch.testing.assert_close(ema[1][name], ema[0][name], rtol=0, atol=1e-5)
+
+
+def free_local_port() -> int:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"no local TCP sockets here ({exc}): torchrun's rendezvous needs one")
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_match_one_process(data, tmp_path, monkeypatch):
+    """The multi-node command of meshforge.train.distributed's docstring, as two "nodes" (torchrun
+    launchers of one process each, c10d rendezvous) on localhost sharing OUT: the SDF data is encoded
+    once, by rank 0, and the run follows the one-process loss curve."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    stage = ["train-dit", "--data", str(data / "sdf"), "--vae", str(data / "vae"), "--steps", "3", "--batch-size", "2",
+             "--log-every", "1", "--eval-every", "0", "--warmup-steps", "1", "--eval-meshes", "1",
+             "--optimizer", "adamw", "--precision", "fp32", "--set", "model.cond.kind=class", "--set", "model.cond.dim=16",
+             *(f"--set=model.{k}={json.dumps(v)}" for k, v in TINY_MODEL.items())]
+    assert main(["--device", "cpu", *stage, "--out", str(tmp_path / "one")]) == 0
+
+    endpoint = f"127.0.0.1:{free_local_port()}"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "mf-test",
+             "-m", "meshforge_plugins.cli", "--device", "cpu", *stage, "--out", str(tmp_path / "nodes")],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert sum(o.count("encoded ") for o in outputs) == 1 and sum(o.count("waiting for rank 0") for o in outputs) == 1
+    assert json.loads((tmp_path / "nodes" / "summary.json").read_text())["world_size"] == 2
+    one, two = ([r["loss"] for r in read_csv(tmp_path / name / "metrics.csv") if "loss" in r] for name in ("one", "nodes"))
+    assert len(one) == 3 and one == pytest.approx(two, abs=1e-5)  # the tolerance of the --gpus 2 test above
