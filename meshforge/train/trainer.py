@@ -483,6 +483,9 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
         finally:
             if log is not None:
                 log.close()
+        # Every rank's peak, gathered (a collective) so rank 0's summary says what each GPU needed.
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        peaks = distributed.gather_objects(peak, env)
         summary: dict[str, Any] = {
             "steps": cfg.steps,
             "last_step": run.step,
@@ -490,6 +493,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
             "resumed_from": start_step if start_step else None,
             "world_size": env.world_size,
             "wall_time_s": round(time.perf_counter() - start, 3),
+            "peak_memory_gib": None if peak is None else [round(p, 3) for p in peaks],  # CUDA only, per rank
             **run.last_row,
             **{f"val_{k}": v for k, v in run.val.items()},
         }
