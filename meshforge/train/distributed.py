@@ -1,13 +1,14 @@
 """Data-parallel training: launching processes, the process group, and the global-batch sampler.
 
-``meshforge train-iflame --gpus N`` re-launches itself as N worker processes through torch's own
+``meshforge train-iflame --gpus N`` (likewise train-vae, train-dit) re-launches itself as N worker processes through torch's own
 launcher (``torch.distributed.run``, i.e. torchrun, standalone rendezvous on this node). Workers
 recognise themselves by the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and
 train instead of launching again. Multi-node runs use torchrun directly with the same command::
 
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m meshforge_plugins.cli train-iflame --data D --out O
-    # and --node-rank 1 on the second node (same --out on a shared filesystem)
+    # and --node-rank 1 on the second node (same --out on a shared filesystem); train-vae and
+    # train-dit the same way (tests/train/test_dit_task.py runs this with two launchers on localhost)
 
 Every process sees the same global batch of ``batch_size`` items, derived from ``(seed, step)``,
 and trains on its own contiguous slice of it, so 1 and N processes follow the same loss curve.
