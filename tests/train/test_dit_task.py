@@ -255,3 +255,12 @@ def test_two_nodes_through_torchrun_match_one_process(data, tmp_path, monkeypatc
     assert json.loads((tmp_path / "nodes" / "summary.json").read_text())["world_size"] == 2
     one, two = ([r["loss"] for r in read_csv(tmp_path / name / "metrics.csv") if "loss" in r] for name in ("one", "nodes"))
     assert len(one) == 3 and one == pytest.approx(two, abs=1e-5)  # the tolerance of the --gpus 2 test above
+
+
+def test_sdf_data_without_a_vae_under_gpus_is_one_line_before_any_worker(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--device", "cpu", "train-dit", "--data", str(data / "synth"), "--vae", str(data / "vae"),
+                 "--out", str(out), "--gpus", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {data / 'synth'}: neither a latent dataset nor a sparse SDF dataset (from `meshforge sdf-voxelize`)\n"
+    assert not (out / "launch.yaml").exists()  # refused before the launch

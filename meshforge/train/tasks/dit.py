@@ -105,6 +105,19 @@ class DiTTaskConfig(TrainOptions):
             raise ValueError("views must be at least 1 and eval_meshes non-negative")
 
 
+def needs_encoding(cfg: DiTTaskConfig) -> bool:
+    """True for a sparse SDF dataset with a VAE to encode it, False for a latent dataset; anything
+    else is a one-line error (cheap: a launcher checks before starting its workers)."""
+    data = Path(cfg.data)
+    if is_latent_dataset(data):
+        return False
+    if not (data / "manifest.json").is_file():
+        raise InputError(data, "neither a latent dataset nor a sparse SDF dataset (from `meshforge sdf-voxelize`)")
+    if cfg.vae is None:
+        raise ConfigError(f"{data} is a sparse SDF dataset: pass --vae VAE_CKPT to encode it to latents first")
+    return True
+
+
 def prepare_data(cfg: DiTTaskConfig, device: torch.device, seed: int = 0) -> DiTTaskConfig:
     """``cfg`` reading a latent dataset: a sparse SDF dataset is encoded with ``cfg.vae`` into
     ``OUT/latents`` first (kept and reused while its source, VAE and renders still match).
@@ -114,14 +127,9 @@ def prepare_data(cfg: DiTTaskConfig, device: torch.device, seed: int = 0) -> DiT
     The wait is on the file rather than a collective, which would time out (NCCL: 10 minutes) on a
     large dataset; if rank 0 fails, torchrun stops the waiting ranks.
     """
-    data = Path(cfg.data)
-    if is_latent_dataset(data):
+    if not needs_encoding(cfg):
         return cfg
-    if not (data / "manifest.json").is_file():
-        raise InputError(data, "neither a latent dataset nor a sparse SDF dataset (from `meshforge sdf-voxelize`)")
-    if cfg.vae is None:
-        raise ConfigError(f"{data} is a sparse SDF dataset: pass --vae VAE_CKPT to encode it to latents first")
-    out = Path(cfg.out) / "latents"
+    data, out = Path(cfg.data), Path(cfg.out) / "latents"
     views = cfg.views if cfg.model.cond.kind == "image" else 0
     wanted = {"source": str(data.resolve()), "vae_checkpoint": str(resolve_checkpoint(cfg.vae).resolve()), "views": views}
     if views:
