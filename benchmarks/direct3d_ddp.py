@@ -1,7 +1,7 @@
 """Data parallelism of ``train-vae --gpus N`` and ``train-dit --gpus N``: the same runs on 1 process and on N.
 
     python benchmarks/direct3d_ddp.py [--gpus 2] [--resolution 1024] [--meshes 16] [--batch-size 2]
-        [--vae-steps 20] [--dit-steps 10] [--log-every 2] [--only vae dit] [--quick] [--out WORK] [--result JSON]
+        [--vae-steps 20] [--dit-steps 8] [--log-every 2] [--only vae dit] [--quick] [--out WORK] [--result JSON]
 
 Synth meshes voxelised at ``--resolution`` (the reference recipe's 1024 by default), then the real CLI
 four times: ``train-vae`` into ``WORK/vae_gpus1`` and ``WORK/vae_gpusN``, and ``train-dit`` into
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=2, help="global batch, split over the processes")
     parser.add_argument("--vae-steps", type=int, default=20)
-    parser.add_argument("--dit-steps", type=int, default=10)
+    parser.add_argument("--dit-steps", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=2, help="steps per metrics row (loss mean, throughput)")
     parser.add_argument("--optimizer", default="adamw", choices=("muon", "adamw"))
     parser.add_argument("--only", nargs="+", default=["vae", "dit"], choices=("vae", "dit"),
