@@ -3,6 +3,7 @@ path sdf dataset -> train-dit (encodes with the VAE) -> sample --image."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -181,13 +182,15 @@ def test_train_dit_from_sdf_data_then_sample_from_an_image(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_encode_once(data, tmp_path, monkeypatch):
+def test_two_processes_match_one_encode_once_and_resume_on_either(data, tmp_path, monkeypatch):
     """``--gpus 2`` from SDF data: rank 0 encodes the latents while rank 1 waits, and the loss curve
-    is the one process's: every item's timesteps, dropout and noise come from its own seed."""
+    is the one process's: every item's timesteps, dropout and noise come from its own seed, which
+    also lets a run resume on another number of processes and stay on that curve."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--vae", str(data / "vae"), "--steps", "4",
             "--batch-size", "2", "--log-every", "1", "--eval-every", "0", "--warmup-steps", "1", "--eval-meshes", "1",
-            "--optimizer", "adamw", "--precision", "fp32", "--ema-decay", "0.9", "--cond-dropout", "0.5"]
+            "--optimizer", "adamw", "--precision", "fp32", "--ema-decay", "0.9", "--cond-dropout", "0.5",
+            "--checkpoint-every", "2"]
     args += [f"--set=model.{k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
     args += ["--set", "model.cond.kind=class", "--set", "model.cond.dim=16"]
     runs = {gpus: tmp_path / f"gpus{gpus}" for gpus in (1, 2)}
@@ -205,6 +208,17 @@ def test_two_processes_match_one_and_encode_once(data, tmp_path, monkeypatch):
     ema = [load_ema(latest_checkpoint(out)) for out in runs.values()]
     for name in ema[0]:
         torch.testing.assert_close(ema[1][name], ema[0][name], rtol=0, atol=1e-5)
+
+    # The one-process run as if stopped at step 2, resumed on two processes: steps 3 and 4 as before.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs[1], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    (resumed / "checkpoints" / "latest").write_text("step_0000002\n")
+    assert main([*args, "--out", str(resumed), "--gpus", "2", "--resume"]) == 0
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 2
+    curve = [[(r["step"], r["latent"]) for r in read_csv(out / "metrics.csv") if "latent" in r] for out in (runs[1], resumed)]
+    assert [s for s, _ in curve[1]] == [1, 2, 3, 4]
+    assert [v for _, v in curve[1]] == pytest.approx([v for _, v in curve[0]], abs=1e-5)
 
 
 def free_local_port() -> int:
