@@ -193,6 +193,7 @@ class TrainingRun:
         self.val: dict[str, float] = {}
         self.profile: dict[str, Any] | None = None
         self.sync_wait_s = 0.0  # the last step's wait for the reduction of its values (host sync)
+        self.peak_memory_gib: list[float] | None = None  # every rank's training peak (CUDA), after the last step
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -315,6 +316,11 @@ class TrainingRun:
                             shown = ", ".join(f"{k} {v:.4g}" for k, v in self.last_row.items())
                             console.print(f"step {self.step}/{cfg.steps}: {shown}", highlight=False)
                     window = _Window()
+                if last and self.device.type == "cuda":
+                    # Before the final evaluation and save (rank 0's alone), and a collective among the
+                    # run's others: one right before the process group's teardown can abort gloo.
+                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.peak_memory_gib = [round(p, 3) for p in distributed.gather_objects(peak, env)]
                 if self.task_evaluates and (
                     (cfg.eval_every and self.step % cfg.eval_every == 0) or last
                 ):
@@ -483,9 +489,6 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
         finally:
             if log is not None:
                 log.close()
-        # Every rank's peak, gathered (a collective) so rank 0's summary says what each GPU needed.
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-        peaks = distributed.gather_objects(peak, env)
         summary: dict[str, Any] = {
             "steps": cfg.steps,
             "last_step": run.step,
@@ -493,7 +496,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
             "resumed_from": start_step if start_step else None,
             "world_size": env.world_size,
             "wall_time_s": round(time.perf_counter() - start, 3),
-            "peak_memory_gib": None if peak is None else [round(p, 3) for p in peaks],  # CUDA only, per rank
+            "peak_memory_gib": run.peak_memory_gib,
             **run.last_row,
             **{f"val_{k}": v for k, v in run.val.items()},
         }
