@@ -20,6 +20,8 @@
 #                                            # at which length (benchmarks/linear_attention_forms.py, ~1.5 min)
 #   bash benchmarks/gpu_session.sh decode    # decoding's GPU tests, then iflame_vs_full --only decode
 #                                            # (batches 1, 16, 64) on one GPU (~3 min)
+#   bash benchmarks/gpu_session.sh direct3d-ddp  # train-vae and train-dit --gpus 2 vs 1 at the reference sizes on
+#                                            # 1024^3 synth data (benchmarks/direct3d_ddp.py, ~6 min)
 #   bash benchmarks/gpu_session.sh long      # iflame_vs_full --only long: both training steps at 4,000
 #                                            # faces, merged into iflame_vs_full.json (~2 min on a fresh machine)
 #   bash benchmarks/gpu_session.sh direct3d-r256      # recipes/direct3d_r256.yaml, its figures (direct3d_scale.json
@@ -40,7 +42,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -170,6 +172,16 @@ direct3d_reference() {  # $1: the SS-DiT's time limit (minutes); a second run re
     --set train-dit.time_limit_min="$1"
 }
 
+direct3d_ddp() {  # the same global batch of 1024^3 shapes on 1 and 2 GPUs, the VAE then the DiT
+  ( export CUDA_VISIBLE_DEVICES=0,1
+    timed python3 benchmarks/direct3d_ddp.py --out "$WORK/direct3d-ddp" ) >"$LOGS/direct3d-ddp.log" 2>&1
+  for run in vae_gpus1 vae_gpus2 dit_gpus1 dit_gpus2; do
+    mkdir -p "benchmarks/results/direct3d_ddp_runs/$run"
+    cp "$WORK/direct3d-ddp/$run"/{summary.json,metrics.csv,curves.png,config.yaml} \
+      "benchmarks/results/direct3d_ddp_runs/$run/" 2>/dev/null
+  done
+}
+
 needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
 for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
 if $needs_data; then
@@ -198,6 +210,7 @@ case $phase in
     ;;
   ddp) ddp ;;
   ddp-large) ddp_compute_bound ;;
+  direct3d-ddp) direct3d_ddp ;;
   iflame-recipe)  # recipes/iflame_gpu.yaml alone, 45 s of training (~4 min on a fresh machine)
     ( export CUDA_VISIBLE_DEVICES=0; iflame_recipe ) >"$LOGS/iflame-recipe.log" 2>&1 ;;
   linear-attention)

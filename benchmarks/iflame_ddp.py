@@ -32,27 +32,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from ddp_runs import (
+    CLI,
+    child_env,
+    compare_curves,
+    comparison_table,
+    device_name,
+    plot,
+    read_curve,
+    run_training,
+    scaling,
+)
 from rich.table import Table
 
 from meshforge.data.tokens import TOKENS_PER_FACE
-from meshforge.io import atomic_path, atomic_write_json
-from meshforge.runtime import console, cpu_model
-from meshforge.train.logs import read_csv
+from meshforge.io import atomic_write_json
+from meshforge.runtime import console
 from meshforge.train.profiling import PROFILE_DIR, PROFILE_SKIP
 
 RESULT = Path(__file__).parent / "results" / "iflame_ddp.json"
-CLI = "meshforge_plugins.cli"
-
 
 
 def make_data(root: Path, meshes: int, seed: int) -> Path:
@@ -85,37 +88,15 @@ def train_command(args: argparse.Namespace, data: Path, out: Path, gpus: int) ->
     ]  # fmt: skip
 
 
-def run_training(command: list[str], out: Path, env: dict[str, str], cwd: Path) -> float:
-    """Run one ``train-iflame`` afresh into ``out`` (its output streams through); wall seconds."""
-    shutil.rmtree(out, ignore_errors=True)  # no stale metrics.csv can stand in for a failed run
-    console.print(f"[bold]$ {' '.join(command)}[/bold]", highlight=False)
-    start = time.perf_counter()
-    done = subprocess.run(command, check=False, env=env, cwd=cwd)
-    if done.returncode:
-        raise SystemExit(f"train-iflame into {out} failed with exit code {done.returncode} (its output is above)")
-    return time.perf_counter() - start
-
-
 def read_run(out: Path, log_every: int, profile_steps: int) -> dict[str, Any]:
-    """The logged train curve, the throughput medians, the profile and the summary of one finished run."""
-    rows = [r for r in read_csv(out / "metrics.csv") if "loss" in r]
-    # The first row's window holds the warm-up (main() ensures at least two rows); a row whose
-    # window holds a profiled step (or the profiler's warm-up step) runs slower.
+    """The logged curve and throughput (:func:`ddp_runs.read_curve`), the validation figures and the profile."""
+    # The profiler's warm-up step and the profiled ones run slower than the rest.
     profiled = range(PROFILE_SKIP + 1, PROFILE_SKIP + 2 + profile_steps) if profile_steps else range(0)
-    steady = [r for r in rows[1:] if not any(int(r["step"]) - log_every < s <= int(r["step"]) for s in profiled)]
-    summary = json.loads((out / "summary.json").read_text())
-    return {
-        "steps": [int(r["step"]) for r in rows],
-        "loss": [r["loss"] for r in rows],
-        "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-        # Share of the time blocked at the step's host sync (CUDA only): ~0 means launch-bound.
-        "sync_wait_frac": statistics.median(r["sync_wait_frac"] for r in steady) if "sync_wait_frac" in steady[0] else None,
-        "final_loss": rows[-1]["loss"],
+    run = read_curve(out, log_every, profiled)
+    summary = run.pop("summary")
+    return run | {
         "val_loss": summary.get("val_loss"),
         "val_face_acc": summary.get("val_face_acc"),
-        "world_size": summary["world_size"],
-        "train_wall_s": summary["wall_time_s"],
         "profile": [json.loads(p.read_text()) for p in sorted((out / PROFILE_DIR).glob("rank*.json"))],
     }
 
@@ -133,33 +114,6 @@ def profile_table(runs: dict[str, dict[str, Any]], label: dict[str, str]) -> Tab
             table.add_row(label[name], str(p["rank"]), f"{1e3 * p['step_s']:.1f}", busy, comm, f"{p['launches']:,.0f}",
                           *(f"{1e3 * p['phases_s'][ph]:.1f}" for ph in phases))
     return table
-
-
-def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """The loss curves, and each one's absolute difference from the first, against the step (headless, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (base_name, base), *others = runs.items()
-    fig, (curves, diff) = plt.subplots(1, 2, figsize=(11, 4))
-    curves.plot(base["steps"], base["loss"], label=base_name, linewidth=2)
-    for name, run in others:
-        curves.plot(run["steps"], run["loss"], label=name, linestyle="--", marker="o", markersize=3)
-        diff.plot(base["steps"], [abs(a - b) for a, b in zip(base["loss"], run["loss"])], marker="o", markersize=3,
-                  label=f"{name} vs {base_name}")
-    curves.set_title("train loss")
-    diff.set_title(f"|loss - loss of {base_name}|")
-    for ax in (curves, diff):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -204,13 +158,7 @@ def main() -> None:
     work = args.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve() if args.data else make_data(work / "data", args.synth_meshes, args.seed)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = "1"  # one thread per process: N processes must not oversubscribe the cores
-    else:
-        # Batches are padded to their longest mesh, so every step allocates other shapes: growable
-        # segments keep the 1-process run (the whole global batch on one GPU) from fragmenting into OOM.
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env = child_env(args.device)
 
     names = {1: "gpus1", args.gpus: f"gpus{args.gpus}"}
     schedule = [(1, "gpus1"), (args.gpus, f"gpus{args.gpus}")]
@@ -222,34 +170,23 @@ def main() -> None:
         wall[name] = run_training(commands[name], work / name, env, work)
         runs[name] = read_run(work / name, args.log_every, args.profile_steps)
     one, many = (runs[name] for name in names.values())
-    if any(r["steps"] != one["steps"] for r in runs.values()):
-        raise SystemExit(f"the runs logged different steps: {[r['steps'] for r in runs.values()]}")
-
-    def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-        return max(abs(x - y) for x, y in zip(a["loss"], b["loss"]))
-
-    diffs = [abs(a - b) for a, b in zip(one["loss"], many["loss"])]
-    spread = max_diff(one, runs["gpus1_rerun"]) if "gpus1_rerun" in runs else 0.0
-    scaling = many["samples_per_s"] / one["samples_per_s"]
-    if args.device == "cuda":
-        device = f"{torch.cuda.get_device_name(0)} x{args.gpus}"  # after the runs: no CUDA context held during them
-    else:
-        device = f"{cpu_model()} ({args.gpus} gloo processes, 1 thread each)"
+    spread = compare_curves(one, runs["gpus1_rerun"], 0.0)["loss_max_abs_diff"] if "gpus1_rerun" in runs else 0.0
+    match = compare_curves(one, many, args.tolerance, spread)
+    speed = scaling(one, many, args.gpus)
+    device = device_name(args.device, args.gpus)
 
     result = {
         "benchmark": "iflame_ddp",
         "device": device,
         "processes": [1, args.gpus],
-        "loss_max_abs_diff": max(diffs),
-        "loss_mean_abs_diff": sum(diffs) / len(diffs),
+        **match,
         "rerun_max_abs_diff": spread if "gpus1_rerun" in runs else None,
-        "curves_match": max(diffs) <= args.tolerance + spread,
         "final_loss": {name: r["final_loss"] for name, r in runs.items()},
         "val_loss": {name: r["val_loss"] for name, r in runs.items()},
         "samples_per_s": {name: r["samples_per_s"] for name, r in runs.items()},
         "tokens_per_s": {name: r["tokens_per_s"] for name, r in runs.items()},
-        "scaling_ratio": scaling,
-        "scaling_efficiency": scaling / args.gpus,
+        **speed,
+        "peak_memory_gib": {name: r["peak_memory_gib"] for name, r in runs.items()},
         "throughput_method": "median over the metrics.csv rows after the first (the first window holds the warm-up)",
         "wall_s": wall,
         "settings": vars(args) | {"data": str(data)},
@@ -258,32 +195,24 @@ def main() -> None:
     }
 
     label = {name: f"{gpus} process{'es' if gpus > 1 else ''}" for gpus, name in names.items()} | {"gpus1_rerun": "1 process, again"}
-    table = Table(title=f"train-iflame --gpus {args.gpus} vs 1 on {device}")
-    for column in ("figure", *(label[name] for name in names.values()), f"{args.gpus} vs 1"):
-        table.add_column(column, justify="right")
-
-    def row(name: str, key: str, fmt: str, compare: str) -> None:
-        a, b = one[key], many[key]
-        if a is None or b is None:
-            table.add_row(name, *("-" if v is None else format(v, fmt) for v in (a, b)), "-")
-            return
-        versus = f"x{b / a:.2f}" if compare == "ratio" else f"{b - a:+.2e}"
-        table.add_row(name, format(a, fmt), format(b, fmt), versus)
-
-    row("final train loss", "final_loss", ".5f", "diff")
-    row("val loss", "val_loss", ".5f", "diff")
-    row("samples/s (median)", "samples_per_s", ",.1f", "ratio")
-    row("tokens/s (median)", "tokens_per_s", ",.0f", "ratio")
-    row("time waiting at the sync", "sync_wait_frac", ".2f", "ratio")
+    table = comparison_table(f"train-iflame --gpus {args.gpus} vs 1 on {device}", one, many,
+                             (label[names[1]], label[names[args.gpus]]), [
+        ("final train loss", "final_loss", ".5f", "diff"),
+        ("val loss", "val_loss", ".5f", "diff"),
+        ("samples/s (median)", "samples_per_s", ",.1f", "ratio"),
+        ("tokens/s (median)", "tokens_per_s", ",.0f", "ratio"),
+        ("time waiting at the sync", "sync_wait_frac", ".2f", "ratio"),
+    ])
     table.add_row("wall time (s)", f"{wall[names[1]]:.1f}", f"{wall[names[args.gpus]]:.1f}", "")
     console.print(table)
     if any(r["profile"] for r in runs.values()):
         console.print(profile_table(runs, label))
     verdict = "[green]match[/green]" if result["curves_match"] else "[red]differ[/red]"
     console.print(
-        f"loss curves over {len(diffs)} logged rows: max |diff| {max(diffs):.2e}, mean {result['loss_mean_abs_diff']:.2e} "
-        f"(two 1-process runs: {spread:.2e}) -> {verdict} (tolerance {args.tolerance} + that spread); scaling x{scaling:.2f} on {args.gpus} processes "
-        f"({100 * scaling / args.gpus:.0f}% efficiency)"
+        f"loss curves over {len(one['loss'])} logged rows: max |diff| {match['loss_max_abs_diff']:.2e}, "
+        f"mean {match['loss_mean_abs_diff']:.2e} (two 1-process runs: {spread:.2e}) -> {verdict} "
+        f"(tolerance {args.tolerance} + that spread); scaling x{speed['scaling_ratio']:.2f} on {args.gpus} processes "
+        f"({100 * speed['scaling_efficiency']:.0f}% efficiency)"
     )
     atomic_write_json(args.result, result)
     png = args.result.with_suffix(".png")

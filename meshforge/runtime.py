@@ -71,6 +71,33 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def item_seeds(seed: int, step: int, count: int) -> list[int]:
+    """One seed per position of a step's global batch, a pure function of ``(seed, step, position)``.
+
+    Noise drawn from them (:func:`seeded_normals`) is the same for an item however the batch is
+    split over processes, so 1 and N data-parallel processes train on the same noise.
+    """
+    return [int(np.random.default_rng([seed, step, j]).integers(2**62)) for j in range(count)]
+
+
+def seeded_normals(seeds: list[int], blocks: list[tuple[torch.Tensor, int]], device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Standard normal noise for batched rows, item by item from the item's own seed.
+
+    Each block is ``(offsets [B + 1], channels)``: item ``b`` owns rows ``offsets[b]:offsets[b + 1]``.
+    Item ``b``'s rows of every block are drawn, block after block, from one generator seeded by
+    ``seeds[b]``, so they depend on the item alone, not on which other items share its batch.
+    """
+    bounds = [offsets.tolist() for offsets, _ in blocks]
+    parts: list[list[torch.Tensor]] = [[] for _ in blocks]
+    for b, seed in enumerate(seeds):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for k, (_, channels) in enumerate(blocks):
+            rows = bounds[k][b + 1] - bounds[k][b]
+            parts[k].append(torch.randn(rows, channels, generator=generator, device=device, dtype=dtype))
+    return [torch.cat(p) for p in parts]
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
     if isinstance(batch, torch.Tensor):

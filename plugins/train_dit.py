@@ -5,15 +5,15 @@ from __future__ import annotations
 from meshforge import workspace
 from meshforge.data.latents import is_latent_dataset
 from meshforge.stages import RunContext, Stage
-from meshforge.train.distributed import in_worker
-from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
+from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, needs_encoding, prepare_data
 from meshforge.train.trainer import run_training_stage
 
 
 def run(cfg: DiTTaskConfig, ctx: RunContext) -> dict:
-    if not in_worker():  # encode once, before any data-parallel workers start
-        cfg = prepare_data(cfg, ctx.torch_device, ctx.seed)
-    return run_training_stage("train-dit", cfg, ctx, lambda: DiTTask(cfg), cli_module="meshforge_plugins.cli")
+    needs_encoding(cfg)  # bad --data or a missing --vae: one line, before any worker starts
+    # Encoding happens in the training process(es): under --gpus N the launcher holds no GPU memory.
+    return run_training_stage("train-dit", cfg, ctx, lambda: DiTTask(prepare_data(cfg, ctx.torch_device, ctx.seed)),
+                              cli_module="meshforge_plugins.cli")
 
 
 stage = Stage(

@@ -35,6 +35,7 @@ from meshforge.kernels.utils import group_ids, offsets_of
 from meshforge.models.conditioning import Cond, ConditionerConfig, build_conditioner
 from meshforge.models.layers import RMSNorm
 from meshforge.models.registry import ModelSpec, register_model
+from meshforge.runtime import seeded_normals
 from meshforge.sparse.attention import sinusoidal_position_encoding
 from meshforge.sparse.tensor import SparseTensor, Windows
 
@@ -456,17 +457,26 @@ class LatentFlow(nn.Module):
         return occupancy_patches(coords, batch_size, self.config.resolution, self.config.structure_patch)
 
     def forward(self, coords: torch.Tensor, feats: torch.Tensor, batch_size: int, condition: torch.Tensor | None,
-                drop: torch.Tensor, t_latent: torch.Tensor, t_structure: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                drop: torch.Tensor, t_latent: torch.Tensor, t_structure: torch.Tensor,
+                seeds: list[int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(sum, count) of the squared velocity errors of both flows on one training batch.
 
         ``coords [N, 4]`` and raw ``feats [N, C]`` are the latents of ``batch_size`` shapes;
         ``drop [B]`` flags the items whose condition is replaced by the null one (CFG dropout).
+        With ``seeds`` (one per item) each item's noise of both flows comes from its own seed
+        (:func:`meshforge.runtime.seeded_normals`) instead of the global generator.
         """
         cond = self.conditioner(condition, drop)
         latents = self.latent_tensor(coords, self.normalize(feats), batch_size)
+        structure = self.structure_tensor(coords, batch_size)
+        eps_latent = eps_structure = None
+        if seeds is not None:
+            eps_latent, eps_structure = seeded_normals(
+                seeds, [(latents.batch_offsets, latents.channels), (structure.batch_offsets, structure.channels)],
+                coords.device, latents.feats.dtype)
         return {
-            "latent": flow_loss_terms(self.dit, latents, t_latent, cond),
-            "structure": flow_loss_terms(self.structure, self.structure_tensor(coords, batch_size), t_structure, cond),
+            "latent": flow_loss_terms(self.dit, latents, t_latent, cond, eps_latent),
+            "structure": flow_loss_terms(self.structure, structure, t_structure, cond, eps_structure),
         }
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from meshforge.models.registry import ModelSpec, register_model
+from meshforge.runtime import seeded_normals
 from meshforge.sparse.attention import SparseWindowAttention, sinusoidal_position_encoding
 from meshforge.sparse.conv import SparseSubMConv3d, SparseUpsample, avg_pool
 from meshforge.sparse.marching_cubes import marching_cubes
@@ -237,10 +238,17 @@ class SSVAE(nn.Module):
 
     # -- training and inference -------------------------------------------------------------------
 
-    def forward(self, x: SparseTensor, sample: bool = True) -> VAEOutput:
-        """Teacher-forced reconstruction of ``x`` (SDF in band units) from a posterior sample (or the mean)."""
+    def forward(self, x: SparseTensor, sample: bool = True, seeds: list[int] | None = None) -> VAEOutput:
+        """Teacher-forced reconstruction of ``x`` (SDF in band units) from a posterior sample (or the mean).
+
+        With ``seeds`` (one per item) each item's posterior noise comes from its own seed
+        (:func:`meshforge.runtime.seeded_normals`) instead of the global generator.
+        """
         levels, mu, logvar = self.encode_levels(x)
-        z = levels[-1].replace(reparameterize(mu, logvar) if sample else mu)
+        noise = None
+        if sample and seeds is not None:
+            (noise,) = seeded_normals(seeds, [(levels[-1].batch_offsets, mu.shape[1])], mu.device, mu.dtype)
+        z = levels[-1].replace(reparameterize(mu, logvar, noise) if sample else mu)
         guide = [level.keys for level in levels[:-1]]  # levels[0] has the input's voxels
         sdf, logits, truth = self.decode(z, guide, extra=True)
         return VAEOutput(sdf, torch.cat(logits), torch.cat(truth), mu, logvar)
@@ -270,8 +278,8 @@ class SSVAE(nn.Module):
         return self.to_meshes(self.decode(latent)[0], level)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    return mu + (torch.randn_like(mu) if noise is None else noise) * (0.5 * logvar).exp()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Data-parallel training: launching processes, the process group, and the global-batch sampler.
 
-``meshforge train-iflame --gpus N`` re-launches itself as N worker processes through torch's own
+``meshforge train-iflame --gpus N`` (likewise train-vae, train-dit) re-launches itself as N worker processes through torch's own
 launcher (``torch.distributed.run``, i.e. torchrun, standalone rendezvous on this node). Workers
 recognise themselves by the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and
 train instead of launching again. Multi-node runs use torchrun directly with the same command::
 
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m meshforge_plugins.cli train-iflame --data D --out O
-    # and --node-rank 1 on the second node (same --out on a shared filesystem)
+    # and --node-rank 1 on the second node (same --out on a shared filesystem); train-vae and
+    # train-dit the same way (tests/train/test_dit_task.py runs this with two launchers on localhost)
 
 Every process sees the same global batch of ``batch_size`` items, derived from ``(seed, step)``,
 and trains on its own contiguous slice of it, so 1 and N processes follow the same loss curve.
@@ -48,6 +49,14 @@ def in_worker() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def process_env() -> DistEnv:
+    """This process's place in the run, from torchrun's environment (rank 0 of 1 outside torchrun);
+    readable before the process group exists."""
+    if not in_worker():
+        return DistEnv()
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def launch(nproc: int, module: str, args: list[str]) -> None:
     """Run ``python -m module *args`` as ``nproc`` workers on this node; returns when all have finished."""
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -75,9 +84,9 @@ def setup(device: torch.device | str) -> tuple[DistEnv, torch.device]:
     """Join the process group when running under torchrun; the device this process trains on
     (``device``, or under torchrun on CUDA this process's GPU)."""
     dev = torch.device(device)
-    if not in_worker() or int(os.environ["WORLD_SIZE"]) == 1:
+    env = process_env()
+    if not env.active:
         return DistEnv(), dev
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise MeshforgeError(

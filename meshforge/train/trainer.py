@@ -194,6 +194,7 @@ class TrainingRun:
         self.profile: dict[str, Any] | None = None
         self.sync_wait_s = 0.0  # the last step's wait for the reduction of its values (host sync)
         self.first_step_s: float | None = None  # this run's first step, kernel compilation included
+        self.peak_memory_gib: list[float] | None = None  # every rank's training peak (CUDA), after the last step
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -318,6 +319,11 @@ class TrainingRun:
                             shown = ", ".join(f"{k} {v:.4g}" for k, v in self.last_row.items())
                             console.print(f"step {self.step}/{cfg.steps}: {shown}", highlight=False)
                     window = _Window()
+                if last and self.device.type == "cuda":
+                    # Before the final evaluation and save (rank 0's alone), and a collective among the
+                    # run's others: one right before the process group's teardown can abort gloo.
+                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.peak_memory_gib = [round(p, 3) for p in distributed.gather_objects(peak, env)]
                 if self.task_evaluates and (
                     (cfg.eval_every and self.step % cfg.eval_every == 0) or last
                 ):
@@ -495,6 +501,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
             "wall_time_s": round(time.perf_counter() - start, 3),
             # What the time limit does not count: on a fresh machine mostly Triton compiling and autotuning.
             "first_step_s": None if run.first_step_s is None else round(run.first_step_s, 3),
+            "peak_memory_gib": run.peak_memory_gib,
             **run.last_row,
             **{f"val_{k}": v for k, v in run.val.items()},
         }

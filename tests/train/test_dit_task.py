@@ -3,13 +3,14 @@ path sdf dataset -> train-dit (encodes with the VAE) -> sample --image."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from meshforge_plugins.cli import main
 
-from meshforge.checkpoints import save_checkpoint
+from meshforge.checkpoints import latest_checkpoint, load_ema, save_checkpoint
 from meshforge.config import from_dict, to_dict
 from meshforge.data.latents import LatentDataset
 from meshforge.data.sdf_batch import batch_tensor, collate
@@ -22,6 +23,7 @@ from meshforge.models.ss_dit import LatentFlow, flow_loss_terms
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig
 from meshforge.train.config import TrainConfig
 from meshforge.train.latents import encode_dataset
+from meshforge.train.logs import read_csv
 from meshforge.train.tasks.dit import DiTTask, DiTTaskConfig, prepare_data
 from meshforge.train.trainer import train
 
@@ -98,6 +100,10 @@ def test_ranks_split_the_same_global_batch(data, tmp_path):
     assert torch.equal(torch.cat([h["feats"] for h in halves]), whole["feats"])
     assert torch.equal(torch.cat([h["condition"] for h in halves]), whole["condition"])
     assert whole["condition"].shape == (2, 4, 28, 28) and whole["condition"].dtype == torch.uint8
+    # Each item's timesteps, dropout and noise seed belong to its place in the global batch.
+    assert torch.equal(torch.cat([h["t"] for h in halves]), whole["t"]) and whole["t"].shape == (2, 2)
+    assert torch.equal(torch.cat([h["drop"] for h in halves]), whole["drop"])
+    assert halves[0]["seeds"] + halves[1]["seeds"] == whole["seeds"] and len(set(whole["seeds"])) == 2
 
 
 def fixed_loss(model: LatentFlow, batch: dict) -> float:
@@ -173,3 +179,102 @@ def test_train_dit_from_sdf_data_then_sample_from_an_image(data, tmp_path):
                  "--steps", "2", "--cfg-scale", "3", "--image", str(tmp_path / "query.png")]) == 0
     stats = json.loads((samples / "stats.json").read_text())
     assert (samples / "grid.png").is_file() and stats["kind"] == "ss-dit" and len(stats["meshes"]) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_encode_once_and_resume_on_either(data, tmp_path, monkeypatch):
+    """``--gpus 2`` from SDF data: rank 0 encodes the latents while rank 1 waits, and the loss curve
+    is the one process's: every item's timesteps, dropout and noise come from its own seed, which
+    also lets a run resume on another number of processes and stay on that curve."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--device", "cpu", "train-dit", "--data", str(data / "sdf"), "--vae", str(data / "vae"), "--steps", "4",
+            "--batch-size", "2", "--log-every", "1", "--eval-every", "0", "--warmup-steps", "1", "--eval-meshes", "1",
+            "--optimizer", "adamw", "--precision", "fp32", "--ema-decay", "0.9", "--cond-dropout", "0.5",
+            "--checkpoint-every", "2"]
+    args += [f"--set=model.{k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    args += ["--set", "model.cond.kind=class", "--set", "model.cond.dim=16"]
+    runs = {gpus: tmp_path / f"gpus{gpus}" for gpus in (1, 2)}
+    for gpus, out in runs.items():
+        assert main([*args, "--out", str(out), "--gpus", str(gpus)]) == 0
+    one, two = (json.loads((out / "summary.json").read_text()) for out in runs.values())
+    assert two["world_size"] == 2 and not (runs[2] / "latents").with_suffix(".tmp").exists()
+    assert LatentDataset(runs[2] / "latents").manifest["counts"] == LatentDataset(runs[1] / "latents").manifest["counts"]
+    # The gradients differ only by fp32 summation order (one batch vs two halves all-reduced),
+    # ~1e-7 relative; AdamW keeps that in fp32 over 4 steps: 1e-5 on losses of order 1 covers it.
+    for key in ("latent", "structure"):
+        curve = [[r[key] for r in read_csv(out / "metrics.csv") if key in r] for out in runs.values()]
+        assert len(curve[0]) == 4 and curve[0] == pytest.approx(curve[1], abs=1e-5), key
+        assert one[f"val_{key}"] == pytest.approx(two[f"val_{key}"], abs=1e-5)
+    ema = [load_ema(latest_checkpoint(out)) for out in runs.values()]
+    for name in ema[0]:
+        torch.testing.assert_close(ema[1][name], ema[0][name], rtol=0, atol=1e-5)
+
+    # The one-process run as if stopped at step 2, resumed on two processes: steps 3 and 4 as before.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs[1], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    (resumed / "checkpoints" / "latest").write_text("step_0000002\n")
+    assert main([*args, "--out", str(resumed), "--gpus", "2", "--resume"]) == 0
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 2
+    curve = [[(r["step"], r["latent"]) for r in read_csv(out / "metrics.csv") if "latent" in r] for out in (runs[1], resumed)]
+    assert [s for s, _ in curve[1]] == [1, 2, 3, 4]
+    assert [v for _, v in curve[1]] == pytest.approx([v for _, v in curve[0]], abs=1e-5)
+
+
+def free_local_port() -> int:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"no local TCP sockets here ({exc}): torchrun's rendezvous needs one")
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_match_one_process(data, tmp_path, monkeypatch):
+    """The multi-node command of meshforge.train.distributed's docstring, as two "nodes" (torchrun
+    launchers of one process each, c10d rendezvous) on localhost sharing OUT: the SDF data is encoded
+    once, by rank 0, and the run follows the one-process loss curve."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    stage = ["train-dit", "--data", str(data / "sdf"), "--vae", str(data / "vae"), "--steps", "3", "--batch-size", "2",
+             "--log-every", "1", "--eval-every", "0", "--warmup-steps", "1", "--eval-meshes", "1",
+             "--optimizer", "adamw", "--precision", "fp32", "--set", "model.cond.kind=class", "--set", "model.cond.dim=16",
+             *(f"--set=model.{k}={json.dumps(v)}" for k, v in TINY_MODEL.items())]
+    assert main(["--device", "cpu", *stage, "--out", str(tmp_path / "one")]) == 0
+
+    endpoint = f"127.0.0.1:{free_local_port()}"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "mf-test",
+             "-m", "meshforge_plugins.cli", "--device", "cpu", *stage, "--out", str(tmp_path / "nodes")],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert sum(o.count("encoded ") for o in outputs) == 1 and sum(o.count("waiting for rank 0") for o in outputs) == 1
+    assert json.loads((tmp_path / "nodes" / "summary.json").read_text())["world_size"] == 2
+    one, two = ([r["loss"] for r in read_csv(tmp_path / name / "metrics.csv") if "loss" in r] for name in ("one", "nodes"))
+    assert len(one) == 3 and one == pytest.approx(two, abs=1e-5)  # the tolerance of the --gpus 2 test above
+
+
+def test_sdf_data_without_a_vae_under_gpus_is_one_line_before_any_worker(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--device", "cpu", "train-dit", "--data", str(data / "synth"), "--vae", str(data / "vae"),
+                 "--out", str(out), "--gpus", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {data / 'synth'}: neither a latent dataset nor a sparse SDF dataset (from `meshforge sdf-voxelize`)\n"
+    assert not (out / "launch.yaml").exists()  # refused before the launch

@@ -9,6 +9,9 @@ Each step draws its global batch with :func:`global_batch` from a latent dataset
 each the mean squared error of the predicted velocity ``eps - x_0`` at logit-normal timesteps
 (:mod:`meshforge.models.ss_dit`), over the global batch. The condition of each item is replaced by
 the null condition with probability ``cond_dropout``, which is what classifier-free guidance needs.
+Each item's timesteps, dropout and noise come from its own seed, a function of ``(seed, step,
+position in the global batch)`` (:func:`meshforge.runtime.item_seeds`), so ``--gpus N`` trains on
+exactly the randomness of one process and follows its loss curve.
 Evaluation reports both losses on the val split at fixed times and noise, so they are comparable
 from one evaluation to the next.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +38,12 @@ from meshforge.data.latents import LatentDataset, LatentItem, is_latent_dataset
 from meshforge.errors import ConfigError, InputError
 from meshforge.models.conditioning import CONDITIONERS, read_encoder_checkpoint, vit_config_from_state
 from meshforge.models.ss_dit import LatentFlow, LatentFlowConfig, flow_loss_terms, logit_normal_timesteps
-from meshforge.runtime import console, to_device
+from meshforge.runtime import console, item_seeds, to_device
 from meshforge.train.config import TrainOptions
-from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
+from meshforge.train.distributed import check_train_size, global_batch, global_mean, process_env, rank_slice
 from meshforge.train.latents import encode_dataset
+
+LATENTS_POLL_S = 1.0  # how often a waiting rank looks for rank 0's encoded latents
 
 
 @dataclass(kw_only=True)
@@ -99,27 +105,51 @@ class DiTTaskConfig(TrainOptions):
             raise ValueError("views must be at least 1 and eval_meshes non-negative")
 
 
-def prepare_data(cfg: DiTTaskConfig, device: torch.device, seed: int = 0) -> DiTTaskConfig:
-    """``cfg`` reading a latent dataset: a sparse SDF dataset is encoded with ``cfg.vae`` into
-    ``OUT/latents`` first (kept and reused while its source, VAE and renders still match)."""
+def needs_encoding(cfg: DiTTaskConfig) -> bool:
+    """True for a sparse SDF dataset with a VAE to encode it, False for a latent dataset; anything
+    else is a one-line error (cheap: a launcher checks before starting its workers)."""
     data = Path(cfg.data)
     if is_latent_dataset(data):
-        return cfg
+        return False
     if not (data / "manifest.json").is_file():
         raise InputError(data, "neither a latent dataset nor a sparse SDF dataset (from `meshforge sdf-voxelize`)")
     if cfg.vae is None:
         raise ConfigError(f"{data} is a sparse SDF dataset: pass --vae VAE_CKPT to encode it to latents first")
-    out = Path(cfg.out) / "latents"
+    return True
+
+
+def prepare_data(cfg: DiTTaskConfig, device: torch.device, seed: int = 0) -> DiTTaskConfig:
+    """``cfg`` reading a latent dataset: a sparse SDF dataset is encoded with ``cfg.vae`` into
+    ``OUT/latents`` first (kept and reused while its source, VAE and renders still match).
+
+    Under torchrun (``--gpus N``, or several nodes sharing ``OUT``) rank 0 encodes while the other
+    ranks wait for its finished dataset to appear: the data is encoded once, never by racing ranks.
+    The wait is on the file rather than a collective, which would time out (NCCL: 10 minutes) on a
+    large dataset; if rank 0 fails, torchrun stops the waiting ranks.
+    """
+    if not needs_encoding(cfg):
+        return cfg
+    data, out = Path(cfg.data), Path(cfg.out) / "latents"
     views = cfg.views if cfg.model.cond.kind == "image" else 0
     wanted = {"source": str(data.resolve()), "vae_checkpoint": str(resolve_checkpoint(cfg.vae).resolve()), "views": views}
     if views:
         wanted["image_size"] = cfg.model.cond.image_size
-    existing = LatentDataset(out).manifest if is_latent_dataset(out) else {}
-    if any(existing.get(k) != v for k, v in wanted.items()):
-        encode_dataset(cfg.vae, data, out, device, views=views,
-                       image_size=cfg.model.cond.image_size, seed=seed)
+
+    def ready() -> bool:
+        existing = LatentDataset(out).manifest if is_latent_dataset(out) else {}
+        return all(existing.get(k) == v for k, v in wanted.items())
+
+    env = process_env()
+    if env.is_main:
+        if ready():
+            console.print(f"reusing the latents in {out}", highlight=False)
+        else:
+            encode_dataset(cfg.vae, data, out, device, views=views, image_size=cfg.model.cond.image_size, seed=seed)
     else:
-        console.print(f"reusing the latents in {out}", highlight=False)
+        if env.local_rank == 0:  # once per node
+            console.print(f"rank {env.rank}: waiting for rank 0 to encode {data} into {out}", highlight=False)
+        while not ready():
+            time.sleep(LATENTS_POLL_S)
     return dataclasses.replace(cfg, data=out)
 
 
@@ -196,7 +226,20 @@ class DiTTask:
             chosen = [int(i) for i in indices[part]]
             picks = [int(np.random.default_rng([seed, step, i]).integers(views)) for i in chosen]
             items = [self.train_set[i] for i in chosen]
-            yield collate(items, self.condition(self.train_set, chosen, items, picks))
+            yield {**collate(items, self.condition(self.train_set, chosen, items, picks)),
+                   **self.item_randomness(item_seeds(seed, step, self.config.batch_size)[part])}
+
+    def item_randomness(self, seeds: list[int]) -> dict[str, Any]:
+        """Each item's timesteps ``t [B, 2]`` (latent, structure), condition dropout and noise seed,
+        drawn from the item's own seed: the same however the global batch is split over ranks."""
+        cfg = self.config
+        times, drop = [], []
+        for s in seeds:
+            # A stream of its own: the seed itself also seeds the item's noise (in the model).
+            generator = torch.Generator().manual_seed(int(np.random.default_rng(s).integers(2**62)))
+            times.append(logit_normal_timesteps(2, cfg.t_mean, cfg.t_std, generator=generator))
+            drop.append(bool(torch.rand((), generator=generator) < cfg.cond_dropout))
+        return {"t": torch.stack(times), "drop": torch.tensor(drop), "seeds": seeds}
 
     @staticmethod
     def raw_condition(batch: dict[str, Any]) -> torch.Tensor | None:
@@ -204,12 +247,9 @@ class DiTTask:
         return condition.float() / 255.0 if condition is not None and condition.dtype == torch.uint8 else condition
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        cfg, b = self.config, batch["batch_size"]
-        device = batch["feats"].device
-        drop = torch.rand(b, device=device) < cfg.cond_dropout
-        t_latent = logit_normal_timesteps(b, cfg.t_mean, cfg.t_std, device)
-        t_structure = logit_normal_timesteps(b, cfg.t_mean, cfg.t_std, device)
-        terms = model(batch["coords"], batch["feats"], b, self.raw_condition(batch), drop, t_latent, t_structure)
+        cfg, b, t = self.config, batch["batch_size"], batch["t"]
+        terms = model(batch["coords"], batch["feats"], b, self.raw_condition(batch), batch["drop"], t[:, 0], t[:, 1],
+                      seeds=batch["seeds"])
         latent, structure = global_mean(*terms["latent"]), global_mean(*terms["structure"])
         loss = latent + cfg.structure_weight * structure
         # ``tokens`` (summed over ranks, logged as tokens_per_s) counts latent voxels.

@@ -10,6 +10,8 @@ R, on the current CUDA device when there is one, because interpolating down by k
     w_in L_in + w_extra L_extra + w_sharp L_sharp + w_kl L_kl + w_prune L_prune
 
 with the terms of :func:`meshforge.models.ss_vae.loss_terms`, each a mean over the global batch.
+Each item's posterior sample draws its noise from the item's own seed
+(:func:`meshforge.runtime.item_seeds`), so ``--gpus N`` follows the loss curve of one process.
 Evaluation runs the same teacher-forced pass on the val split at the data's resolution and
 reports the voxel IoU of an unguided reconstruction (pruning by the predicted existence).
 """
@@ -34,7 +36,7 @@ from meshforge.data.sdf_dataset import SparseSDFDataset
 from meshforge.data.sdf_voxelize import SdfConfig
 from meshforge.errors import ConfigError
 from meshforge.models.ss_vae import SSVAE, SSVAEConfig, loss_terms
-from meshforge.runtime import to_device
+from meshforge.runtime import item_seeds, to_device
 from meshforge.sparse.tensor import SparseTensor
 from meshforge.train.config import TrainOptions
 from meshforge.train.distributed import check_train_size, global_batch, global_mean, rank_slice
@@ -128,7 +130,8 @@ class VAETask:
         for step in itertools.count(start_step):
             indices, _ = global_batch(len(self.train_set), self.config.batch_size, seed, step)
             r = self.resolution_at(seed, step)
-            yield collate([self.item_at(self.train_set, int(i), r) for i in indices[part]], self.band)
+            batch = collate([self.item_at(self.train_set, int(i), r) for i in indices[part]], self.band)
+            yield {**batch, "seeds": item_seeds(seed, step, self.config.batch_size)[part]}
 
     def item_at(self, data: SparseSDFDataset, i: int, resolution: int) -> SparseSDF:
         """Shape ``i`` of ``data`` on the ``resolution^3`` grid, with the data's band (see the module docstring)."""
@@ -144,7 +147,7 @@ class VAETask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = batch_tensor(batch)
-        terms = {name: global_mean(total, count) for name, (total, count) in loss_terms(x, batch["sharp"], model(x)).items()}
+        terms = {name: global_mean(total, count) for name, (total, count) in loss_terms(x, batch["sharp"], model(x, seeds=batch["seeds"])).items()}
         loss = sum(getattr(self.config, f"weight_{name}") * terms[name] for name in LOSS_TERMS)
         # ``tokens`` (summed over ranks, logged as tokens_per_s) counts input voxels here.
         return loss, {**{name: value.detach() for name, value in terms.items()}, "tokens": float(len(x))}
