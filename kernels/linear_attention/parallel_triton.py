@@ -6,7 +6,7 @@ walks the key blocks up to the diagonal, so the ``[T, T]`` weights never reach m
 memory cost is ``O(T D)`` in forward and backward (the backward recomputes the scores, as
 FlashAttention does). With no softmax there are no row statistics to keep: the backward is two
 kernels, one per key block (``dK, dV``, walking the queries at and after it) and one per query block
-(``dQ``, walking the keys like the forward).
+(``dQ = ((dO V^T) * W) K``: the forward's own kernel, given ``dO, V, K`` for ``Q, K, V``).
 
 The decay of a tile off the diagonal factorises around one position ``r`` between its queries and
 keys, ``W[i, j] = 2^(-rate (i - r)) 2^(-rate (r - j))`` with both exponents >= 0 (``rate = s log2 e``;
@@ -140,38 +140,6 @@ def _backward_dkdv_kernel(
     tl.store(dv_ptr + col_offsets, (dv * scale).to(dv_ptr.dtype.element_ty), mask=col_tile)
 
 
-@triton.jit
-def _backward_dq_kernel(
-    k_ptr, v_ptr, do_ptr, dq_ptr, slope_ptr, seq_len, n_heads, stride_b, stride_t, stride_h, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-):
-    start_m = tl.program_id(0) * BLOCK
-    bh = tl.program_id(1)
-    h = bh % n_heads
-    base = (bh // n_heads).to(tl.int64) * stride_b + h * stride_h
-    rate = tl.load(slope_ptr + h).to(tl.float32) * LOG2E
-    d = tl.arange(0, BLOCK_D)
-    rows = start_m + tl.arange(0, BLOCK)
-    row_tile = (rows[:, None] < seq_len) & (d[None, :] < HEAD_DIM)
-    offsets = base + rows[:, None] * stride_t + d[None, :]
-    do = tl.load(do_ptr + offsets, mask=row_tile, other=0.0)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    lo = tl.maximum(start_m - _reach(rate, seq_len), 0) // BLOCK * BLOCK
-    for start_n in range(lo, start_m, BLOCK):  # as the forward's loop
-        cols = start_n + tl.arange(0, BLOCK)
-        col_offsets = base + cols[:, None] * stride_t + d[None, :]
-        k = tl.load(k_ptr + col_offsets, mask=d[None, :] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptr + col_offsets, mask=d[None, :] < HEAD_DIM, other=0.0)
-        ds = tl.dot(do, tl.trans(v)) * _decay(start_m - cols, rate)[None, :]
-        dq += tl.dot(ds.to(k.dtype), k)
-    dq *= _decay(rows - start_m, rate)[:, None]
-    k = tl.load(k_ptr + offsets, mask=row_tile, other=0.0)
-    v = tl.load(v_ptr + offsets, mask=row_tile, other=0.0)
-    ds = tl.dot(do, tl.trans(v)) * _weights(rows, rows, rate)
-    dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(dq_ptr + offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_tile)
-
-
 def _launch(kernel, tensors: tuple[Tensor, ...], slopes: Tensor, scale: float) -> None:
     batch, seq_len, heads, head_dim = tensors[0].shape
     kernel[(triton.cdiv(seq_len, BLOCK), batch * heads)](
@@ -196,7 +164,8 @@ class _ParallelLinearAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), slopes, ctx.scale)
-        _launch(_backward_dq_kernel, (k, v, grad_out, dq), slopes, ctx.scale)
+        # dQ = ((dO V^T) * W) K is the forward's product with (q, k, v) -> (dO, v, k): the same kernel.
+        _launch(_forward_kernel, (grad_out, v, k, dq), slopes, ctx.scale)
         return dq, dk, dv, None, None
 
 
