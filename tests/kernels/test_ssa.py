@@ -383,6 +383,22 @@ def test_gathered_form_equals_the_reference(shift, chunk, monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+def pytorch_mix(branches, gates, perm):
+    """What the fused gated sum replaces: the mix in block order, gathered back to the caller's order."""
+    in_block_order = gates[perm].to(branches[0].dtype)
+    return sum(o * in_block_order[..., b : b + 1] for b, o in enumerate(branches))[torch.argsort(perm)]
+
+
+def assert_gated_sum_matches(branches, gates, perm, grad, tol):
+    fused = mix.gated_sum(*branches, gates, perm)
+    expected = pytorch_mix(branches, gates, perm)
+    assert rel_err(fused, expected) < tol
+    ours = torch.autograd.grad(fused, (*branches, gates), grad)
+    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
+    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
+        assert rel_err(a, b) < tol, name
+
+
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_fused_gated_sum_equals_the_pytorch_mix(head_dim):
     """The fused kernel against the op it replaces (mix in block order, gather to the caller's order),
@@ -393,16 +409,8 @@ def test_fused_gated_sum_equals_the_pytorch_mix(head_dim):
     branches = [torch.randn(n, heads, head_dim, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
     gates = torch.rand(n, heads, 3, generator=g).to(DEVICE).requires_grad_()
     perm = torch.randperm(n, generator=g).to(DEVICE)
-    fused = mix.gated_sum(*branches, gates, perm)
-    in_block_order = gates[perm]
-    mixed = sum(o * in_block_order[..., b : b + 1] for b, o in enumerate(branches))
-    expected = mixed[torch.argsort(perm)]
-    assert rel_err(fused, expected) < 2e-6
-    grad = torch.randn(fused.shape, generator=g).to(DEVICE)
-    ours = torch.autograd.grad(fused, (*branches, gates), grad)
-    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
-    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
-        assert rel_err(a, b) < 2e-6, name
+    grad = torch.randn(n, heads, head_dim, generator=g).to(DEVICE)
+    assert_gated_sum_matches(branches, gates, perm, grad, 2e-6)
 
 
 def test_cpu_dispatch_is_the_gathered_form_and_checks_shapes():
@@ -498,15 +506,8 @@ def test_gpu_fused_gated_sum_matches_the_pytorch_mix_in_bf16():
     branches = [torch.randn(n, heads, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     gates = torch.rand(n, heads, 3, device="cuda", requires_grad=True)
     perm = torch.randperm(n, device="cuda")
-    fused = mix.gated_sum(*branches, gates, perm)
-    g = gates[perm].to(torch.bfloat16)
-    expected = (branches[0] * g[..., 0:1] + branches[1] * g[..., 1:2] + branches[2] * g[..., 2:3])[perm.argsort()]
-    assert rel_err(fused, expected) < 1.2e-2
-    grad = torch.randn_like(fused)
-    ours = torch.autograd.grad(fused, (*branches, gates), grad)
-    theirs = torch.autograd.grad(expected, (*branches, gates), grad)
-    for name, a, b in zip(["cmp", "slc", "win", "gates"], ours, theirs):
-        assert rel_err(a, b) < 1.2e-2, name
+    grad = torch.randn_like(branches[0])
+    assert_gated_sum_matches(branches, gates, perm, grad, 1.2e-2)
 
 
 # ---------------------------------------------------------------------------------------------
