@@ -20,7 +20,7 @@ Ranges are CSR arrays: tile t of group g owns ``rng_ptr[g * rng_gstride + t] ..`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from meshforge.kernels.ssa.blocks import SSALayout
@@ -47,6 +47,9 @@ class AttnPlan:
     win_k: Tensor | None = None
     score_slot: Tensor | None = None  # int32 [keys]: column of each key in the block-score rows
     score_width: int = 0
+    # What is derived from the plan once and reused by every layer that runs it (the compression and
+    # window plans are shared by all layers of a model): e.g. the dK/dV schedule.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _i32(*tensors: Tensor) -> tuple[Tensor, ...]:

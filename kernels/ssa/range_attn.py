@@ -442,7 +442,11 @@ def attention_backward(
             heads, scale * LOG2E, scale, head_dim, **common, **_launch_options("dq", head_dim, plan),
         )  # fmt: skip
     if len(plan.kv_start):
-        sched = dkdv_schedule(plan, groups, heads // groups, q.device)
+        # Every layer's backward runs the same compression and window plans: one schedule each.
+        key = ("dkdv", groups, heads // groups, DKDV_CAP, DKDV_PROGRAMS_PER_SM)
+        if key not in plan.cache:
+            plan.cache[key] = dkdv_schedule(plan, groups, heads // groups, q.device)
+        sched = plan.cache[key]
         options = _launch_options("dkdv", head_dim, plan)
         # Partial sums of split items, added by _dkdv_reduce rather than by atomics: the gradient
         # stays deterministic. < 2 x target slots of BLOCK_N rows: 2,112 x 64 rows of D 64 on 132
