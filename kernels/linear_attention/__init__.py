@@ -29,6 +29,7 @@ Implementations of the same map:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
@@ -66,6 +67,19 @@ def cuda_form(seq_len: int, stateful: bool) -> Form:
     return "parallel" if seq_len <= PARALLEL_MAX_LEN and not stateful else "chunked"
 
 
+@functools.cache
+def _fla_chunk_simple_gla():
+    """fla's chunked kernel, imported on first use (Triton: only where it can run)."""
+    # fla's kernels autotune over many configs on their first call in a process (most of the ~100 s
+    # first step on a fresh machine, with compiling). Triton keeps compiled kernels on disk anyway;
+    # with this it keeps the winning configs too, read when fla's autotuners are made (at import),
+    # so later processes on the machine neither re-time them nor pick differently.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla
+
+
 def linear_attention(
     q: Tensor,
     k: Tensor,
@@ -101,14 +115,7 @@ def linear_attention(
         from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
         return linear_attention_parallel_triton(q, k, v, slopes, scale), None
-    # fla's kernels autotune over many configs on their first call in a process (most of the ~100 s
-    # first step on a fresh machine, with compiling). Triton keeps compiled kernels on disk anyway;
-    # with this it keeps the winning configs too, read when fla's autotuners are made (at import),
-    # so later processes on the machine neither re-time them nor pick differently.
-    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-    from fla.ops.simple_gla import chunk_simple_gla  # Triton: imported only where it can run
-
-    return chunk_simple_gla(
+    return _fla_chunk_simple_gla()(
         q, k, v, g_gamma=-slopes.float(), scale=scale,
         initial_state=initial_state, output_final_state=output_final_state,
     )  # fmt: skip
