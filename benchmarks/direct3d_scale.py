@@ -60,8 +60,9 @@ from meshforge.train.distributed import DistEnv
 from meshforge.train.tasks.vae import VAETask, VaeTaskConfig
 from meshforge.train.trainer import TrainingRun, autocast_dtype
 
+CHECKOUT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-REFERENCE = Path(__file__).parents[1] / "recipes" / "direct3d_reference.yaml"
+REFERENCE = CHECKOUT / "recipes" / "direct3d_reference.yaml"
 LATENT_CHANNELS = 8
 DENSE = {"fa2": "flash", "cudnn": "cudnn"}  # benchmark name -> SSDiTConfig.dense_backend
 
@@ -346,10 +347,12 @@ def recipe_section(run: Path, keep: Path) -> dict:
     keep_recon = ("chamfer", "fscore", "normal_consistency", "input_sdf_chamfer", "input_sdf_fscore",
                   "input_sdf_normal_consistency", "meshes", "failed")
     kept = keep_recipe_outputs(run, keep)
+    # Paths inside the checkout are recorded relative to it, so the JSON reads the same on every machine.
+    shown = keep.resolve().relative_to(CHECKOUT) if keep.resolve().is_relative_to(CHECKOUT) else keep
     return {
         "run": str(run),
-        "kept_in": str(keep),
-        "grid_png": str(keep / "samples" / "dit" / "grid.png") if "samples/dit/grid.png" in kept else None,
+        "kept_in": str(shown),
+        "grid_png": str(shown / "samples" / "dit" / "grid.png") if "samples/dit/grid.png" in kept else None,
         "wall_time_s": wall,
         "total_wall_time_s": round(sum(v for v in wall.values() if v), 1),
         "recon": {k: recon.get(k) for k in keep_recon} if "missing" not in recon else recon,
