@@ -30,6 +30,13 @@
 #   bash benchmarks/gpu_session.sh ssa-tile-ab        # after direct3d-r256 on the same machine: its DiT trained
 #                                            # again at query tiles 64 and 16 for the same 500 steps,
 #                                            # ssa_selection.py --ab (~4 min)
+#   bash benchmarks/gpu_session.sh parity    # iFlame's parity pair on one GPU: interleaved and full attention, 2,000
+#                                            # steps each at batch 32 (same data, seed, token budget), both at once
+#                                            # on GPU 0; a call that runs out of time leaves checkpoints and the
+#                                            # next call of the phase resumes them (~2 calls); then their face-acc
+#                                            # into iflame_vs_full.json (runs in benchmarks/results/iflame_parity_runs/)
+#   bash benchmarks/gpu_session.sh parity-time        # the same pair at equal wall time: each alone on the GPU
+#                                            # for PARITY_TIME_MIN (2.5) min of training (~7 min)
 #   bash benchmarks/gpu_session.sh direct3d-reference # recipes/direct3d_reference.yaml shortened: 16 shapes at
 #                                            # 1024^3, multi-resolution SS-VAE, the 24-block SS-DiT, one
 #                                            # 1024^3 sample (~7 min); direct3d-reference-resume runs it
@@ -42,7 +49,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -78,6 +85,12 @@ lane() {  # lane NAME GPU COMMAND...: run in the background on one GPU, log to $
 # iFlame training setup shared by the interleaved/full comparison (same data, order, token budget).
 IFLAME_TRAIN=(--steps 400 --batch-size 32 --lr 0.001 --warmup-steps 40 --checkpoint-every 400
   --log-every 10 --eval-every 0 --eval-meshes 0 --max-faces 800)
+
+# The parity pairs: matched steps, and matched training time (the first step, compiling, is not counted).
+PARITY_TRAIN=(--batch-size 32 --lr 0.001 --warmup-steps 100 --checkpoint-every 250 --log-every 20
+  --eval-every 0 --eval-meshes 0 --max-faces 800)
+PARITY_TIME_MIN=${PARITY_TIME_MIN:-2.5}
+PARITY_RUNS=benchmarks/results/iflame_parity_runs
 
 iflame_data() {
   [ -f "$WORK/tokens/manifest.json" ] && return 0
@@ -121,6 +134,18 @@ iflame_recipe() {
 lane_direct3d() {
   $CLI --device cuda run recipes/direct3d_gpu.yaml --out "$WORK/direct3d"
   timed python3 benchmarks/sdf_voxelize.py
+}
+
+parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a parity pair, kept in $PARITY_RUNS/NAME
+  local name=$1 attention=$2; shift 2
+  $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/parity-$name" "${PARITY_TRAIN[@]}" "$@" \
+    --set model.attention="$attention" || return
+  mkdir -p "$PARITY_RUNS/$name"
+  cp "$WORK/parity-$name"/{summary.json,metrics.csv,curves.png,config.yaml} "$PARITY_RUNS/$name/"
+}
+
+parity_rescore() {  # parity_rescore --runs|--time-runs NAME: the pair's face-acc into iflame_vs_full.json
+  timed python3 benchmarks/iflame_vs_full.py --rescore-face-acc "$1" "$PARITY_RUNS/$2-interleaved" "$PARITY_RUNS/$2-full"
 }
 
 ddp() {  # the same global batch on 1 and 2 GPUs
@@ -227,6 +252,18 @@ case $phase in
   direct3d-reference) ( export CUDA_VISIBLE_DEVICES=0; direct3d_reference 1.5 ) >"$LOGS/direct3d-reference.log" 2>&1 ;;
   direct3d-reference-resume)
     ( export CUDA_VISIBLE_DEVICES=0; direct3d_reference 3 ) >"$LOGS/direct3d-reference-resume.log" 2>&1 ;;
+  parity)  # steps are what is matched, so sharing one GPU changes nothing the pair is compared on
+    for attention in interleaved full; do
+      lane "parity-$attention" 0 parity_run "steps-$attention" "$attention" --steps 2000 --resume
+    done
+    wait
+    parity_rescore --runs steps >"$LOGS/parity-rescore.log" 2>&1 ;;
+  parity-time)
+    ( export CUDA_VISIBLE_DEVICES=0
+      for attention in interleaved full; do
+        parity_run "time-$attention" "$attention" --steps 4000 --time-limit-min "$PARITY_TIME_MIN"
+      done
+      parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
   retrain-interleaved)  # the interleaved run of the face-acc pair again, after a change to the model
     ( export CUDA_VISIBLE_DEVICES=0; lane_train interleaved ) >"$LOGS/retrain-interleaved.log" 2>&1 ;;
   *) echo "unknown phase $phase"; exit 2 ;;

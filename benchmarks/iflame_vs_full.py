@@ -2,7 +2,7 @@
 
     python benchmarks/iflame_vs_full.py [--batch 48] [--faces 800] [--decode-faces 4000]
         [--window-faces 10] [--windows 5] [--long-faces 4000] [--long-batch B] [--runs RUN_INTERLEAVED RUN_FULL]
-    python benchmarks/iflame_vs_full.py --rescore-face-acc --runs RUN_INTERLEAVED RUN_FULL
+    python benchmarks/iflame_vs_full.py --rescore-face-acc [--runs RUN_INTERLEAVED RUN_FULL] [--time-runs RUN_I RUN_F]
     python benchmarks/iflame_vs_full.py --only decode [--decode-batches 1 16]
     python benchmarks/iflame_vs_full.py --only long [--long-faces 4000] [--long-batch B]
 
@@ -15,8 +15,9 @@ ratios any cheaper attention could reach against this baseline. The cache is als
 the token level (the comparison behind iFlame's "about 1/8"). With ``--runs`` (two ``train-iflame``
 runs of the same steps, batch, seed and data, differing only in ``model.attention``) it adds their
 val face accuracy, the trainer's final evaluation over the whole val split (``summary.json``);
-``--rescore-face-acc`` replaces only those figures in an existing result (after retraining a run)
-and records where they came from. Writes ``benchmarks/results/iflame_vs_full.json``
+``--time-runs`` adds the same comparison at equal wall time (``face_acc_equal_time``: two runs stopped by
+the same ``--time-limit-min``, each after the steps it managed); ``--rescore-face-acc`` replaces only
+those figures in an existing result (after retraining a run) and records where they came from. Writes ``benchmarks/results/iflame_vs_full.json``
 naming the device, and the results table as a PNG beside it; ``--device cpu`` with small sizes is a
 smoke test. ``--only decode`` measures decoding and the caches alone (about two minutes on an H200)
 and writes ``iflame_vs_full_decode.json`` unless ``--out`` says otherwise.
@@ -128,27 +129,39 @@ def decode(
     }
 
 
-def face_acc(runs: dict[str, Path]) -> tuple[dict[str, float], dict[str, Any]]:
+def face_acc(runs: dict[str, Path], equal: str = "steps") -> tuple[dict[str, float], dict[str, Any]]:
     """Val face accuracy of each ``train-iflame`` run: its final evaluation (``summary.json``), which
-    the trainer computes teacher-forced over the whole val split (the runs must use ``--eval-meshes 0``)
-    after the same steps, batch and data order. Also the settings that make the two comparable."""
+    the trainer computes teacher-forced over the whole val split (the runs must use ``--eval-meshes 0``).
+    ``equal`` is what the two runs share besides batch, seed and data: ``"steps"`` (both finished the
+    same ``--steps``) or ``"time"`` (both stopped by the same ``--time-limit-min``, each after the
+    steps it managed). Also the settings that make the two comparable."""
     import yaml
 
-    accuracy, settings, wall_time = {}, {}, {}
+    accuracy, settings, wall_time, steps = {}, {}, {}, {}
     for kind, run in runs.items():
         summary = json.loads((run / "summary.json").read_text())
         config = yaml.safe_load((run / "config.yaml").read_text())
         task, train = config["task_config"], config["train"]
-        if task["eval_meshes"] != 0 or summary["last_step"] != train["steps"]:
-            raise MeshforgeError(f"{run}: needs a finished run evaluated on the whole val split (--eval-meshes 0)")
-        accuracy[kind], wall_time[kind] = summary["val_face_acc"], summary["wall_time_s"]
-        settings[kind] = {"steps": train["steps"], "batch_size": train["batch_size"], "seed": train["seed"],
-                          "max_faces": task["max_faces"], "length_groups": task.get("length_groups"),
-                          "data": task["data"], "attention": config["model"]["attention"]}
+        finished = summary["last_step"] == train["steps"]
+        if task["eval_meshes"] != 0 or (finished if equal == "time" else not finished):
+            wanted = "a run stopped by its time limit" if equal == "time" else "a finished run"
+            raise MeshforgeError(f"{run}: needs {wanted}, evaluated on the whole val split (--eval-meshes 0)")
+        accuracy[kind], wall_time[kind], steps[kind] = summary["val_face_acc"], summary["wall_time_s"], summary["last_step"]
+        settings[kind] = {"batch_size": train["batch_size"], "seed": train["seed"], "max_faces": task["max_faces"],
+                          "length_groups": task.get("length_groups"), "data": task["data"],
+                          "attention": config["model"]["attention"]}
+        settings[kind] |= {"time_limit_min": train["time_limit_min"]} if equal == "time" else {"steps": train["steps"]}
     first, second = ({k: v for k, v in s.items() if k != "attention"} for s in settings.values())
     if first != second:
         raise MeshforgeError(f"--runs differ in more than the attention: {settings}")
-    return accuracy, first | {"wall_time_s": wall_time}
+    return accuracy, first | {"wall_time_s": wall_time} | ({"steps": steps} if equal == "time" else {})
+
+
+def equal_time_figures(runs: list[Path]) -> dict[str, Any]:
+    """``face_acc_equal_time``: the val face accuracy of two runs given the same training time."""
+    accuracy, settings = face_acc(dict(zip(("interleaved", "full"), runs)), equal="time")
+    return {"face_acc": accuracy, "face_acc_delta_pt": 100 * (accuracy["interleaved"] - accuracy["full"]),
+            "runs": settings, "from": [str(r) for r in runs]}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -294,26 +307,29 @@ def main(argv: list[str] | None = None) -> None:
     # Steps of seconds each at 4,000 faces: two timed ones keep the section within about two minutes.
     parser.add_argument("--long-train-steps", type=int, default=2, help="its timed steps (after one warm-up)")
     parser.add_argument("--runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"))
+    parser.add_argument("--time-runs", type=Path, nargs=2, metavar=("INTERLEAVED", "FULL"),
+                        help="two train-iflame runs stopped by the same --time-limit-min: face-acc at equal wall time")
     parser.add_argument("--only", choices=["decode", "long"],
                         help="decode: skip the training steps (and their bound); long: the long setting alone, "
                              "merged into --out")
     parser.add_argument("--out", type=Path, help=f"JSON, the table PNG beside it (default {RESULT.name}, "
                         f"{DECODE_RESULT.name} with --only decode)")
     parser.add_argument("--rescore-face-acc", action="store_true",
-                        help="only replace the face-acc figures of --out with those of --runs (after retraining them)")
+                        help="only replace the face-acc figures of --out with those of --runs and/or --time-runs "
+                             "(after retraining them)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = DECODE_RESULT if args.only == "decode" else RESULT
     if args.rescore_face_acc:
-        if not args.runs:
-            parser.error("--rescore-face-acc needs --runs")
-        rescore_face_acc(args.out, args.runs)
+        if not (args.runs or args.time_runs):
+            parser.error("--rescore-face-acc needs --runs or --time-runs")
+        rescore_face_acc(args.out, args.runs, args.time_runs)
         return
     # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
     if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
         parser.error("need --windows >= 2 and 1 <= --window-faces <= --decode-faces")
-    if args.only and args.runs:
-        parser.error("--runs compares trained runs: not with --only")
+    if args.only and (args.runs or args.time_runs):
+        parser.error("--runs and --time-runs compare trained runs: not with --only")
     long = args.long_faces > 0 and args.only != "decode"
     if args.long_faces < 0 or (args.only == "long" and not long):
         parser.error("--long-faces must be positive with --only long, 0 or more without")
@@ -399,6 +415,7 @@ def train_and_decode(args: argparse.Namespace, configs: dict[str, IFlameConfig],
         "face_acc_delta_pt": 100 * (accuracy["interleaved"] - accuracy["full"]) if accuracy else None,
         "face_acc": accuracy or None,
         "face_acc_runs": runs,
+        "face_acc_equal_time": equal_time_figures(args.time_runs) if args.time_runs else None,
         "decode_method": (
             f"{args.windows} timed windows of {args.window_faces} faces ({TOKENS_PER_FACE * args.window_faces} "
             f"sequential greedy steps) at starts evenly spread over faces [0, {args.decode_faces - args.window_faces}] "
@@ -406,7 +423,8 @@ def train_and_decode(args: argparse.Namespace, configs: dict[str, IFlameConfig],
             f"trapezoid-rule mean over start positions of the windows' seconds per step, i.e. the throughput of a "
             f"whole {args.decode_faces}-face generation; generation_s = that mean x {TOKENS_PER_FACE * args.decode_faces} steps"
         ),
-        "settings": vars(args) | {"runs": [str(r) for r in args.runs or []], "out": str(args.out)},
+        "settings": vars(args) | {"runs": [str(r) for r in args.runs or []],
+                                  "time_runs": [str(r) for r in args.time_runs or []], "out": str(args.out)},
         "interleaved": inter,
         "full": full,
         "plain_transformer_cache_bytes": plain_cache,
@@ -443,7 +461,13 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
             row(f"decode tokens/s, batch {batch}{mode}", inter[key]["tokens_per_s"], full[key]["tokens_per_s"], ",.0f")
         row(f"cache MB at {settings['decode_faces']} faces", inter["cache_bytes"] / 1e6, full["cache_bytes"] / 1e6, ".1f")
     if accuracy:
-        row("val face-acc", accuracy["interleaved"], accuracy["full"], ".4f")
+        steps = summary.get("face_acc_runs", {}).get("steps")
+        row("val face-acc" + (f", {steps} steps each" if steps else ""), accuracy["interleaved"], accuracy["full"], ".4f")
+    timed = summary.get("face_acc_equal_time")
+    if timed:
+        limit, steps = timed["runs"]["time_limit_min"], timed["runs"]["steps"]
+        row(f"val face-acc, {limit:g} min each ({steps['interleaved']} / {steps['full']} steps)",
+            timed["face_acc"]["interleaved"], timed["face_acc"]["full"], ".4f")
     return rows
 
 
@@ -462,17 +486,21 @@ def write(summary: dict[str, Any], out: Path) -> None:
     console.print(f"wrote {out} and {png}")
 
 
-def rescore_face_acc(out: Path, runs: list[Path]) -> None:
-    """Replace the face-acc figures of the result ``out`` with those of ``runs`` (retrained); the
-    timings stay as measured. The summary records which figures came later, and from where."""
+def rescore_face_acc(out: Path, runs: list[Path] | None, time_runs: list[Path] | None) -> None:
+    """Replace the face-acc figures of the result ``out`` with those of ``runs`` (the same steps)
+    and/or ``time_runs`` (the same training time), retrained; the timings stay as measured. The
+    summary records which figures came later, and from where."""
     summary = json.loads(out.read_text())
-    accuracy, run_settings = face_acc(dict(zip(("interleaved", "full"), runs)))
-    summary.update(
-        face_acc=accuracy,
-        face_acc_delta_pt=100 * (accuracy["interleaved"] - accuracy["full"]),
-        face_acc_runs=run_settings,
-        face_acc_rescored_from=[str(r) for r in runs],
-    )
+    if runs:
+        accuracy, run_settings = face_acc(dict(zip(("interleaved", "full"), runs)))
+        summary.update(
+            face_acc=accuracy,
+            face_acc_delta_pt=100 * (accuracy["interleaved"] - accuracy["full"]),
+            face_acc_runs=run_settings,
+            face_acc_rescored_from=[str(r) for r in runs],
+        )
+    if time_runs:
+        summary["face_acc_equal_time"] = equal_time_figures(time_runs)
     write(summary, out)
 
 

@@ -118,3 +118,58 @@ def test_the_long_batch_is_halved_until_both_models_fit(bench, monkeypatch):
     fits["full"] = 0
     with pytest.raises(MeshforgeError, match="one sequence of 60 faces runs out of GPU memory"):
         bench.long_train(CONFIGS, bench.resolve_device("cpu"), 60, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory):
+    """Tiny train-iflame runs of both attention kinds: a pair of the same 3 steps, and a pair stopped by
+    the same (tiny) time limit, each evaluated on its whole val split."""
+    from meshforge_plugins.cli import main as cli
+
+    from meshforge.data.synth import generate
+    from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
+
+    root = tmp_path_factory.mktemp("parity")
+    generate(root / "synth", n=12, seed=0, max_faces=60, families=["table", "bench"])
+    tokenize_folder(TokenizeConfig(input=root / "synth", out=root / "tokens", max_faces=60, val_fraction=0.25, workers=1))
+    tiny = ["--set", "model.dim=32", "--set", "model.n_heads=2", "--set", "model.blocks=[1,1,2,1,1]",
+            "--set", "model.max_seq_len=189", "--max-faces", "20", "--eval-meshes", "0", "--eval-every", "0",
+            "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1"]
+    runs = {}
+    for pair, budget in (("steps", ["--steps", "3"]), ("time", ["--steps", "10000", "--time-limit-min", "0.002"])):
+        for kind in ("interleaved", "full"):
+            out = root / f"{pair}-{kind}"
+            args = ["--device", "cpu", "train-iflame", "--data", str(root / "tokens"), "--out", str(out), *budget, *tiny]
+            assert cli([*args, "--set", f"model.attention={kind}"]) == 0
+            runs[pair, kind] = out
+    return runs
+
+
+def test_rescore_takes_the_step_matched_and_the_equal_time_pairs(bench, parity_runs, tmp_path):
+    out = tmp_path / "iflame_vs_full.json"
+    out.write_text(json.dumps(json.loads(RESULT.read_text()) | {"device": "cpu"}))
+    steps = [parity_runs["steps", k] for k in ("interleaved", "full")]
+    timed = [parity_runs["time", k] for k in ("interleaved", "full")]
+    bench.main(["--rescore-face-acc", "--runs", *map(str, steps), "--time-runs", *map(str, timed), "--out", str(out)])
+    after = json.loads(out.read_text())
+
+    summaries = {run: json.loads((run / "summary.json").read_text()) for run in steps + timed}
+    acc = {kind: summaries[run]["val_face_acc"] for kind, run in zip(("interleaved", "full"), steps)}
+    assert after["face_acc"] == acc and after["face_acc_runs"]["steps"] == 3
+    assert after["face_acc_delta_pt"] == pytest.approx(100 * (acc["interleaved"] - acc["full"]))
+    equal_time = after["face_acc_equal_time"]
+    reached = {kind: summaries[run]["last_step"] for kind, run in zip(("interleaved", "full"), timed)}
+    assert equal_time["runs"]["time_limit_min"] == 0.002 and equal_time["runs"]["steps"] == reached
+    assert equal_time["face_acc"] == {kind: summaries[run]["val_face_acc"] for kind, run in zip(("interleaved", "full"), timed)}
+    figures = [row["figure"] for row in bench.table_rows(after)]
+    assert "val face-acc, 3 steps each" in figures
+    assert f"val face-acc, 0.002 min each ({reached['interleaved']} / {reached['full']} steps)" in figures
+
+
+def test_a_pair_must_match_the_comparison_it_is_given_as(bench, parity_runs):
+    finished = [parity_runs["steps", k] for k in ("interleaved", "full")]
+    with pytest.raises(MeshforgeError, match="needs a run stopped by its time limit"):
+        bench.equal_time_figures(finished)
+    mixed = {"interleaved": parity_runs["steps", "interleaved"], "full": parity_runs["time", "full"]}
+    with pytest.raises(MeshforgeError, match="needs a finished run"):
+        bench.face_acc(mixed)
