@@ -38,6 +38,7 @@ from meshforge.kernels.linear_attention.chunked import (
     linear_attention_chunked,
     linear_attention_parallel,
 )
+from meshforge.kernels.linear_attention.fla_configs import apply_configs
 from meshforge.kernels.linear_attention.naive import decay_slopes, default_scale, linear_attention_naive
 from meshforge.kernels.linear_attention.step import linear_attention_step
 from meshforge.kernels.utils import resolve_backend
@@ -71,12 +72,15 @@ def cuda_form(seq_len: int, stateful: bool) -> Form:
 def _fla_chunk_simple_gla():
     """fla's chunked kernel, imported on first use (Triton: only where it can run)."""
     # fla's kernels autotune over many configs on their first call in a process (most of the ~100 s
-    # first step on a fresh machine, with compiling). Triton keeps compiled kernels on disk anyway;
-    # with this it keeps the winning configs too, read when fla's autotuners are made (at import),
-    # so later processes on the machine neither re-time them nor pick differently.
+    # first step on a fresh machine, with compiling). The configs recorded on this GPU model skip that
+    # on any machine (fla_configs); Triton's on-disk autotune cache keeps what is still tuned here,
+    # so later processes on the machine neither re-time it nor pick differently.
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    import torch
     from fla.ops.simple_gla import chunk_simple_gla
 
+    if torch.cuda.is_available():
+        apply_configs(torch.cuda.get_device_name())
     return chunk_simple_gla
 
 
