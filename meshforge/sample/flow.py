@@ -35,6 +35,7 @@ from meshforge.render import Mesh
 from meshforge.sparse.tensor import SparseTensor
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+StructureHook = Callable[[list[int]], None]
 SamplerName = Literal["euler", "heun"]
 
 
@@ -135,8 +136,12 @@ def _vae(model: LatentFlow, device: torch.device) -> SSVAE:
 @torch.no_grad()
 def sample_latents(model: LatentFlow, condition: torch.Tensor | None, n: int, steps: int, cfg_scale: float,
                    sampler: SamplerName, generator: torch.Generator, device: torch.device,
-                   shift: float = 1.0) -> SparseTensor:
-    """``n`` latents (denormalised, on the ``G^3`` grid): structure flow, then the sparse DiT."""
+                   shift: float = 1.0, on_structure: StructureHook | None = None) -> SparseTensor:
+    """``n`` latents (denormalised, on the ``G^3`` grid): structure flow, then the sparse DiT.
+
+    ``on_structure`` gets each item's number of occupied latent voxels between the two flows (the
+    sparse DiT's cost grows with them).
+    """
     cfg = model.config
     drop = torch.zeros(n, dtype=torch.bool, device=device)
     condition = condition.to(device) if condition is not None else None
@@ -148,6 +153,8 @@ def sample_latents(model: LatentFlow, condition: torch.Tensor | None, n: int, st
     noise = torch.randn(structure.feats.shape, generator=generator, device=device)
     bits = integrate(guided_velocity(model.structure, structure, cond, uncond, cfg_scale), noise, steps, sampler, shift)
     coords = occupied_voxels(structure.replace(bits), cfg.structure_patch)
+    if on_structure is not None:
+        on_structure(torch.bincount(coords[:, 0].long(), minlength=n).tolist())
 
     template = model.latent_tensor(coords, torch.zeros(len(coords), cfg.latent_channels, device=device), n)
     noise = torch.randn(template.feats.shape, generator=generator, device=device)
@@ -164,6 +171,7 @@ def sample_meshes(
     seed: int = 0,
     device: torch.device | str = "cpu",
     vae: torch.nn.Module | None = None,
+    on_structure: StructureHook | None = None,
 ) -> list[Mesh]:
     """``n`` meshes (normalised vertices, faces) from an ``ss-dit`` checkpoint's model.
 
@@ -173,6 +181,7 @@ def sample_meshes(
     named in the model's config. Noise is drawn from one generator seeded with ``seed``, so a
     sample depends on ``(seed, batch_size)``. ``meta`` (the checkpoint's metadata) is part of the
     samplers' common signature; everything this one needs is in the model's config.
+    ``on_structure``: see :func:`sample_latents` (called once per batch).
     """
     options = options or FlowSampling()
     device = torch.device(device)
@@ -188,7 +197,8 @@ def sample_meshes(
         count = min(batch_size, n - start)
         part = condition[start : start + count] if condition is not None else None
         with amp:
-            latents = sample_latents(model, part, count, options.steps, options.cfg_scale, options.sampler, generator, device)
+            latents = sample_latents(model, part, count, options.steps, options.cfg_scale, options.sampler, generator,
+                                     device, on_structure=on_structure)
             # Decoded one shape at a time: at 1024^3 a shape alone has ~1e7 finest voxels.
             for coords, feats in latents.items():
                 meshes.extend(vae.decode_to_mesh(SparseTensor.from_items([coords], [feats], latents.spatial_shape)))

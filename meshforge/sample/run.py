@@ -178,19 +178,42 @@ def sample_iflame(
     return meshes, stats, [mesh_from_canonical(decode_tokens(p, vocab)) for p in prompts]
 
 
+def oversized_structures(counts: list[int], grid: int, first: int = 0) -> list[str]:
+    """A warning for each sample whose structure occupies more of the ``grid^3`` latent grid than a
+    surface can: a box filling the grid has a shell of two voxels, ``12 / grid`` of it, so a share above
+    ``24 / grid`` means an undertrained structure flow (and a slow latent flow on its many voxels)."""
+    bound = 24 / grid
+    return [
+        f"sample {first + i}: the structure flow occupies {count / grid**3:.0%} of the {grid}^3 latent grid "
+        f"({count:,} voxels), more than any surface does: its checkpoint looks undertrained, and sampling "
+        "so many voxels is slow"
+        for i, count in enumerate(counts)
+        if count > bound * grid**3
+    ]
+
+
 def sample_dit(
     loaded: LoadedModel[LatentFlow], cfg: SampleStageConfig, device: torch.device, seed: int
 ) -> tuple[list[Mesh], dict[str, Any], None]:
-    """Rectified-flow sampling of sparse latents, decoded to meshes; reports time and meshes/s."""
+    """Rectified-flow sampling of sparse latents, decoded to meshes; reports time, meshes/s and each
+    sample's number of latent voxels (warning, as they come, of structures no surface fills)."""
     if cfg.prompt is not None:
         raise MeshforgeError("--prompt completes meshes with an iFlame checkpoint; an SS-DiT samples whole shapes")
     options = FlowSampling(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FlowSampling)})
+    latent_voxels: list[int] = []
+
+    def check_structure(counts: list[int]) -> None:
+        for warning in oversized_structures(counts, loaded.model.config.resolution, first=len(latent_voxels)):
+            console.print(f"[yellow]{warning}[/yellow]")
+        latent_voxels.extend(counts)
+
     start = time.perf_counter()
     meshes = sample_meshes(loaded.model, loaded.meta, n=cfg.n, batch_size=cfg.batch_size, options=options,
-                           seed=seed, device=device)
+                           seed=seed, device=device, on_structure=check_structure)
     _synchronize(device)
     elapsed = time.perf_counter() - start
-    return list(meshes), {"time_s": round(elapsed, 3), "meshes_per_s": round(len(meshes) / elapsed, 3)}, None
+    stats = {"time_s": round(elapsed, 3), "meshes_per_s": round(len(meshes) / elapsed, 3), "latent_voxels": latent_voxels}
+    return list(meshes), stats, None
 
 
 def sample_to_dir(cfg: SampleStageConfig, device: torch.device, seed: int = 0) -> dict[str, Any]:

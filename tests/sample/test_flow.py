@@ -102,11 +102,16 @@ def test_sample_latents_are_seeded_and_on_the_latent_grid():
     model = tiny_flow()
     labels = torch.tensor([0, 1, 0])
 
+    structures = []
+
     def draw(seed):
         return sample_latents(model, labels, 3, steps=2, cfg_scale=2.0, sampler="heun",
-                              generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+                              generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
+                              on_structure=structures.append)
 
     a, b, c = draw(0), draw(0), draw(1)
+    # The hook saw each item's voxel count before the latent flow ran on them.
+    assert structures[0] == a.batch_offsets.diff().tolist() and len(structures) == 3
     assert torch.equal(a.coords, b.coords) and torch.equal(a.feats, b.feats)
     assert not (a.coords.shape == c.coords.shape and torch.equal(a.coords, c.coords))
     assert a.spatial_shape == (8, 8, 8) and a.batch_size == 3

@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -37,7 +38,9 @@ def fake_checkpoint(monkeypatch, kind):
     def load_model(path, device, ema=True):
         meta = {"kind": kind, "path": str(path), "step": 7, "model_config": {"vocab_size": VOCAB.size},
                 "weights": "ema" if ema else "model"}
-        return LoadedModel(kind, nn.Linear(1, 1).to(device), meta)
+        model = nn.Linear(1, 1).to(device)
+        model.config = types.SimpleNamespace(resolution=64)  # the latent grid an SS-DiT's sampler reads
+        return LoadedModel(kind, model, meta)
 
     monkeypatch.setattr(sample_run, "load_model", load_model)
     monkeypatch.setattr(sample_run, "checkpoint_kind", lambda path: kind)
@@ -104,11 +107,12 @@ def test_iflame_is_unconditional(iflame, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_dit_sampler_gets_its_options(monkeypatch, tmp_path):
+def test_dit_sampler_gets_its_options(monkeypatch, tmp_path, capsys):
     calls = {}
 
-    def sample_meshes(model, meta, *, options, **arguments):
+    def sample_meshes(model, meta, *, options, on_structure, **arguments):
         calls.update(dataclasses.asdict(options), **arguments, kind=meta["kind"])
+        on_structure([5, 150_000][: arguments["n"]])  # of a 64^3 grid: a surface's share, then 57% of it
         return [TETRAHEDRON] * arguments["n"]
 
     fake_checkpoint(monkeypatch, "ss-dit")
@@ -116,11 +120,15 @@ def test_dit_sampler_gets_its_options(monkeypatch, tmp_path):
     out = tmp_path / "dit"
     options = "--n 2 --steps 4 --cfg-scale 2.5 --sampler heun --class-label chair"
     assert cli(f"--device cpu --seed 5 sample --checkpoint {{}} --out {{}} {options}", tmp_path, out) == 0
+    printed = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "sample 1: the structure flow occupies 57% of the 64^3 latent grid (150,000 voxels)" in printed
+    assert "sample 0:" not in printed
     assert calls == {"kind": "ss-dit", "n": 2, "batch_size": 16, "steps": 4, "cfg_scale": 2.5,
                      "sampler": "heun", "image": None, "class_label": "chair", "seed": 5,
                      "device": torch.device("cpu")}
     stats = json.loads((out / "stats.json").read_text())
     assert stats["count"] == stats["watertight"] == 2 and stats["meshes_per_s"] > 0
+    assert stats["latent_voxels"] == [5, 150_000]
 
     # Post-processing applies to what the sampler returns (a tetrahedron has 4 faces: under any budget).
     assert cli("--device cpu sample --checkpoint {} --out {} --n 1 --fill-holes --simplify 4", tmp_path, out) == 0
@@ -135,6 +143,14 @@ def test_other_kinds_cannot_sample(monkeypatch, tmp_path):
     cfg = SampleStageConfig(checkpoint=tmp_path, out=tmp_path / "o")
     with pytest.raises(MeshforgeError, match="'ss-vae' checkpoint does not sample meshes"):
         sample_to_dir(cfg, torch.device("cpu"))
+
+
+def test_only_structures_no_surface_fills_are_reported():
+    # 24 / 128 of the 128^3 grid: 393,216 voxels; a trained shape's shell is a few percent of the grid.
+    warnings = sample_run.oversized_structures([90_000, 393_216, 1_048_576], 128, first=4)
+    assert warnings == [("sample 6: the structure flow occupies 50% of the 128^3 latent grid (1,048,576 voxels), more "
+                         "than any surface does: its checkpoint looks undertrained, and sampling so many voxels is slow")]
+    assert sample_run.oversized_structures([512], 8) == []  # a grid of 8: every count fits the bound
 
 
 @pytest.mark.parametrize(
