@@ -180,13 +180,14 @@ def sample_iflame(
 
 def oversized_structures(counts: list[int], grid: int, first: int = 0) -> list[str]:
     """A warning for each sample whose structure occupies more of the ``grid^3`` latent grid than a
-    surface can: a box filling the grid has a shell of two voxels, ``12 / grid`` of it, so a share above
-    ``24 / grid`` means an undertrained structure flow (and a slow latent flow on its many voxels)."""
+    surface usually does: a box filling the grid has a shell of two voxels, ``12 / grid`` of it, so a
+    share above ``24 / grid`` points at an undertrained structure flow (and a slow latent flow on its
+    many voxels)."""
     bound = 24 / grid
     return [
         f"sample {first + i}: the structure flow occupies {count / grid**3:.0%} of the {grid}^3 latent grid "
-        f"({count:,} voxels), more than any surface does: its checkpoint looks undertrained, and sampling "
-        "so many voxels is slow"
+        f"({count:,} voxels), over twice the shell of a box filling the grid: its checkpoint looks undertrained, "
+        "and sampling so many voxels is slow"
         for i, count in enumerate(counts)
         if count > bound * grid**3
     ]
@@ -196,7 +197,7 @@ def sample_dit(
     loaded: LoadedModel[LatentFlow], cfg: SampleStageConfig, device: torch.device, seed: int
 ) -> tuple[list[Mesh], dict[str, Any], None]:
     """Rectified-flow sampling of sparse latents, decoded to meshes; reports time, meshes/s and each
-    sample's number of latent voxels (warning, as they come, of structures no surface fills)."""
+    sample's number of latent voxels (warning, as they come, of structures far larger than a surface)."""
     if cfg.prompt is not None:
         raise MeshforgeError("--prompt completes meshes with an iFlame checkpoint; an SS-DiT samples whole shapes")
     options = FlowSampling(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FlowSampling)})

@@ -148,8 +148,9 @@ def test_other_kinds_cannot_sample(monkeypatch, tmp_path):
 def test_only_structures_no_surface_fills_are_reported():
     # 24 / 128 of the 128^3 grid: 393,216 voxels; a trained shape's shell is a few percent of the grid.
     warnings = sample_run.oversized_structures([90_000, 393_216, 1_048_576], 128, first=4)
-    assert warnings == [("sample 6: the structure flow occupies 50% of the 128^3 latent grid (1,048,576 voxels), more "
-                         "than any surface does: its checkpoint looks undertrained, and sampling so many voxels is slow")]
+    assert warnings == [("sample 6: the structure flow occupies 50% of the 128^3 latent grid (1,048,576 voxels), over "
+                         "twice the shell of a box filling the grid: its checkpoint looks undertrained, and sampling so "
+                         "many voxels is slow")]
     assert sample_run.oversized_structures([512], 8) == []  # a grid of 8: every count fits the bound
 
 
