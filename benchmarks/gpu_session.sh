@@ -37,6 +37,9 @@
 #                                            # into iflame_vs_full.json (runs in benchmarks/results/iflame_parity_runs/)
 #   bash benchmarks/gpu_session.sh parity-time        # the same pair at equal wall time: each alone on the GPU
 #                                            # for PARITY_TIME_MIN (2.5) min of training (~7 min)
+#   bash benchmarks/gpu_session.sh step-variants      # the iFlame training step at 48 x 800 with checkpointing
+#                                            # on/off x torch.compile off/on, both attention kinds, and the
+#                                            # attention-free bound (benchmarks/iflame_step_variants.py, ~6 min)
 #   bash benchmarks/gpu_session.sh first-step         # fla's kernel configs recorded for this GPU
 #                                            # (kernels/linear_attention/fla_configs/), then the first training step
 #                                            # in fresh processes with them, without them, and for full attention
@@ -53,7 +56,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -212,7 +215,7 @@ direct3d_ddp() {  # the same global batch of 1024^3 shapes on 1 and 2 GPUs, the 
 }
 
 needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
-for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|first-step|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
+for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
 if $needs_data; then
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
@@ -268,6 +271,8 @@ case $phase in
         parity_run "time-$attention" "$attention" --steps 4000 --time-limit-min "$PARITY_TIME_MIN"
       done
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
+  step-variants)
+    ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/iflame_step_variants.py ) >"$LOGS/step-variants.log" 2>&1 ;;
   first-step)
     ( export CUDA_VISIBLE_DEVICES=0
       timed python3 benchmarks/first_step.py --record && timed python3 benchmarks/first_step.py ) >"$LOGS/first-step.log" 2>&1 ;;

@@ -41,23 +41,25 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeat: int
 
 def train_step(cfg: IFlameConfig, device: torch.device, batch: int, faces: int, steps: int,
                operators_free: bool = False, linear_backend: LinearBackend = "auto",
-               warmup: int = 2) -> dict[str, Any]:
+               warmup: int = 2, compile_backend: str | None = None) -> dict[str, Any]:
     """Seconds and peak memory of a training step (forward + backward + AdamW, bf16 autocast on CUDA) on
     random tokens of ``faces`` faces, the mean of ``steps`` after ``warmup`` untimed ones; the peak
     covers them all (AdamW's state exists from the first step's end, so a warm-up step makes it the
     steady one). ``operators_free``: with the attention operators passing their values through
-    (:attr:`Attention.operator_free`); ``linear_backend``: the linear blocks' form."""
+    (:attr:`Attention.operator_free`); ``linear_backend``: the linear blocks' form; ``compile_backend``:
+    ``torch.compile`` the model with that backend, as the trainer's ``--compile`` does (inductor)."""
     torch.manual_seed(0)
     model = IFlame(cfg).to(device)
     for layer in model.modules():
         if isinstance(layer, Attention):
             layer.operator_free, layer.linear_backend = operators_free, linear_backend
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     x = torch.randint(0, VOCAB.levels, (batch, TOKENS_PER_FACE * (faces + 1)), device=device)
 
     def step() -> None:
         with autocast(device):
-            logits = model(x)
+            logits = forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), x.roll(-1, 1).flatten())
         loss.backward()
         opt.step()
