@@ -216,6 +216,11 @@ def evaluate_generated(
     valid = [c for c in gen if c is not None]
     if not valid:
         raise MeshforgeError(f"none of the {len(gen)} generated meshes has a surface to compare")
+    if len(valid) + len(ref) < 3:  # 1-NNA's leave-one-out needs a neighbour of each kind to choose from
+        raise MeshforgeError(
+            f"COV/MMD/1-NNA need at least three shapes in all, here {len(valid)} generated with a surface "
+            f"({len(gen) - len(valid)} without) and {len(ref)} reference: sample more or use a larger reference split"
+        )
     scores = coverage_mmd_1nna(valid, ref, device)  # type: ignore[arg-type]
     return {
         **scores,

@@ -8,6 +8,7 @@ import trimesh
 from meshforge.data.sdf_voxelize import SdfConfig, voxelize_folder
 from meshforge.data.synth import generate, synth_mesh
 from meshforge.data.tokenize import TokenizeConfig, tokenize_folder
+from meshforge.errors import MeshforgeError
 from meshforge.metrics.geometry import (
     chamfer,
     coverage_mmd_1nna,
@@ -160,6 +161,10 @@ def test_evaluate_generated_on_meshes():
     # Tables and lamps are told apart, except one odd lamp that is closer to a table than to the
     # other lamps (seeds fixed: the figure is exact).
     assert result["1nna"] == 0.875
+    # Two shapes in all leave 1-NNA no neighbour of the other kind: a clear error, not a ValueError.
+    needs_three = r"at least three shapes in all, here 1 generated with a surface \(1 without\) and 1 reference"
+    with pytest.raises(MeshforgeError, match=needs_three):
+        evaluate_generated([tables[0], empty], lamps[:1], n_points=256)
 
 
 def test_evaluate_generation_reads_sample_and_dataset_folders(tmp_path):
