@@ -13,7 +13,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def smoke_command(recipe: Path) -> list[str] | None:
     """The header's ``meshforge run ...`` command (its continued comment lines joined), as arguments."""
     lines = recipe.read_text().splitlines()
-    header = [line[1:].strip() for line in lines[: next(i for i, l in enumerate(lines) if not l.startswith("#"))]]
+    header = [line[1:].strip() for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]]
     start = next((i for i, line in enumerate(header) if line.startswith("meshforge run") and "--set" in line), None)
     if start is None:
         return None
