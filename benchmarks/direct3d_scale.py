@@ -9,7 +9,8 @@
 Sections (each bounded by ``--budget-s`` seconds of timed steps, after one warm-up step):
 
 ``vae``     one trainer-equivalent SS-VAE step (the training task's batches and loss, bf16 autocast,
-            AdamW) at R 512 batch 2 and R 1024 batch 1 on synth shapes voxelised at that R.
+            AdamW) at R 512 batch 2, R 1024 batch 1, and with the VAE's gradient checkpointing at R 1024
+            batch 1 and 2, on synth shapes voxelised at that R.
 ``dit``     one trainer-equivalent step (rectified-flow loss, backward, AdamW; bf16 autocast) of the
             reference SS-DiT of ``recipes/direct3d_reference.yaml``, unconditional, on the latent
             token sets of synth shapes at ~16k, ~64k and >= 100k tokens. The token sets are the
@@ -69,7 +70,7 @@ DENSE = {"fa2": "flash", "cudnn": "cudnn"}  # benchmark name -> SSDiTConfig.dens
 
 @dataclass
 class Sizes:
-    vae_rows: list[tuple[int, int]]  # (resolution, batch)
+    vae_rows: list[tuple[int, int, bool]]  # (resolution, batch, gradient checkpointing)
     vae_model: dict | None  # None: the reference recipe's
     dit_model: dict  # overrides of the reference recipe's SS-DiT
     dit_grids: list[int]  # latent grids G whose table token sets give ~16k, ~64k, >= 100k tokens
@@ -78,10 +79,10 @@ class Sizes:
     max_faces: int
 
 
-FULL = Sizes(vae_rows=[(512, 2), (1024, 1)], vae_model=None, dit_model={}, dit_grids=[48, 96, 128],
+FULL = Sizes(vae_rows=[(512, 2, False), (1024, 1, False), (1024, 1, True), (1024, 2, True)], vae_model=None, dit_model={}, dit_grids=[48, 96, 128],
              dense=DENSE, sample_resolution=1024, max_faces=800)  # fmt: skip
 QUICK = Sizes(
-    vae_rows=[(32, 2), (64, 1)],
+    vae_rows=[(32, 2, False), (64, 1, False), (64, 1, True)],
     vae_model={"channels": [8, 8, 8, 16], "res_blocks": 1, "attn_blocks": 1, "heads": 2, "window": 4},
     dit_model={"dim": 64, "depth": 2, "heads": 4, "kv_heads": 2, "ssa_block_cmp": 2, "ssa_block_slc": 4, "window": 4},
     dit_grids=[12, 16], dense={"dense-math": "math"}, sample_resolution=64, max_faces=60,
@@ -154,15 +155,16 @@ def vae_section(sizes: Sizes, device: torch.device, work: Path, budget_s: float)
     model_cfg = sizes.vae_model or dataclasses.asdict(reference_models()[0])
     rows = []
     generate(work / "synth", 6, seed=0, max_faces=sizes.max_faces, families=["table", "stool", "cabinet"])
-    for resolution, batch_size in sizes.vae_rows:
+    for resolution, batch_size, recompute in sizes.vae_rows:
         data = work / f"sdf{resolution}"
         voxelize_folder(SdfConfig(input=work / "synth", out=data, resolution=resolution, val_fraction=0.25,
-                                  workers=0), device)
-        cfg = from_dict(VaeTaskConfig, {"data": data, "out": work / f"vae{resolution}", "batch_size": batch_size,
-                                        "model": model_cfg, "optimizer": "adamw"})
+                                  workers=0), device)  # a later row of the same resolution finds it done
+        cfg = from_dict(VaeTaskConfig, {"data": data, "out": work / f"vae{resolution}-b{batch_size}-{recompute}",
+                                        "batch_size": batch_size, "model": model_cfg | {"grad_checkpoint": recompute},
+                                        "optimizer": "adamw"})
         seed_everything(0)
         reset_peak(device)
-        row: dict[str, Any] = {"resolution": resolution, "batch": batch_size}
+        row: dict[str, Any] = {"resolution": resolution, "batch": batch_size, "grad_checkpoint": recompute}
         voxels: list[int] = []
         try:
             times = timed_steps(vae_step(VAETask(cfg), cfg, device, voxels), device, budget_s)
@@ -371,7 +373,8 @@ def table_rows(result: dict) -> list[dict]:
     shown = []
     for row in result.get("vae", []):
         value = row.get("error") or f"{row['step_s']} s, {gib(row['peak_gib'])} ({row['input_voxels']:,} voxels)"
-        shown.append({"measure": f"SS-VAE step R={row['resolution']} batch {row['batch']}", "value": value})
+        recompute = ", checkpointed" if row.get("grad_checkpoint") else ""
+        shown.append({"measure": f"SS-VAE step R={row['resolution']} batch {row['batch']}{recompute}", "value": value})
     for row in result.get("dit", []):
         est = f" (est. from {row['blocks_measured']} blocks)" if row.get("estimated") else ""
         value = row.get("error") or f"{row['step_s']} s, {gib(row['peak_gib'])}{est}"

@@ -37,6 +37,9 @@
 #                                            # into iflame_vs_full.json (runs in benchmarks/results/iflame_parity_runs/)
 #   bash benchmarks/gpu_session.sh parity-time        # the same pair at equal wall time: each alone on the GPU
 #                                            # for PARITY_TIME_MIN (2.5) min of training (~7 min)
+#   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
+#                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
+#                                            # after the SSA kernel work), into direct3d_scale.json (~6 min, estimated)
 #   bash benchmarks/gpu_session.sh step-variants      # the iFlame training step at 48 x 800 with checkpointing
 #                                            # on/off x torch.compile off/on, both attention kinds, and the
 #                                            # attention-free bound (benchmarks/iflame_step_variants.py, ~6 min)
@@ -56,7 +59,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -271,6 +274,8 @@ case $phase in
         parity_run "time-$attention" "$attention" --steps 4000 --time-limit-min "$PARITY_TIME_MIN"
       done
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
+  direct3d-scale)
+    ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/direct3d_scale.py --sections vae,dit ) >"$LOGS/direct3d-scale.log" 2>&1 ;;
   step-variants)
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/iflame_step_variants.py ) >"$LOGS/step-variants.log" 2>&1 ;;
   first-step)

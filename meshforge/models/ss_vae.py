@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from meshforge.models.registry import ModelSpec, register_model
 from meshforge.runtime import seeded_normals
@@ -49,6 +50,9 @@ class SSVAEConfig:
     mlp_ratio: int = 4
     band: float = 3.0  # the data's truncation band (voxels of the input grid); train-vae sets it
     conv_backend: Literal["spconv", "torch"] = "spconv"
+    # Recompute each residual block in backward: its activations are most of a step's memory at R 1024
+    # (tens of millions of finest voxels), for about a third more compute.
+    grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if len(self.channels) < 2 or min(self.channels) < 1:
@@ -80,8 +84,9 @@ class SSVAEConfig:
 class ResBlock(nn.Module):
     """Pre-norm residual block of two 3x3x3 submanifold convolutions; starts as the identity."""
 
-    def __init__(self, channels: int, backend: str) -> None:
+    def __init__(self, channels: int, backend: str, grad_checkpoint: bool = False) -> None:
         super().__init__()
+        self.grad_checkpoint = grad_checkpoint
         self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.conv1 = SparseSubMConv3d(channels, channels, 3, backend=backend)
         self.conv2 = SparseSubMConv3d(channels, channels, 3, backend=backend)
@@ -89,9 +94,17 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            # Only the input features are kept; the voxels (and the convolutions' neighbour maps cached
+            # on them) are the same object in the recomputation.
+            return x.replace(checkpoint(lambda feats: self.branch(x.replace(feats)), x.feats, use_reentrant=False))
+        return x.replace(self.branch(x))
+
+    def branch(self, x: SparseTensor) -> torch.Tensor:
+        """The block's output features: ``x`` plus the residual."""
         h = self.conv1(x.replace(F.silu(self.norm1(x.feats))))
         h = self.conv2(h.replace(F.silu(self.norm2(h.feats))))
-        return x.replace(x.feats + h.feats)
+        return x.feats + h.feats
 
 
 class AttentionBlock(nn.Module):
@@ -114,7 +127,7 @@ def attention_stack(cfg: SSVAEConfig) -> nn.ModuleList:
 
 
 def res_stack(channels: int, cfg: SSVAEConfig) -> nn.ModuleList:
-    return nn.ModuleList(ResBlock(channels, cfg.conv_backend) for _ in range(cfg.res_blocks))
+    return nn.ModuleList(ResBlock(channels, cfg.conv_backend, cfg.grad_checkpoint) for _ in range(cfg.res_blocks))
 
 
 def run(blocks: nn.ModuleList, x: SparseTensor) -> SparseTensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from meshforge.config import ConfigError, from_dict
-from meshforge.models.ss_vae import SSVAE, SSVAEConfig, VAEOutput, loss_terms
+from meshforge.models.ss_vae import SSVAE, ResBlock, SSVAEConfig, VAEOutput, loss_terms
 from meshforge.sparse.tensor import SparseTensor, coarsen
 
 BAND = 2.5
@@ -76,6 +76,31 @@ def test_backends_give_the_same_model():
     a, b = (m(x.to(torch.float64), sample=False) for m in (spconv_model, torch_model))
     torch.testing.assert_close(a.sdf.feats, b.sdf.feats, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(a.exist_logits, b.exist_logits, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["spconv", "torch"])
+def test_gradient_checkpointing_changes_no_value_or_gradient(backend, monkeypatch):
+    x = batch(shell(16, 0.3), shell(16, 0.2, (0.1, 0.0, 0.0)))
+    plain, recomputed = tiny(conv_backend=backend), tiny(conv_backend=backend, grad_checkpoint=True)
+    with torch.no_grad():  # away from the identity start, so every residual branch carries gradient
+        for p in plain.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    recomputed.load_state_dict(plain.state_dict())
+    calls, branch = [], ResBlock.branch
+    monkeypatch.setattr(ResBlock, "branch", lambda self, h: calls.append(self) or branch(self, h))
+    grads, counts = [], []
+    for model in (plain, recomputed):
+        calls.clear()
+        out = model(x, sample=False)
+        (out.sdf.feats.square().sum() + out.exist_logits.sum()).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        counts.append(len(calls))
+    blocks = sum(isinstance(m, ResBlock) for m in plain.modules())
+    assert counts == [blocks, 2 * blocks]  # checkpointed: every block's branch runs again in backward
+    # The same float32 operations in the same order on the same inputs: CPU kernels give the same bits.
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+    assert all(grad.abs().sum() > 0 for name, grad in grads[0].items() if "conv" in name)
 
 
 def test_loss_terms_targets_and_extra_voxel_sign():
