@@ -82,3 +82,30 @@ def test_a_table_of_another_gpu_version_or_config_set_is_not_applied(tuner, tmp_
     assert apply_configs(DEVICE, tmp_path) == 0
     monkeypatch.delenv(fla_configs.ENV_SWITCH)
     assert apply_configs(DEVICE, tmp_path) == 1
+
+
+@pytest.mark.gpu
+def test_a_recorded_table_spares_the_next_process_its_autotuning(tmp_path, monkeypatch):
+    """On a GPU: the configs chosen while running fla's chunked kernels, recorded, then applied to
+    emptied caches, are exactly what the autotuners use on the next call (no key left to tune)."""
+    import torch
+    from meshforge.kernels.linear_attention import decay_slopes, linear_attention
+
+    q, k, v = (torch.randn(2, 2048, 4, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    slopes = decay_slopes(4).cuda()
+
+    def run():
+        linear_attention(q, k, v, slopes, backend="chunk_triton")[0].float().square().sum().backward()
+
+    run()
+    device = torch.cuda.get_device_name()
+    record_configs(device, tmp_path)
+    tuners = {name: t for name, t in fla_autotuners().items() if t.cache}
+    assert KERNEL in tuners  # the chunked forward's state kernel autotuned here
+    chosen = {name: dict(t.cache) for name, t in tuners.items()}
+    for name, tuner in tuners.items():
+        monkeypatch.setattr(tuner, "cache", {})
+    assert apply_configs(device, tmp_path) == sum(len(c) for c in chosen.values())
+    run()
+    for name, tuner in tuners.items():
+        assert tuner.cache == chosen[name], name  # applied configs used, nothing re-tuned
