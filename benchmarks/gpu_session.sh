@@ -34,19 +34,19 @@
 #                                            # steps each at batch 32 (same data, seed, token budget), both at once
 #                                            # on GPU 0; a call that runs out of time leaves checkpoints and the
 #                                            # next call of the phase resumes them (~2 calls); then their face-acc
-#                                            # into iflame_vs_full.json (runs in benchmarks/results/iflame_parity_runs/)
+#                                            # into iflame_vs_full.json (runs in benchmarks/results/iflame_parity_runs/; not yet timed)
 #   bash benchmarks/gpu_session.sh parity-time        # the same pair at equal wall time: each alone on the GPU
-#                                            # for PARITY_TIME_MIN (2.5) min of training (~7 min)
+#                                            # for PARITY_TIME_MIN (2.5) min of training (~7 min, estimated)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
 #                                            # after the SSA kernel work), into direct3d_scale.json (~6 min, estimated)
 #   bash benchmarks/gpu_session.sh step-variants      # the iFlame training step at 48 x 800 with checkpointing
 #                                            # on/off x torch.compile off/on, both attention kinds, and the
-#                                            # attention-free bound (benchmarks/iflame_step_variants.py, ~6 min)
+#                                            # attention-free bound (benchmarks/iflame_step_variants.py, ~6 min, estimated)
 #   bash benchmarks/gpu_session.sh first-step         # fla's kernel configs recorded for this GPU
 #                                            # (kernels/linear_attention/fla_configs/), then the first training step
 #                                            # in fresh processes with them, without them, and for full attention
-#                                            # (benchmarks/first_step.py, ~6 min)
+#                                            # (benchmarks/first_step.py, ~6 min, estimated)
 #   bash benchmarks/gpu_session.sh direct3d-reference # recipes/direct3d_reference.yaml shortened: 16 shapes at
 #                                            # 1024^3, multi-resolution SS-VAE, the 24-block SS-DiT, one
 #                                            # 1024^3 sample (~7 min); direct3d-reference-resume runs it

@@ -52,7 +52,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from iflame_steps import VOCAB, synchronize, train_step
@@ -129,7 +129,7 @@ def decode(
     }
 
 
-def face_acc(runs: dict[str, Path], equal: str = "steps") -> tuple[dict[str, float], dict[str, Any]]:
+def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -> tuple[dict[str, float], dict[str, Any]]:
     """Val face accuracy of each ``train-iflame`` run: its final evaluation (``summary.json``), which
     the trainer computes teacher-forced over the whole val split (the runs must use ``--eval-meshes 0``).
     ``equal`` is what the two runs share besides batch, seed and data: ``"steps"`` (both finished the

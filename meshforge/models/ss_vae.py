@@ -51,7 +51,7 @@ class SSVAEConfig:
     band: float = 3.0  # the data's truncation band (voxels of the input grid); train-vae sets it
     conv_backend: Literal["spconv", "torch"] = "spconv"
     # Recompute each residual block in backward: its activations are most of a step's memory at R 1024
-    # (tens of millions of finest voxels), for about a third more compute.
+    # (tens of millions of finest voxels); the price is a second forward pass through the blocks.
     grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -97,10 +97,10 @@ class ResBlock(nn.Module):
         if self.grad_checkpoint and torch.is_grad_enabled():
             # Only the input features are kept; the voxels (and the convolutions' neighbour maps cached
             # on them) are the same object in the recomputation.
-            return x.replace(checkpoint(lambda feats: self.branch(x.replace(feats)), x.feats, use_reentrant=False))
-        return x.replace(self.branch(x))
+            return x.replace(checkpoint(lambda feats: self.output_feats(x.replace(feats)), x.feats, use_reentrant=False))
+        return x.replace(self.output_feats(x))
 
-    def branch(self, x: SparseTensor) -> torch.Tensor:
+    def output_feats(self, x: SparseTensor) -> torch.Tensor:
         """The block's output features: ``x`` plus the residual."""
         h = self.conv1(x.replace(F.silu(self.norm1(x.feats))))
         h = self.conv2(h.replace(F.silu(self.norm2(h.feats))))

@@ -86,8 +86,8 @@ def test_gradient_checkpointing_changes_no_value_or_gradient(backend, monkeypatc
         for p in plain.parameters():
             p.add_(0.1 * torch.randn_like(p))
     recomputed.load_state_dict(plain.state_dict())
-    calls, branch = [], ResBlock.branch
-    monkeypatch.setattr(ResBlock, "branch", lambda self, h: calls.append(self) or branch(self, h))
+    calls, output_feats = [], ResBlock.output_feats
+    monkeypatch.setattr(ResBlock, "output_feats", lambda self, h: calls.append(self) or output_feats(self, h))
     grads, counts = [], []
     for model in (plain, recomputed):
         calls.clear()
@@ -96,7 +96,7 @@ def test_gradient_checkpointing_changes_no_value_or_gradient(backend, monkeypatc
         grads.append({name: p.grad for name, p in model.named_parameters()})
         counts.append(len(calls))
     blocks = sum(isinstance(m, ResBlock) for m in plain.modules())
-    assert counts == [blocks, 2 * blocks]  # checkpointed: every block's branch runs again in backward
+    assert counts == [blocks, 2 * blocks]  # checkpointed: every block runs again in backward
     # The same float32 operations in the same order on the same inputs: CPU kernels give the same bits.
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
