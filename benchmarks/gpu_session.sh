@@ -36,7 +36,8 @@
 #                                            # next call of the phase resumes them (~2 calls); then their face-acc
 #                                            # into iflame_vs_full.json (runs in benchmarks/results/iflame_parity_runs/; not yet timed)
 #   bash benchmarks/gpu_session.sh parity-time        # the same pair at equal wall time: each alone on the GPU
-#                                            # for PARITY_TIME_MIN (2.5) min of training (~7 min, estimated)
+#                                            # for PARITY_TIME_MIN (2.5) min of training, torch.compile'd (the
+#                                            # fastest setting of iflame_step_variants.json; ~7 min, estimated)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
 #                                            # after the SSA kernel work), into direct3d_scale.json (~6 min, estimated)
@@ -271,7 +272,7 @@ case $phase in
   parity-time)
     ( export CUDA_VISIBLE_DEVICES=0
       for attention in interleaved full; do
-        parity_run "time-$attention" "$attention" --steps 4000 --time-limit-min "$PARITY_TIME_MIN"
+        parity_run "time-$attention" "$attention" --steps 8000 --time-limit-min "$PARITY_TIME_MIN" --compile
       done
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
   direct3d-scale)
