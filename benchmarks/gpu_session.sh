@@ -271,7 +271,7 @@ case $phase in
     parity_rescore --runs steps >"$LOGS/parity-rescore.log" 2>&1 ;;
   parity-time)
     ( export CUDA_VISIBLE_DEVICES=0
-      for attention in interleaved full; do
+      for attention in ${PARITY_TIME_KINDS:-interleaved full}; do
         parity_run "time-$attention" "$attention" --steps 8000 --time-limit-min "$PARITY_TIME_MIN" --compile
       done
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;

@@ -150,6 +150,7 @@ def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -
         settings[kind] = {"batch_size": train["batch_size"], "seed": train["seed"], "max_faces": task["max_faces"],
                           "length_groups": task.get("length_groups"), "data": task["data"],
                           "attention": config["model"]["attention"]}
+        settings[kind] |= {"compile": train.get("compile", False)}
         settings[kind] |= {"time_limit_min": train["time_limit_min"]} if equal == "time" else {"steps": train["steps"]}
     first, second = ({k: v for k, v in s.items() if k != "attention"} for s in settings.values())
     if first != second:
@@ -157,11 +158,102 @@ def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -
     return accuracy, first | {"wall_time_s": wall_time} | ({"steps": steps} if equal == "time" else {})
 
 
+def median_samples_per_s(run: Path) -> float:
+    """A run's steady training throughput: the median over its logged windows but the first (which
+    holds the first step: compiling, autotuning)."""
+    import csv
+    import statistics
+
+    with (run / "metrics.csv").open(newline="") as f:
+        rates = [float(r["samples_per_s"]) for r in csv.DictReader(f) if r.get("samples_per_s")]
+    if len(rates) < 2:
+        raise InputError(run / "metrics.csv", "needs at least two logged training windows")
+    return statistics.median(rates[1:])
+
+
 def equal_time_figures(runs: list[Path]) -> dict[str, Any]:
-    """``face_acc_equal_time``: the val face accuracy of two runs given the same training time."""
-    accuracy, settings = face_acc(dict(zip(("interleaved", "full"), runs)), equal="time")
+    """``face_acc_equal_time``: the val face accuracy of two runs given the same training time, and
+    the training throughput each had (what the steps they reached come from)."""
+    pair = dict(zip(("interleaved", "full"), runs))
+    accuracy, settings = face_acc(pair, equal="time")
     return {"face_acc": accuracy, "face_acc_delta_pt": 100 * (accuracy["interleaved"] - accuracy["full"]),
+            "samples_per_s_median": {kind: median_samples_per_s(run) for kind, run in pair.items()},
             "runs": settings, "from": [str(r) for r in runs]}
+
+
+def companion(name: str, device: str, results: Path) -> dict[str, Any] | None:
+    """The result ``name`` of another benchmark beside ``--out``, if there is one; it must be of ``device``."""
+    path = results / name
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a readable result ({error})") from error
+    if result.get("device") != device:
+        raise InputError(path, f"measured on {result.get('device')}, the result it joins on {device}")
+    return result
+
+
+def companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
+    """The issue's figures that other benchmarks measure, copied from their results beside ``--out``
+    (each a run of its own on the same device, named under ``from``):
+
+    - ``train_step_fastest``: ``iflame_step_variants.py``'s fastest interleaved setting at 48 x 800 faces
+      and the full-attention step of the same setting (``train_step_time_ratio_fastest``);
+    - ``first_step``: ``first_step.py``'s first interleaved step on a fresh machine with and without
+      fla's recorded kernel configs, and the full-attention one;
+    - ``short_sequences``: ``linear_attention_forms.py``'s crossover length (where fla's chunked form
+      starts to beat the parallel one) and its model steps at the synth data's lengths;
+    - decoding: every decoding figure of ``iflame_vs_full_decode.json`` (``--only decode``, a later run
+      than a full one may be) in place of this result's own, which are dropped (``decode_from``).
+    """
+    device, figures = summary["device"], {}
+    decode = companion(DECODE_RESULT.name, device, results)
+    if decode:
+        def is_decoding(key: str) -> bool:
+            return key.startswith(("decode", "kv_cache_ratio")) or key in ("cache_bytes", "plain_transformer_cache_bytes")
+
+        for key in [k for k in summary if is_decoding(k)]:
+            del summary[key]
+        figures |= {k: v for k, v in decode.items() if is_decoding(k)}
+        for kind in ("interleaved", "full"):
+            figures[kind] = ({k: v for k, v in summary[kind].items() if not is_decoding(k)}
+                             | {k: v for k, v in decode[kind].items() if is_decoding(k)})
+        figures["decode_from"] = f"benchmarks/results/{DECODE_RESULT.name}"
+    variants = companion("iflame_step_variants.json", device, results)
+    if variants:
+        rows = [r for r in variants["rows"] if not r["operators_free"] and r["step_s"] is not None]
+        fastest = min((r for r in rows if r["attention"] == "interleaved"), key=lambda r: r["step_s"])
+        same = next(r for r in rows if r["attention"] == "full" and all(
+            r[k] == fastest[k] for k in ("grad_checkpoint", "compiled")))
+        figures["train_step_fastest"] = {
+            "batch": variants["batch"], "faces": variants["faces"], "target_s": variants["target_s"],
+            **{k: fastest[k] for k in ("grad_checkpoint", "compiled")},
+            **{r["attention"]: {"step_s": r["step_s"], "peak_gb": r["peak_gb"]} for r in (fastest, same)},
+            "from": "benchmarks/results/iflame_step_variants.json"}
+        figures["train_step_time_ratio_fastest"] = fastest["step_s"] / same["step_s"]
+    first = companion("first_step.json", device, results)
+    if first:
+        rows = {(r["attention"], r["fla_configs"]): r for r in first["rows"]}
+        figures["first_step"] = {
+            "batch": first["batch"], "faces": first["faces"],
+            "interleaved_recorded_configs_s": rows["interleaved", "recorded"]["first_step_s"],
+            "interleaved_autotuned_s": rows["interleaved", "autotuned"]["first_step_s"],
+            "full_s": rows["full", None]["first_step_s"],
+            "steady_step_s": {"interleaved": rows["interleaved", "recorded"]["steady_step_s"],
+                              "full": rows["full", None]["steady_step_s"]},
+            "from": "benchmarks/results/first_step.json"}
+    forms = companion("linear_attention_forms.json", device, results)
+    if forms:
+        shortest = min(r["faces"] for r in forms["model"]["rows"])
+        steps = {r["attention"]: r["step_ms"] for r in forms["model"]["rows"]
+                 if r["faces"] == shortest and r["linear_form"] in ("-", "as_dispatched")}
+        figures["short_sequences"] = {
+            "crossover_len": forms["crossover_len"], "faces": shortest, "batch": forms["model"]["batch"],
+            "step_ms": steps, "step_time_ratio": steps["interleaved"] / steps["full"],
+            "from": "benchmarks/results/linear_attention_forms.json"}
+    return figures
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -317,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rescore-face-acc", action="store_true",
                         help="only replace the face-acc figures of --out with those of --runs and/or --time-runs "
                              "(after retraining them)")
+    parser.add_argument("--collect", action="store_true",
+                        help="only copy into --out the figures of the benchmarks whose results lie beside it "
+                             "(iflame_step_variants, first_step, linear_attention_forms; same device)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = DECODE_RESULT if args.only == "decode" else RESULT
@@ -324,6 +419,10 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.runs or args.time_runs):
             parser.error("--rescore-face-acc needs --runs or --time-runs")
         rescore_face_acc(args.out, args.runs, args.time_runs)
+        return
+    if args.collect:
+        summary = json.loads(args.out.read_text())
+        write(summary | companion_figures(summary, args.out.parent), args.out)
         return
     # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
     if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
@@ -468,6 +567,25 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
         limit, steps = timed["runs"]["time_limit_min"], timed["runs"]["steps"]
         row(f"val face-acc, {limit:g} min each ({steps['interleaved']} / {steps['full']} steps)",
             timed["face_acc"]["interleaved"], timed["face_acc"]["full"], ".4f")
+        rates = timed.get("samples_per_s_median")
+        if rates:
+            compiled = ", compiled" if timed["runs"].get("compile") else ""
+            row(f"train-iflame samples/s, synth data{compiled} (median)", rates["interleaved"], rates["full"], ".0f")
+    fastest = summary.get("train_step_fastest")
+    if fastest:
+        setting = ", ".join(("checkpointing" if fastest["grad_checkpoint"] else "no checkpointing",
+                             "compiled" if fastest["compiled"] else "eager"))
+        row(f"train step, {fastest['batch']} x {fastest['faces']} faces, {setting} (s)",
+            fastest["interleaved"]["step_s"], fastest["full"]["step_s"], ".3f")
+    short = summary.get("short_sequences")
+    if short:
+        row(f"train step, {short['batch']} x {short['faces']} faces (ms)",
+            short["step_ms"]["interleaved"], short["step_ms"]["full"], ".1f")
+    first = summary.get("first_step")
+    if first:
+        row("first step, fresh machine, fla configs recorded (s)", first["interleaved_recorded_configs_s"],
+            first["full_s"], ".1f")
+        row("first step, fresh machine, fla autotuning (s)", first["interleaved_autotuned_s"], first["full_s"], ".1f")
     return rows
 
 

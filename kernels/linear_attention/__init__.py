@@ -30,9 +30,11 @@ Implementations of the same map:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Literal
 
+import torch
 from meshforge.kernels.linear_attention.chunked import (
     CHUNK_SIZE,
     linear_attention_chunked,
@@ -68,6 +70,18 @@ def cuda_form(seq_len: int, stateful: bool) -> Form:
     return "parallel" if seq_len <= PARALLEL_MAX_LEN and not stateful else "chunked"
 
 
+def load_cuda_kernels() -> None:
+    """Import fla's chunked kernel now, where it can run (CUDA, fla installed), rather than on first use.
+
+    Models call this when built: ``torch.compile`` traces through fla's kernels once they are loaded
+    (that is how ``iflame_step_variants.json``'s compiled step ran), but not through fla's first import,
+    whose module code checks versions through ``packaging`` (torch 2.11 stopped ``train-iflame
+    --compile`` there on an H200 when the first linear-attention call came inside the compiled model).
+    """
+    if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
+        _fla_chunk_simple_gla()
+
+
 @functools.cache
 def _fla_chunk_simple_gla():
     """fla's chunked kernel, imported on first use (Triton: only where it can run)."""
@@ -76,7 +90,6 @@ def _fla_chunk_simple_gla():
     # on any machine (fla_configs); Triton's on-disk autotune cache keeps what is still tuned here,
     # so later processes on the machine neither re-time it nor pick differently.
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-    import torch
     from fla.ops.simple_gla import chunk_simple_gla
 
     if torch.cuda.is_available():
@@ -137,4 +150,5 @@ __all__ = [
     "linear_attention_naive",
     "linear_attention_parallel",
     "linear_attention_step",
+    "load_cuda_kernels",
 ]

@@ -302,7 +302,7 @@ class TrainingRun:
                     window.add_sync_wait(self.sync_wait_s)
                 out_of_time = values.pop(OUT_OF_TIME) > 0
                 interrupted = values.pop(STOP_ASKED) > 0
-                if deadline == math.inf:
+                if self.first_step_s is None:
                     self.first_step_s = time.perf_counter() - loop_start
                     deadline = time.perf_counter() + limit_s
                 window.add(values)

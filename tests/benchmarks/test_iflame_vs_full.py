@@ -161,6 +161,8 @@ def test_rescore_takes_the_step_matched_and_the_equal_time_pairs(bench, parity_r
     reached = {kind: summaries[run]["last_step"] for kind, run in zip(("interleaved", "full"), timed)}
     assert equal_time["runs"]["time_limit_min"] == 0.002 and equal_time["runs"]["steps"] == reached
     assert equal_time["face_acc"] == {kind: summaries[run]["val_face_acc"] for kind, run in zip(("interleaved", "full"), timed)}
+    assert set(equal_time["samples_per_s_median"]) == {"interleaved", "full"}
+    assert all(rate > 0 for rate in equal_time["samples_per_s_median"].values())
     figures = [row["figure"] for row in bench.table_rows(after)]
     assert "val face-acc, 3 steps each" in figures
     assert f"val face-acc, 0.002 min each ({reached['interleaved']} / {reached['full']} steps)" in figures
@@ -173,3 +175,39 @@ def test_a_pair_must_match_the_comparison_it_is_given_as(bench, parity_runs):
     mixed = {"interleaved": parity_runs["steps", "interleaved"], "full": parity_runs["time", "full"]}
     with pytest.raises(MeshforgeError, match="needs a finished run"):
         bench.face_acc(mixed)
+
+
+COMPANIONS = ["iflame_step_variants.json", "first_step.json", "linear_attention_forms.json", "iflame_vs_full_decode.json"]
+
+
+def test_collect_copies_the_companion_benchmarks_figures_in(bench, tmp_path):
+    for name in ["iflame_vs_full.json", *COMPANIONS]:
+        (tmp_path / name).write_text((RESULT.parent / name).read_text())
+    out = tmp_path / "iflame_vs_full.json"
+    bench.main(["--collect", "--out", str(out)])
+    after = json.loads(out.read_text())
+    variants, first, forms, decode = (json.loads((tmp_path / n).read_text()) for n in COMPANIONS)
+
+    interleaved = [r for r in variants["rows"] if r["attention"] == "interleaved" and not r["operators_free"]]
+    fastest = min(interleaved, key=lambda r: r["step_s"])
+    same = next(r for r in variants["rows"] if r["attention"] == "full" and not r["operators_free"]
+                and (r["grad_checkpoint"], r["compiled"]) == (fastest["grad_checkpoint"], fastest["compiled"]))
+    assert after["train_step_fastest"]["interleaved"]["step_s"] == fastest["step_s"]
+    assert after["train_step_time_ratio_fastest"] == fastest["step_s"] / same["step_s"]
+    recorded = next(r for r in first["rows"] if r["fla_configs"] == "recorded")
+    assert after["first_step"]["interleaved_recorded_configs_s"] == recorded["first_step_s"]
+    assert after["short_sequences"]["crossover_len"] == forms["crossover_len"]
+    # Decoding comes whole from the later --only decode run: no batch it did not time is left behind.
+    assert after["decode_throughput_ratio_b16"] == decode["decode_throughput_ratio_b16"]
+    assert "decode_throughput_ratio_b64" not in after and "decode_b64" not in after["interleaved"]
+    assert after["interleaved"]["train"] == json.loads(RESULT.read_text())["interleaved"]["train"]
+    bench.main(["--collect", "--out", str(out)])  # collecting again changes nothing
+    assert json.loads(out.read_text()) == after
+
+
+def test_collect_refuses_a_companion_of_another_device(bench, tmp_path):
+    (tmp_path / "iflame_vs_full.json").write_text(RESULT.read_text())
+    other = json.loads((RESULT.parent / "first_step.json").read_text()) | {"device": "cpu"}
+    (tmp_path / "first_step.json").write_text(json.dumps(other))
+    with pytest.raises(InputError, match="first_step.json.*measured on cpu"):
+        bench.main(["--collect", "--out", str(tmp_path / "iflame_vs_full.json")])

@@ -77,6 +77,14 @@ def test_time_limit_stops_like_a_last_step_and_resume_finishes_the_curve(tmp_pat
     assert sorted(b) == list(range(1, 41)) and max(abs(a[s] - b[s]) for s in a) <= 1e-6
 
 
+def test_first_step_time_is_the_first_step_alone_without_a_time_limit(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("meshforge.train.trainer.time.perf_counter", lambda: clock[0])
+    summary = train(SlowToyTask(clock, first_s=100.0, batch_size=8), toy_config(), tmp_path, device="cpu")
+    # Was the whole loop's time (every step overwrote it) when no --time-limit-min was set.
+    assert summary["last_step"] == 40 and summary["first_step_s"] == 100.0
+
+
 def test_interrupt_between_checkpoints_saves_the_last_completed_step(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(ToyTask(batch_size=8, interrupt_at=13), toy_config(), tmp_path, device="cpu")
