@@ -38,6 +38,10 @@
 #   bash benchmarks/gpu_session.sh parity-time        # the same pair at equal wall time: each alone on the GPU
 #                                            # for PARITY_TIME_MIN (2.5) min of training, torch.compile'd (the
 #                                            # fastest setting of iflame_step_variants.json; ~7 min, estimated)
+#   bash benchmarks/gpu_session.sh short-profile      # where the time of a train-iflame step goes at the synth data's
+#                                            # lengths: both attention kinds, eager and compiled, 40 steps each
+#                                            # with 10 profiled (benchmarks/results/iflame_short_profile/; ~5 min,
+#                                            # estimated)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
 #                                            # after the SSA kernel work), into direct3d_scale.json (~6 min, estimated)
@@ -60,7 +64,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time short-profile direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -153,6 +157,21 @@ parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a par
     --set model.attention="$attention" || return
   mkdir -p "$PARITY_RUNS/$name"
   cp "$WORK/parity-$name"/{summary.json,metrics.csv,curves.png,config.yaml} "$PARITY_RUNS/$name/"
+}
+
+short_profile() {  # both kinds, eager and compiled, on the parity runs' data and settings; profiles kept
+  local attention mode name
+  for attention in interleaved full; do
+    for mode in eager compiled; do
+      name="$attention-$mode"
+      $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/profile-$name" "${PARITY_TRAIN[@]}" \
+        --steps 40 --profile-steps 10 "$([ $mode = compiled ] && echo --compile || echo --no-compile)" \
+        --set model.attention="$attention" || continue
+      mkdir -p "benchmarks/results/iflame_short_profile/$name"
+      cp "$WORK/profile-$name"/{summary.json,config.yaml} "$WORK/profile-$name"/profile/rank0.{txt,json} \
+        "benchmarks/results/iflame_short_profile/$name/"
+    done
+  done
 }
 
 parity_rescore() {  # parity_rescore --runs|--time-runs NAME: the pair's face-acc into iflame_vs_full.json
@@ -275,6 +294,7 @@ case $phase in
         parity_run "time-$attention" "$attention" --steps 8000 --time-limit-min "$PARITY_TIME_MIN" --compile
       done
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
+  short-profile) ( export CUDA_VISIBLE_DEVICES=0; short_profile ) >"$LOGS/short-profile.log" 2>&1 ;;
   direct3d-scale)
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/direct3d_scale.py --sections vae,dit ) >"$LOGS/direct3d-scale.log" 2>&1 ;;
   step-variants)
