@@ -73,10 +73,11 @@ def cuda_form(seq_len: int, stateful: bool) -> Form:
 def load_cuda_kernels() -> None:
     """Import fla's chunked kernel now, where it can run (CUDA, fla installed), rather than on first use.
 
-    Models call this when built: ``torch.compile`` traces through fla's kernels once they are loaded
-    (that is how ``iflame_step_variants.json``'s compiled step ran), but not through fla's first import,
-    whose module code checks versions through ``packaging`` (torch 2.11 stopped ``train-iflame
-    --compile`` there on an H200 when the first linear-attention call came inside the compiled model).
+    Models call this when built, outside any ``torch.compile`` trace. Under compile fla's kernel runs
+    eagerly behind a graph break (fla disables tracing it), but dynamo traces the loader below (it
+    ignores ``functools.cache``), and on the first call that ran fla's imports, whose module code checks
+    versions through ``packaging``: torch 2.11 stopped ``train-iflame --compile`` there on an H200.
+    Once fla is imported the traced loader only looks it up (how ``iflame_step_variants.json`` ran).
     """
     if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
         _fla_chunk_simple_gla()

@@ -148,25 +148,48 @@ def _launch(kernel, tensors: tuple[Tensor, ...], slopes: Tensor, scale: float) -
     )  # fmt: skip
 
 
-class _ParallelLinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
-        slopes = slopes.contiguous()
-        out = torch.empty_like(q)
-        _launch(_forward_kernel, (q, k, v, out), slopes, scale)
-        ctx.save_for_backward(q, k, v, slopes)
-        ctx.scale = scale
-        return out
+# Registered as custom ops, so that torch.compile keeps them whole in its graph (an opaque node with
+# a known output shape) instead of tracing the kernel launches or breaking the graph around them.
+@torch.library.custom_op("meshforge::linear_attention_parallel", mutates_args=())
+def _parallel_forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
+    out = torch.empty_like(q)
+    _launch(_forward_kernel, (q, k, v, out), slopes, scale)
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, slopes = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), slopes, ctx.scale)
-        # dQ = ((dO V^T) * W) K is the forward's product with (q, k, v) -> (dO, v, k): the same kernel.
-        _launch(_forward_kernel, (grad_out, v, k, dq), slopes, ctx.scale)
-        return dq, dk, dv, None, None
+
+@_parallel_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("meshforge::linear_attention_parallel_backward", mutates_args=())
+def _parallel_backward(
+    q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, grad_out: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), slopes, scale)
+    # dQ = ((dO V^T) * W) K is the forward's product with (q, k, v) -> (dO, v, k): the same kernel.
+    _launch(_forward_kernel, (grad_out, v, k, dq), slopes, scale)
+    return dq, dk, dv
+
+
+@_parallel_backward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, grad_out: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs: tuple, output: Tensor) -> None:
+    q, k, v, slopes, scale = inputs
+    ctx.save_for_backward(q, k, v, slopes)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    q, k, v, slopes = ctx.saved_tensors
+    return *_parallel_backward(q, k, v, slopes, grad_out.contiguous(), ctx.scale), None, None
+
+
+_parallel_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
@@ -180,7 +203,7 @@ def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Te
         raise ValueError(f"parallel linear attention needs q, k, v of one shape [B, T, H, D], got {shapes}")
     dtype = q.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
-    return _ParallelLinearAttention.apply(q, k, v, slopes, scale)
+    return _parallel_forward(q, k, v, slopes.contiguous(), float(scale))
 
 
 __all__ = ["BLOCK", "linear_attention_parallel_triton"]

@@ -176,6 +176,25 @@ def test_fused_parallel_kernel_in_half_precision_rounds_like_flash_attention():
         assert_close_rel(fused, ref, 2e-3)
 
 
+def test_fused_parallel_kernel_compiles_into_one_graph_with_eager_values_and_gradients():
+    """A custom op: torch.compile keeps it as one node (no graph break, nothing traced inside). The
+    compiled graph runs the same kernels on the same inputs, so values and gradients are identical."""
+    slopes = decay_slopes(H)
+    q, k, v = parallel_triton_inputs(80, 16, seed=5)
+
+    def loss(q, k, v):
+        out, _ = linear_attention(q * 2, k, v, slopes, backend="parallel_triton")
+        return out.square().sum()
+
+    explained = torch._dynamo.explain(loss)(q, k, v)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_step_advances_the_state_in_place_like_the_recurrence():
     q, k, v, state = inputs(20, seed=3)
     slopes = decay_slopes(H)
