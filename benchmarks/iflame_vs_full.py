@@ -5,6 +5,7 @@
     python benchmarks/iflame_vs_full.py --rescore-face-acc [--runs RUN_INTERLEAVED RUN_FULL] [--time-runs RUN_I RUN_F]
     python benchmarks/iflame_vs_full.py --only decode [--decode-batches 1 16]
     python benchmarks/iflame_vs_full.py --only long [--long-faces 4000] [--long-batch B]
+    python benchmarks/iflame_vs_full.py --collect   # the companion benchmarks' figures into --out
 
 Measures, for both ``attention`` settings of the reference model (512 wide, 16 heads, 4/4/8/4/4):
 training step time and peak memory (forward + backward + AdamW, bf16 autocast, random tokens of
@@ -195,9 +196,9 @@ def companion(name: str, device: str, results: Path) -> dict[str, Any] | None:
     return result
 
 
-def companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
-    """The issue's figures that other benchmarks measure, copied from their results beside ``--out``
-    (each a run of its own on the same device, named under ``from``):
+def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
+    """``summary`` with the figures that other benchmarks measure, copied from their results beside
+    ``--out`` (each a run of its own on the same device, named under ``from``):
 
     - ``train_step_fastest``: ``iflame_step_variants.py``'s fastest interleaved setting at 48 x 800 faces
       and the full-attention step of the same setting (``train_step_time_ratio_fastest``);
@@ -214,8 +215,7 @@ def companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
         def is_decoding(key: str) -> bool:
             return key.startswith(("decode", "kv_cache_ratio")) or key in ("cache_bytes", "plain_transformer_cache_bytes")
 
-        for key in [k for k in summary if is_decoding(k)]:
-            del summary[key]
+        summary = {k: v for k, v in summary.items() if not is_decoding(k)}
         figures |= {k: v for k, v in decode.items() if is_decoding(k)}
         for kind in ("interleaved", "full"):
             figures[kind] = ({k: v for k, v in summary[kind].items() if not is_decoding(k)}
@@ -253,7 +253,7 @@ def companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
             "crossover_len": forms["crossover_len"], "faces": shortest, "batch": forms["model"]["batch"],
             "step_ms": steps, "step_time_ratio": steps["interleaved"] / steps["full"],
             "from": "benchmarks/results/linear_attention_forms.json"}
-    return figures
+    return summary | figures
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(after retraining them)")
     parser.add_argument("--collect", action="store_true",
                         help="only copy into --out the figures of the benchmarks whose results lie beside it "
-                             "(iflame_step_variants, first_step, linear_attention_forms; same device)")
+                             "(iflame_step_variants, first_step, linear_attention_forms, iflame_vs_full_decode; "
+                             "same device)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = DECODE_RESULT if args.only == "decode" else RESULT
@@ -421,8 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         rescore_face_acc(args.out, args.runs, args.time_runs)
         return
     if args.collect:
-        summary = json.loads(args.out.read_text())
-        write(summary | companion_figures(summary, args.out.parent), args.out)
+        write(with_companion_figures(json.loads(args.out.read_text()), args.out.parent), args.out)
         return
     # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
     if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
