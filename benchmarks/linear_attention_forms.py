@@ -56,7 +56,9 @@ from meshforge.models.iflame import IFlameConfig
 from meshforge.render import render_table_png
 
 RESULTS = Path(__file__).parent / "results"
-LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
+# 1,280-1,792: between the last length where the parallel kernel won (1,024: 0.41 vs 1.25 ms) and the
+# first where it lost (2,048: 1.21 vs 1.18 ms) on the H200, where PARALLEL_MAX_LEN belongs
+LENGTHS = (128, 256, 512, 1024, 1280, 1536, 1792, 2048, 4096, 8192)
 QUICK_LENGTHS = (16, 64, 128)
 MODEL_FACES = (122, 240)  # the synth mean (token level ~1.1k, just above PARALLEL_MAX_LEN) and twice it
 LINEAR_FORMS = {"as_dispatched": "auto", "chunk_only": "chunk_triton", "parallel_only": "parallel_triton"}
