@@ -145,7 +145,7 @@ def model_steps(cfg: IFlameConfig, faces: int, batch: int, steps: int, device: t
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--heads", type=int, default=16)
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--model-steps", type=int, default=10, help="timed training steps per model setting")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: batch 2, 4 heads of 16, short lengths")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         device, dtype = torch.device("cpu"), torch.float32
         args.batch, args.heads, args.head_dim = 2, 4, 16
