@@ -399,7 +399,7 @@ def table_rows(result: dict) -> list[dict]:
     return shown
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU, to check the code path")
     parser.add_argument("--sections", default="vae,dit,sample", help="comma-separated: vae, dit, sample, recipe_r256")
@@ -409,7 +409,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top operators of one SSA DiT step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     device = resolve_device("cpu" if args.quick else args.device)
     if device.type == "cuda":

@@ -170,7 +170,7 @@ def metrics_text(recon: dict, prefix: str) -> str:
     return f"CD {values[0]:.2e}  F {values[1]:.3f}  NC {values[2]:.3f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the code path")
     parser.add_argument("--device", default="auto")
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--meshes", type=int, help="synth meshes (default: 16, smoke 6)")
     parser.add_argument("--vox-res", type=int, nargs="+", help="voxelisation resolutions to time")
     parser.add_argument("--train-steps", type=int, help="steps of the short training run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     overrides = {"meshes": args.meshes, "vox_res": tuple(args.vox_res or ()) or None, "train_steps": args.train_steps}
     sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})

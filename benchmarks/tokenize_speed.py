@@ -27,12 +27,12 @@ TARGET_S = 30.0
 
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meshes", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=0, help="0 = every core")
     parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     workers = resolve_workers(args.workers)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,17 +1,13 @@
 """benchmarks/direct3d_ddp.py --quick on CPU: train-vae and train-dit on 1 and 2 gloo processes, one result."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.mark.slow
-def test_quick_run_writes_matching_curves_and_scaling(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # how the script finds ddp_runs beside it
-    import direct3d_ddp
+def test_quick_run_writes_matching_curves_and_scaling(benchmark_script, tmp_path):
+    direct3d_ddp = benchmark_script("direct3d_ddp")
 
     result = tmp_path / "direct3d_ddp.json"
     direct3d_ddp.main(["--quick", "--out", str(tmp_path / "work"), "--result", str(result)])

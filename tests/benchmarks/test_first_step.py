@@ -2,20 +2,15 @@
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = ["--device", "cpu", "--dim", "32", "--heads", "2", "--batch", "1", "--faces", "8"]
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import first_step
-
-    return first_step
+def bench(benchmark_script):
+    return benchmark_script("first_step")
 
 
 def test_a_fresh_process_times_its_first_and_its_steady_step(bench):

@@ -1,19 +1,13 @@
 """benchmarks/iflame_step_variants.py on CPU: every setting is timed, compiled ones through dynamo."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import iflame_step_variants
-
-    return iflame_step_variants
+def bench(benchmark_script):
+    return benchmark_script("iflame_step_variants")
 
 
 def test_the_smoke_run_times_every_setting(bench, tmp_path):

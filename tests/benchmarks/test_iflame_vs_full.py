@@ -17,11 +17,8 @@ CONFIGS = {kind: IFlameConfig(dim=64, n_heads=4, attention=kind) for kind in ("i
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # how the script finds iflame_steps beside it
-    import iflame_vs_full
-
-    return iflame_vs_full
+def bench(benchmark_script):
+    return benchmark_script("iflame_vs_full")
 
 
 def test_only_long_adds_its_figures_and_keeps_every_other(bench, tmp_path):

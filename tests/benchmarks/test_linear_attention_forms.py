@@ -2,19 +2,13 @@
 and the crossover length follows its rule."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # how the script finds iflame_steps beside it
-    import linear_attention_forms
-
-    return linear_attention_forms
+def bench(benchmark_script):
+    return benchmark_script("linear_attention_forms")
 
 
 def test_quick_run_times_every_length_and_model_setting(bench, tmp_path):

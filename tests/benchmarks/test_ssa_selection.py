@@ -9,15 +9,10 @@ from meshforge.config import save_config
 from meshforge.errors import InputError
 from meshforge.train.logs import MetricsLog
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # how the script finds latent_tokens beside it
-    import ssa_selection
-
-    return ssa_selection
+def bench(benchmark_script):
+    return benchmark_script("ssa_selection")
 
 
 def fake_run(root: Path, tile: int, losses: list[float], lr: float = 5e-4) -> Path:
