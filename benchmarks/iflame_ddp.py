@@ -116,7 +116,7 @@ def profile_table(runs: dict[str, dict[str, Any]], label: dict[str, str]) -> Tab
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--gpus", type=int, default=2, help="processes of the data-parallel run")
@@ -141,7 +141,7 @@ def main() -> None:
                         help="repeat the 1-process run to measure run-to-run spread (default: on CUDA)")
     parser.add_argument("--out", type=Path, default=Path("runs/iflame_ddp"), help="work folder of the runs")
     parser.add_argument("--result", type=Path, default=RESULT, help="JSON; the loss-curve PNG goes beside it")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # Checked here, before minutes of training, rather than by the second run's workers.
     if args.gpus < 2:
         parser.error("--gpus must be at least 2 (it is compared with one process)")
