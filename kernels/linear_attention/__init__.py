@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -80,7 +81,10 @@ def load_cuda_kernels() -> None:
     Once fla is imported the traced loader only looks it up (how ``iflame_step_variants.json`` ran).
     """
     if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
-        _fla_chunk_simple_gla()
+        try:
+            _fla_chunk_simple_gla()
+        except Exception as error:  # loading early only saves time: the first use raises it again
+            warnings.warn(f"fla's kernels could not be loaded ahead of use: {error}", stacklevel=2)
 
 
 @functools.cache

@@ -270,6 +270,18 @@ def test_a_compiled_model_trains_in_a_fresh_process_on_cuda():
     subprocess.run([sys.executable, "-c", COMPILED_CUDA_STEP], check=True, timeout=900)
 
 
+def test_a_model_is_built_even_where_fla_fails_to_load(monkeypatch):
+    import meshforge.kernels.linear_attention as linear
+
+    def broken():
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(linear.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(linear, "_fla_chunk_simple_gla", broken)
+    with pytest.warns(UserWarning, match="no kernel image for this GPU"):
+        IFlame(IFlameConfig(**SMALL, blocks=(1, 1, 2, 1, 1)))
+
+
 def test_causal_attention_matches_softmax_reference():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 8, generator=g) for _ in range(3))
