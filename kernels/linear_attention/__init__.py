@@ -83,7 +83,7 @@ def load_cuda_kernels() -> None:
     if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
         try:
             _fla_chunk_simple_gla()
-        except Exception as error:  # loading early only saves time: the first use raises it again
+        except Exception as error:  # noqa: BLE001 - loading early only saves time; the first use raises it again
             warnings.warn(f"fla's kernels could not be loaded ahead of use: {error}", stacklevel=2)
 
 
