@@ -40,8 +40,8 @@
 #                                            # fastest setting of iflame_step_variants.json; ~7 min, estimated)
 #   bash benchmarks/gpu_session.sh short-profile      # where the time of a train-iflame step goes at the synth data's
 #                                            # lengths: both attention kinds, eager and compiled, 40 steps each
-#                                            # with 10 profiled (benchmarks/results/iflame_short_profile/; ~5 min,
-#                                            # estimated)
+#                                            # with 10 profiled, then benchmarks/profile_diff.py of each pair
+#                                            # (benchmarks/results/iflame_short_profile/; ~5 min, estimated)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
 #                                            # after the SSA kernel work), into direct3d_scale.json (~6 min, estimated)
@@ -171,6 +171,11 @@ short_profile() {  # both kinds, eager and compiled, on the parity runs' data an
       cp "$WORK/profile-$name"/{summary.json,config.yaml} "$WORK/profile-$name"/profile/rank0.{txt,json} \
         "benchmarks/results/iflame_short_profile/$name/"
     done
+  done
+  local results=benchmarks/results/iflame_short_profile
+  for mode in eager compiled; do
+    timed python3 benchmarks/profile_diff.py "$results/interleaved-$mode/rank0.json" "$results/full-$mode/rank0.json" \
+      --labels interleaved full --out "$results/diff_$mode.json"
   done
 }
 

@@ -12,7 +12,10 @@ that answers the usual question of a slow step:
 - ``launches``: kernel launches per step (each costs several microseconds of host time);
 - ``phases_s``: host time per step in the trainer's phases (data, forward, backward, clip+sync,
   optimizer), so a phase that launches too much stands out;
-- ``comm_s``: time per step in NCCL kernels.
+- ``comm_s``: time per step in NCCL kernels;
+- ``top_operators``: the operators with the most self time per step (device time where kernels were
+  recorded, host time otherwise) and their calls per step, which two runs' summaries can be compared
+  on (``benchmarks/profile_diff.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from meshforge.io import atomic_path, atomic_write_json, atomic_write_text
 PROFILE_DIR = "profile"
 PROFILE_SKIP = 10  # steps before the profiler's own warm-up step: compilation and autotuning happen here
 PHASES = ("data", "forward", "backward", "clip_sync", "optimizer")
+TOP_OPERATORS = 40
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 _STEP_EVENT = "ProfilerStep"  # "ProfilerStep#N", or "ProfilerStep*" in newer torch
 
@@ -91,7 +95,22 @@ class StepProfiler:
         ]
         atomic_write_text(stem.with_suffix(".txt"), "\n\n".join(tables) + "\n")
         self.summary = summarize(prof.events(), rank=self.rank)
+        self.summary["top_operators"] = top_operators(averages, self.summary["steps"], _has_device_events(prof))
         atomic_write_json(stem.with_suffix(".json"), self.summary)
+
+
+def top_operators(averages: Any, steps: int, device: bool, limit: int = TOP_OPERATORS) -> list[dict[str, Any]]:
+    """The ``limit`` operators of ``prof.key_averages()`` with the most self time (device time when
+    ``device``, else host time), per step of the window; ``phase:`` annotations and the step markers
+    are not operators."""
+    n = max(steps, 1)
+
+    def self_us(row: Any) -> float:
+        return row.self_device_time_total if device else row.self_cpu_time_total
+
+    rows = [r for r in averages if not r.key.startswith(("phase:", _STEP_EVENT))]
+    rows.sort(key=self_us, reverse=True)
+    return [{"name": r.key, "self_s": self_us(r) / n / 1e6, "calls": r.count / n} for r in rows[:limit]]
 
 
 def _has_device_events(prof: profile) -> bool:

@@ -54,6 +54,11 @@ def test_profiled_run_writes_trace_operators_and_a_per_step_summary(tmp_path):
     trace = json.loads(gzip.decompress((tmp_path / "profile" / "rank0.trace.json.gz").read_bytes()))
     assert any(e.get("name") == "phase:forward" for e in trace["traceEvents"])
     assert "Self CPU" in (tmp_path / "profile" / "rank0.txt").read_text()
+    top = profile["top_operators"]
+    assert 0 < len(top) <= 40 and all(op["self_s"] >= 0 and op["calls"] > 0 for op in top)
+    assert [op["self_s"] for op in top] == sorted((op["self_s"] for op in top), reverse=True)
+    assert not any(op["name"].startswith(("phase:", "ProfilerStep")) for op in top)
+    assert any(op["name"] == "aten::mm" or op["name"] == "aten::addmm" for op in top)  # the toy model's linears
 
 
 def test_a_run_shorter_than_the_window_writes_what_it_profiled(tmp_path):
