@@ -44,6 +44,14 @@ def load_profile(path: Path, rank: int) -> dict[str, Any]:
     return summary
 
 
+def run_folder(path: Path) -> Path:
+    """The run a profile belongs to: ``path`` itself, or the folder of ``RUN/profile/rank{R}.json``
+    (of a copied ``rank{R}.json``, the folder holding it)."""
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == PROFILE_DIR else path.parent
+
+
 def compare(a: dict[str, Any], b: dict[str, Any], top: int) -> dict[str, Any]:
     """Summary figures and phases of both, and the ``top`` operators by absolute difference in self time."""
     figures = {name: {"a": a.get(name), "b": b.get(name)} for name in SUMMARY_FIGURES}
@@ -72,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=20, help="operators shown, by absolute difference")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    labels = args.labels or [run.name if run.is_dir() else run.parent.parent.name for run in args.runs]
+    labels = args.labels or [run_folder(run).name for run in args.runs]
     a, b = (load_profile(run, args.rank) for run in args.runs)
     result = {"benchmark": "profile_diff", "labels": labels, "runs": [str(run) for run in args.runs],
               "rank": args.rank, **compare(a, b, args.top)}  # fmt: skip
-    out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent.parent).parent / "profile_diff.json"
+    out = args.out or run_folder(args.runs[0]).parent / "profile_diff.json"
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{1e3 * value:.2f}"

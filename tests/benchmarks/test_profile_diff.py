@@ -38,6 +38,13 @@ def test_two_profiled_runs_are_compared_from_their_folders(benchmark_script, tmp
     assert out.with_suffix(".png").is_file()
 
 
+def test_a_profile_is_named_after_its_run_folder(benchmark_script, tmp_path):
+    bench = benchmark_script("profile_diff")
+    assert bench.run_folder(tmp_path) == tmp_path
+    assert bench.run_folder(tmp_path / "run" / "profile" / "rank0.json") == tmp_path / "run"
+    assert bench.run_folder(tmp_path / "copied" / "rank0.json") == tmp_path / "copied"
+
+
 def test_a_run_without_a_profile_is_named_in_one_line(benchmark_script, tmp_path):
     with pytest.raises(InputError, match="rank0.json.*--profile-steps"):
         benchmark_script("profile_diff").load_profile(tmp_path, 0)
