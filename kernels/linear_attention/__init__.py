@@ -30,9 +30,7 @@ Implementations of the same map:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
-import warnings
 from typing import Literal
 
 import torch
@@ -69,22 +67,6 @@ def cuda_form(seq_len: int, stateful: bool) -> Form:
     """Which CUDA kernel :func:`linear_attention` runs: the fused parallel one up to PARALLEL_MAX_LEN
     positions when no state goes in or comes out (training's case), fla's chunked kernels otherwise."""
     return "parallel" if seq_len <= PARALLEL_MAX_LEN and not stateful else "chunked"
-
-
-def load_cuda_kernels() -> None:
-    """Import fla's chunked kernel now, where it can run (CUDA, fla installed), rather than on first use.
-
-    Models call this when built, outside any ``torch.compile`` trace. Under compile fla's kernel runs
-    eagerly behind a graph break (fla disables tracing it), but dynamo traces the loader below (it
-    ignores ``functools.cache``), and on the first call that ran fla's imports, whose module code checks
-    versions through ``packaging``: torch 2.11 stopped ``train-iflame --compile`` there on an H200.
-    Once fla is imported the traced loader only looks it up (how ``iflame_step_variants.json`` ran).
-    """
-    if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
-        try:
-            _fla_chunk_simple_gla()
-        except Exception as error:  # noqa: BLE001 - loading early only saves time; the first use raises it again
-            warnings.warn(f"fla's kernels could not be loaded ahead of use: {error}", stacklevel=2)
 
 
 @functools.cache
@@ -137,6 +119,18 @@ def linear_attention(
         from meshforge.kernels.linear_attention.parallel_triton import linear_attention_parallel_triton
 
         return linear_attention_parallel_triton(q, k, v, slopes, scale), None
+    return _fla_chunk(q, k, v, slopes, scale, initial_state, output_final_state)
+
+
+# Run eagerly under torch.compile, behind one graph break: where fla itself puts its kernel (fla 0.6.0
+# marks chunk_simple_gla torch.compiler.disable). Dynamo would otherwise trace the loader above (it
+# ignores functools.cache), and on the first call that ran fla's imports, whose version checks through
+# packaging it cannot run: torch 2.11 stopped train-iflame --compile there on an H200.
+@torch.compiler.disable
+def _fla_chunk(
+    q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float,
+    initial_state: Tensor | None, output_final_state: bool,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     return _fla_chunk_simple_gla()(
         q, k, v, g_gamma=-slopes.float(), scale=scale,
         initial_state=initial_state, output_final_state=output_final_state,
@@ -155,5 +149,4 @@ __all__ = [
     "linear_attention_naive",
     "linear_attention_parallel",
     "linear_attention_step",
-    "load_cuda_kernels",
 ]

@@ -51,12 +51,7 @@ from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
 from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.decode_attention import decode_attention
 from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rotary_kv_append
-from meshforge.kernels.linear_attention import (
-    LinearBackend,
-    decay_slopes,
-    linear_attention,
-    load_cuda_kernels,
-)
+from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, linear_attention
 from meshforge.kernels.rotary import rotate_qk
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 from meshforge.models.registry import ModelSpec, register_model
@@ -218,7 +213,6 @@ class Attention(nn.Module):
         if not full:
             self.register_buffer("slopes", decay_slopes(cfg.n_heads), persistent=False)
             self.out_norm = RMSNorm(cfg.head_dim, eps=cfg.linear_norm_eps)
-            load_cuda_kernels()  # here, outside any torch.compile trace (see there)
 
     def forward(self, x: Tensor, rope: Rotary, cache: BlockCache | None = None) -> Tensor:
         """``x [B, T, dim]`` at positions ``0 .. T-1``; with an empty ``cache``, also leave in it the

@@ -195,6 +195,30 @@ def test_fused_parallel_kernel_compiles_into_one_graph_with_eager_values_and_gra
         assert torch.equal(a, b)
 
 
+def test_under_compile_flas_kernel_and_its_loader_run_eagerly(monkeypatch):
+    """Dynamo must not trace the loader: on its first call it imports fla, which torch 2.11's dynamo
+    could not run (an H200's train-iflame --compile stopped there). A stand-in loader records whether
+    it ran under the trace."""
+    import meshforge.kernels.linear_attention as linear
+
+    traced = []
+
+    def loader():
+        traced.append(torch.compiler.is_compiling())
+        return lambda q, k, v, g_gamma, scale, initial_state, output_final_state: (q * scale, None)
+
+    monkeypatch.setattr(linear, "_fla_chunk_simple_gla", loader)
+    q, k, v, _ = inputs(8)
+
+    def attend(q):
+        return linear_attention(q + 1, k, v, decay_slopes(H), backend="chunk_triton")[0] * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="eager")(q)
+    assert torch.equal(compiled, attend(q))
+    assert traced and not any(traced)
+
+
 def test_step_advances_the_state_in_place_like_the_recurrence():
     q, k, v, state = inputs(20, seed=3)
     slopes = decay_slopes(H)
