@@ -1,7 +1,7 @@
 """Decoding attention over a static K/V cache: the Triton split-K kernel against the SDPA reference.
 
 On a CPU-only machine the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set by
-this folder's conftest) at small sizes; the GPU test runs it compiled at the
+tests/conftest.py) at small sizes; the GPU test runs it compiled at the
 reference model's decoding size in bf16.
 """
 

@@ -1,6 +1,6 @@
 """The fused decoding GEMM (norm -> linear -> SwiGLU or residual add) against its PyTorch reference.
 
-On a CPU-only machine the Triton kernel runs under the interpreter (this folder's conftest) at small
+On a CPU-only machine the Triton kernel runs under the interpreter (tests/conftest.py) at small
 sizes; the GPU test runs it compiled at the reference model's sizes in bf16.
 
 Tolerances come from the roundings on each path, element by element. Both forms round the same

@@ -1,7 +1,7 @@
 """The fused decoding-step kernels against their PyTorch references.
 
 On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, set by
-this folder's conftest) at small sizes; the GPU test runs them compiled at the
+tests/conftest.py) at small sizes; the GPU test runs them compiled at the
 reference model's decoding size in bf16. Tolerances: float32 agrees to the order of float32 sums
 (1e-5). In bf16 both forms round at the same places, but fused multiply-adds can put a value on
 the other side of a rounding boundary, and the interpreter's float32 -> bf16 conversion truncates

@@ -1,7 +1,7 @@
 """Spatial Sparse Attention: the block layout, the pooling, and the Triton kernels against the reference.
 
 On a CPU-only machine the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, set by
-this folder's conftest before anything imports the kernel module) at small sizes; GPU
+tests/conftest.py before anything imports the kernel module) at small sizes; GPU
 tests run the compiled kernels at full size in bf16.
 """
 
