@@ -160,19 +160,17 @@ parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a par
 }
 
 short_profile() {  # both kinds, eager and compiled, on the parity runs' data and settings; profiles kept
-  local attention mode name
+  local results=benchmarks/results/iflame_short_profile attention mode flag
   for attention in interleaved full; do
     for mode in eager compiled; do
-      name="$attention-$mode"
-      $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/profile-$name" "${PARITY_TRAIN[@]}" \
-        --steps 40 --profile-steps 10 "$([ $mode = compiled ] && echo --compile || echo --no-compile)" \
-        --set model.attention="$attention" || continue
-      mkdir -p "benchmarks/results/iflame_short_profile/$name"
-      cp "$WORK/profile-$name"/{summary.json,config.yaml} "$WORK/profile-$name"/profile/rank0.{txt,json} \
-        "benchmarks/results/iflame_short_profile/$name/"
+      flag=--no-compile; [ "$mode" = compiled ] && flag=--compile
+      $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/profile-$attention-$mode" "${PARITY_TRAIN[@]}" \
+        --steps 40 --profile-steps 10 "$flag" --set model.attention="$attention" || continue
+      mkdir -p "$results/$attention-$mode"
+      cp "$WORK/profile-$attention-$mode"/{summary.json,config.yaml} "$WORK/profile-$attention-$mode"/profile/rank0.{txt,json} \
+        "$results/$attention-$mode/"
     done
   done
-  local results=benchmarks/results/iflame_short_profile
   for mode in eager compiled; do
     timed python3 benchmarks/profile_diff.py "$results/interleaved-$mode/rank0.json" "$results/full-$mode/rank0.json" \
       --labels interleaved full --out "$results/diff_$mode.json"

@@ -150,8 +150,7 @@ def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -
         accuracy[kind], wall_time[kind], steps[kind] = summary["val_face_acc"], summary["wall_time_s"], summary["last_step"]
         settings[kind] = {"batch_size": train["batch_size"], "seed": train["seed"], "max_faces": task["max_faces"],
                           "length_groups": task.get("length_groups"), "data": task["data"],
-                          "attention": config["model"]["attention"]}
-        settings[kind] |= {"compile": train.get("compile", False)}
+                          "attention": config["model"]["attention"], "compile": train.get("compile", False)}
         settings[kind] |= {"time_limit_min": train["time_limit_min"]} if equal == "time" else {"steps": train["steps"]}
     first, second = ({k: v for k, v in s.items() if k != "attention"} for s in settings.values())
     if first != second:
@@ -182,18 +181,32 @@ def equal_time_figures(runs: list[Path]) -> dict[str, Any]:
             "runs": settings, "from": [str(r) for r in runs]}
 
 
+def read_result(path: Path, device: str | None = None, clash: str = "", benchmark: str | None = None) -> dict[str, Any]:
+    """The benchmark result at ``path`` (of ``benchmark``, when given); with ``device``, it must have
+    been measured there. Otherwise a one-line error naming the file (ending in ``clash`` for a device)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a readable result ({error})") from error
+    kind = result.get("benchmark") if isinstance(result, dict) else None
+    if kind is None or (benchmark is not None and kind != benchmark):
+        raise InputError(path, f"not {'an ' + benchmark if benchmark else 'a benchmark'} result")
+    if device is not None and result.get("device") != device:
+        raise InputError(path, f"measured on {result.get('device')}, {clash or f'not on {device}'}")
+    return result
+
+
 def companion(name: str, device: str, results: Path) -> dict[str, Any] | None:
     """The result ``name`` of another benchmark beside ``--out``, if there is one; it must be of ``device``."""
     path = results / name
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not a readable result ({error})") from error
-    if result.get("device") != device:
-        raise InputError(path, f"measured on {result.get('device')}, the result it joins on {device}")
-    return result
+    return read_result(path, device, f"the result it joins on {device}")
+
+
+def source(name: str) -> str:
+    """Where a companion result is kept in the checkout (the ``from`` of the figures taken from it)."""
+    return f"benchmarks/results/{name}"
 
 
 def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
@@ -220,7 +233,7 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
         for kind in ("interleaved", "full"):
             figures[kind] = ({k: v for k, v in summary[kind].items() if not is_decoding(k)}
                              | {k: v for k, v in decode[kind].items() if is_decoding(k)})
-        figures["decode_from"] = f"benchmarks/results/{DECODE_RESULT.name}"
+        figures["decode_from"] = source(DECODE_RESULT.name)
     variants = companion("iflame_step_variants.json", device, results)
     if variants:
         rows = [r for r in variants["rows"] if not r["operators_free"] and r["step_s"] is not None]
@@ -231,7 +244,7 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
             "batch": variants["batch"], "faces": variants["faces"], "target_s": variants["target_s"],
             **{k: fastest[k] for k in ("grad_checkpoint", "compiled")},
             **{r["attention"]: {"step_s": r["step_s"], "peak_gb": r["peak_gb"]} for r in (fastest, same)},
-            "from": "benchmarks/results/iflame_step_variants.json"}
+            "from": source("iflame_step_variants.json")}
         figures["train_step_time_ratio_fastest"] = fastest["step_s"] / same["step_s"]
     first = companion("first_step.json", device, results)
     if first:
@@ -243,7 +256,7 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
             "full_s": rows["full", None]["first_step_s"],
             "steady_step_s": {"interleaved": rows["interleaved", "recorded"]["steady_step_s"],
                               "full": rows["full", None]["steady_step_s"]},
-            "from": "benchmarks/results/first_step.json"}
+            "from": source("first_step.json")}
     forms = companion("linear_attention_forms.json", device, results)
     if forms:
         shortest = min(r["faces"] for r in forms["model"]["rows"])
@@ -252,7 +265,7 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
         figures["short_sequences"] = {
             "crossover_len": forms["crossover_len"], "faces": shortest, "batch": forms["model"]["batch"],
             "step_ms": steps, "step_time_ratio": steps["interleaved"] / steps["full"],
-            "from": "benchmarks/results/linear_attention_forms.json"}
+            "from": source("linear_attention_forms.json")}
     return summary | figures
 
 
@@ -367,16 +380,8 @@ def existing_summary(out: Path, device: torch.device) -> dict[str, Any]:
     """The result at ``out`` that ``--only long`` adds to (a bare one if there is none yet)."""
     if not out.exists():
         return {"benchmark": "iflame_vs_full", "device": device_name(device)}
-    try:
-        summary = json.loads(out.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(out, f"not a readable result ({error})") from error
-    if not isinstance(summary, dict) or summary.get("benchmark") != "iflame_vs_full":
-        raise InputError(out, "not an iflame_vs_full result")
-    if summary.get("device") != device_name(device):
-        raise InputError(out, f"measured on {summary.get('device')}, this run is on {device_name(device)}: "
-                              "pass another --out")
-    return summary
+    return read_result(out, device_name(device), f"this run is on {device_name(device)}: pass another --out",
+                       benchmark="iflame_vs_full")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -422,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         rescore_face_acc(args.out, args.runs, args.time_runs)
         return
     if args.collect:
-        write(with_companion_figures(json.loads(args.out.read_text()), args.out.parent), args.out)
+        write(with_companion_figures(read_result(args.out, benchmark="iflame_vs_full"), args.out.parent), args.out)
         return
     # Checked before any timing, so that a bad combination fails in seconds, not after the benchmark.
     if args.windows < 2 or not 1 <= args.window_faces <= args.decode_faces:
@@ -608,7 +613,7 @@ def rescore_face_acc(out: Path, runs: list[Path] | None, time_runs: list[Path] |
     """Replace the face-acc figures of the result ``out`` with those of ``runs`` (the same steps)
     and/or ``time_runs`` (the same training time), retrained; the timings stay as measured. The
     summary records which figures came later, and from where."""
-    summary = json.loads(out.read_text())
+    summary = read_result(out, benchmark="iflame_vs_full")
     if runs:
         accuracy, run_settings = face_acc(dict(zip(("interleaved", "full"), runs)))
         summary.update(
