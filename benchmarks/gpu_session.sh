@@ -42,6 +42,9 @@
 #                                            # lengths: both attention kinds, eager and compiled, 40 steps each
 #                                            # with 10 profiled, then benchmarks/profile_diff.py of each pair
 #                                            # (benchmarks/results/iflame_short_profile/; ~5 min, estimated)
+#   bash benchmarks/gpu_session.sh short-throughput   # the same four runs unprofiled, 300 steps each: steady-state
+#                                            # samples/s (benchmarks/results/iflame_short_throughput/; ~4 min, estimated)
+#   bash benchmarks/gpu_session.sh gpu-tests          # the GPU tests alone (GPU_TESTS: which paths; default all)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
 #                                            # after the SSA kernel work), into direct3d_scale.json (~6 min, estimated)
@@ -64,7 +67,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time short-profile direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time short-profile short-throughput gpu-tests direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -159,18 +162,25 @@ parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a par
   cp "$WORK/parity-$name"/{summary.json,metrics.csv,curves.png,config.yaml} "$PARITY_RUNS/$name/"
 }
 
-short_profile() {  # both kinds, eager and compiled, on the parity runs' data and settings; profiles kept
-  local results=benchmarks/results/iflame_short_profile attention mode flag
+short_runs() {  # short_runs RESULTS ARGS...: train-iflame for both kinds, eager and compiled, on the parity
+  # runs' data and settings (plus ARGS); summaries, metrics and any profile kept in RESULTS/KIND-MODE
+  local results=$1 attention mode flag run; shift
   for attention in interleaved full; do
     for mode in eager compiled; do
       flag=--no-compile; [ "$mode" = compiled ] && flag=--compile
-      $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$WORK/profile-$attention-$mode" "${PARITY_TRAIN[@]}" \
-        --steps 40 --profile-steps 10 "$flag" --set model.attention="$attention" || continue
+      run="$WORK/$(basename "$results")-$attention-$mode"
+      $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$run" "${PARITY_TRAIN[@]}" "$@" "$flag" \
+        --set model.attention="$attention" || continue
       mkdir -p "$results/$attention-$mode"
-      cp "$WORK/profile-$attention-$mode"/{summary.json,config.yaml} "$WORK/profile-$attention-$mode"/profile/rank0.{txt,json} \
-        "$results/$attention-$mode/"
+      cp "$run"/{summary.json,config.yaml,metrics.csv} "$results/$attention-$mode/"
+      [ -d "$run/profile" ] && cp "$run"/profile/rank0.{txt,json} "$results/$attention-$mode/"
     done
   done
+}
+
+short_profile() {  # profiles of 10 steps each, then benchmarks/profile_diff.py of each pair
+  local results=benchmarks/results/iflame_short_profile mode
+  short_runs "$results" --steps 40 --profile-steps 10
   for mode in eager compiled; do
     timed python3 benchmarks/profile_diff.py "$results/interleaved-$mode/rank0.json" "$results/full-$mode/rank0.json" \
       --labels interleaved full --out "$results/diff_$mode.json"
@@ -241,7 +251,7 @@ direct3d_ddp() {  # the same global batch of 1024^3 shapes on 1 and 2 GPUs, the 
 }
 
 needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
-for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
+for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|gpu-tests|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
 if $needs_data; then
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
@@ -298,6 +308,12 @@ case $phase in
       done
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
   short-profile) ( export CUDA_VISIBLE_DEVICES=0; short_profile ) >"$LOGS/short-profile.log" 2>&1 ;;
+  short-throughput)  # 300 unprofiled steps each: median samples/s, every shape compiled well before the end
+    ( export CUDA_VISIBLE_DEVICES=0; short_runs benchmarks/results/iflame_short_throughput --steps 300 ) \
+      >"$LOGS/short-throughput.log" 2>&1 ;;
+  gpu-tests)  # GPU_TESTS (default: every GPU test) alone on GPU 0
+    ( export CUDA_VISIBLE_DEVICES=0; timed python3 -m pytest -m gpu -q -p no:cacheprovider -rs ${GPU_TESTS:-tests} ) \
+      >"$LOGS/gpu-tests.log" 2>&1 ;;
   direct3d-scale)
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/direct3d_scale.py --sections vae,dit ) >"$LOGS/direct3d-scale.log" 2>&1 ;;
   step-variants)

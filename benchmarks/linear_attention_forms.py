@@ -56,11 +56,12 @@ from meshforge.models.iflame import IFlameConfig
 from meshforge.render import render_table_png
 
 RESULTS = Path(__file__).parent / "results"
-# 1,280-1,792: between the last length where the parallel kernel won (1,024: 0.41 vs 1.25 ms) and the
-# first where it lost (2,048: 1.21 vs 1.18 ms) on the H200, where PARALLEL_MAX_LEN belongs
+# 1,280-1,792: between the last length where the parallel kernel had won (1,024: 0.41 vs 1.25 ms) and
+# the first where it had lost (2,048: 1.21 vs 1.18 ms) on the H200 in the run before PARALLEL_MAX_LEN
+# moved to 2,048 (where the next run put the crossover: 1.22 vs 1.45 ms there)
 LENGTHS = (128, 256, 512, 1024, 1280, 1536, 1792, 2048, 4096, 8192)
 QUICK_LENGTHS = (16, 64, 128)
-MODEL_FACES = (122, 240)  # the synth mean (token level ~1.1k, just above PARALLEL_MAX_LEN) and twice it
+MODEL_FACES = (122, 240)  # the synth mean (token level ~1.1k) and twice it (2,169 tokens, just past PARALLEL_MAX_LEN)
 LINEAR_FORMS = {"as_dispatched": "auto", "chunk_only": "chunk_triton", "parallel_only": "parallel_triton"}
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]

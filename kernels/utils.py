@@ -28,7 +28,11 @@ def resolve_backend(op: str, backend: str, use_triton: bool, forms: tuple[str, .
     return backend
 
 
+# A constant to torch.compile: traced, its find_spec is a function dynamo refuses to call (torch 2.11
+# broke the graph there in every full-attention block on an H200, and the frames after each break
+# recompiled per length until the whole model fell back to compiling module by module).
 @cache
+@torch.compiler.assume_constant_result  # inside the cache: dynamo unwraps functools' caches
 def has_flash_attn() -> bool:
     """True when flash-attn is importable (checked without importing it: that is slow, and it is optional)."""
     try:

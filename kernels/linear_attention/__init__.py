@@ -51,10 +51,11 @@ from torch import Tensor
 # with fixed costs that dominate at iFlame's head dim 32 and short lengths. Memory is not the
 # limit: the fused kernel never holds the [B, H, T, T] weights (unfused, at batch 48 and 16 heads
 # they would take 1.0 GB in bf16 at T = 801, the face level of 800-face meshes, 8.9 GB at its
-# vertex level and 80 GB at its token level, T = 7,209). 1024 covers the synth data's token level
-# (~1.1k) and every coarser level; the lead sets it from benchmarks/linear_attention_forms.py's
-# crossover on the H200 (the JSON's ``crossover_len``).
-PARALLEL_MAX_LEN = 1024
+# vertex level and 80 GB at its token level, T = 7,209). The value is benchmarks/linear_attention_forms.py's
+# crossover on the H200 (the JSON's ``crossover_len``: fwd+bwd 0.98 vs 1.59 ms at 1,792 positions,
+# 1.22 vs 1.45 ms at 2,048, 3.79 vs 1.90 ms at 4,096); it covers the synth data's token level (~1.1k
+# on average) and, under torch.compile, keeps fla's graph break out of all but long batches.
+PARALLEL_MAX_LEN = 2048
 
 
 Form = Literal["parallel", "chunked"]
@@ -109,7 +110,7 @@ def linear_attention(
     if form == "reference":
         return linear_attention_naive(q, k, v, slopes, initial_state, output_final_state, scale)
     if form == "torch":
-        return linear_attention_chunked(q, k, v, slopes, initial_state, output_final_state, scale)
+        return _chunked_eager(q, k, v, slopes, initial_state, output_final_state, scale)
     scale = default_scale(q, scale)
     if form == "triton":
         form = "parallel_triton" if cuda_form(q.shape[1], stateful) == "parallel" else "chunk_triton"
@@ -120,6 +121,12 @@ def linear_attention(
 
         return linear_attention_parallel_triton(q, k, v, slopes, scale), None
     return _fla_chunk(q, k, v, slopes, scale, initial_state, output_final_state)
+
+
+# Eager under torch.compile, behind a graph break: its loop over chunks makes the trace depend on
+# the length, so a compiled model would recompile for every new length (and past the recompile limit
+# fall back to compiling each module alone) instead of treating the length as dynamic.
+_chunked_eager = torch.compiler.disable(linear_attention_chunked)
 
 
 # Run eagerly under torch.compile, behind one graph break: where fla itself puts its kernel (fla 0.6.0

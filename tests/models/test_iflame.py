@@ -238,13 +238,53 @@ def test_compiled_model_gives_the_same_loss_and_gradients():
         assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 
+def _compile_counts(device: str, attention: str, faces: list[int]) -> tuple[int, dict]:
+    """Graphs dynamo compiled for one small iFlame trained (forward, backward) at ``faces`` per batch, in order."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    config = IFlameConfig(dim=64, n_heads=2, blocks=(1, 1, 1, 1, 1), attention=attention, max_seq_len=9 * (max(faces) + 1))
+    m = IFlame(config).to(device)
+    compiled = torch.compile(m, backend="aot_eager")
+    amp = torch.autocast(device, torch.bfloat16) if device == "cuda" else torch.autocast(device, enabled=False)
+    for count in faces:
+        x = torch.randint(0, 131, (2, 9 * count), device=device)
+        with amp:
+            compiled(x).float().logsumexp(-1).mean().backward()
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["interleaved", "full"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_compiled_model_compiles_once_for_every_bucketed_length(device, attention):
+    """Training meets dozens of bucketed lengths: the sequence axis must become dynamic after the
+    second one, with no recompiling per length and no graph breaks but the linear-attention forms run
+    eagerly by design (fla's chunked kernel past PARALLEL_MAX_LEN positions on CUDA, the chunk loop on
+    CPU). A model that recompiles per length hits dynamo's recompile limit within a few steps and then
+    compiles each module as its own frame: on an H200, ~150 graph calls a step and host-bound steps."""
+    from meshforge.kernels.linear_attention import PARALLEL_MAX_LEN
+
+    # Lengths on both sides of the CUDA kernels' switch, so that each of its two paths has been traced.
+    short, long_ = PARALLEL_MAX_LEN // 9 - 20, PARALLEL_MAX_LEN // 9 + 20
+    warm = [short, short + 3, long_, long_ + 3]
+    graphs_warm, _ = _compile_counts(device, attention, warm)
+    graphs, breaks = _compile_counts(device, attention, warm + [short + 7, short - 11, long_ + 9, short + 1, long_ + 1])
+    assert graphs == graphs_warm, f"{graphs} graphs after more lengths, {graphs_warm} after the first four"
+    by_design = ("_fla_chunk", "linear_attention_chunked")  # fla's kernel; the CPU form's loop over chunks
+    unexpected = {reason: n for reason, n in breaks.items() if not any(f"function `<function {name} " in reason for name in by_design)}
+    assert not unexpected, unexpected
+
+
 COMPILED_CUDA_STEP = """
 import torch
 from meshforge.models.iflame import IFlame, IFlameConfig
 torch.manual_seed(0)
-# 130 faces: 1,170 tokens (fla's chunked kernel at the token level), 390 and 130 (the parallel kernel)
-model = torch.compile(IFlame(IFlameConfig(dim=128, n_heads=4, max_seq_len=9 * 131)).cuda())
-x = torch.randint(0, 131, (2, 9 * 130), device="cuda")
+# 240 faces: 2,160 tokens (fla's chunked kernel at the token level), 720 and 240 (the parallel kernel)
+model = torch.compile(IFlame(IFlameConfig(dim=128, n_heads=4, max_seq_len=9 * 241)).cuda())
+x = torch.randint(0, 131, (2, 9 * 240), device="cuda")
 with torch.autocast("cuda", torch.bfloat16):
     loss = model(x).float().logsumexp(-1).mean()
 loss.backward()
