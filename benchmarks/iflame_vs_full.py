@@ -130,6 +130,15 @@ def decode(
     }
 
 
+def read_summary(run: Path) -> dict[str, Any]:
+    """A ``train-iflame`` run's ``summary.json``, or a one-line error naming it."""
+    path = run / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a readable run summary ({error})") from error
+
+
 def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -> tuple[dict[str, float], dict[str, Any]]:
     """Val face accuracy of each ``train-iflame`` run: its final evaluation (``summary.json``), which
     the trainer computes teacher-forced over the whole val split (the runs must use ``--eval-meshes 0``).
@@ -140,7 +149,7 @@ def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -
 
     accuracy, settings, wall_time, steps = {}, {}, {}, {}
     for kind, run in runs.items():
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_summary(run)
         config = yaml.safe_load((run / "config.yaml").read_text())
         task, train = config["task_config"], config["train"]
         finished = summary["last_step"] == train["steps"]
@@ -209,6 +218,27 @@ def source(name: str) -> str:
     return f"benchmarks/results/{name}"
 
 
+SHORT_RUNS = "iflame_short_throughput"  # gpu_session.sh short-throughput: train-iflame runs KIND-MODE
+
+
+def short_throughput(device: str, results: Path) -> dict[str, Any] | None:
+    """``short_throughput``: the median samples/s of ``train-iflame`` runs of both kinds on the synth
+    data, per mode (eager, compiled) of which both runs are there; each run must be of ``device``."""
+    figures: dict[str, Any] = {}
+    for mode in ("eager", "compiled"):
+        pair = {kind: results / SHORT_RUNS / f"{kind}-{mode}" for kind in ("interleaved", "full")}
+        if not all(run.is_dir() for run in pair.values()):
+            continue
+        for run in pair.values():
+            measured = read_summary(run).get("device")
+            if measured != device:
+                raise InputError(run / "summary.json", f"measured on {measured}, not on {device} (the result it joins)")
+        rates = {kind: median_samples_per_s(run) for kind, run in pair.items()}
+        figures[mode] = {"samples_per_s_median": rates, "ratio": rates["interleaved"] / rates["full"],
+                         "steps": read_summary(pair["full"])["last_step"]}
+    return figures | {"from": source(SHORT_RUNS)} if figures else None
+
+
 def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, Any]:
     """``summary`` with the figures that other benchmarks measure, copied from their results beside
     ``--out`` (each a run of its own on the same device, named under ``from``):
@@ -219,6 +249,7 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
       fla's recorded kernel configs, and the full-attention one;
     - ``short_sequences``: ``linear_attention_forms.py``'s crossover length (where fla's chunked form
       starts to beat the parallel one) and its model steps at the synth data's lengths;
+    - ``short_throughput``: the steady samples/s of ``gpu_session.sh short-throughput``'s runs;
     - decoding: every decoding figure of ``iflame_vs_full_decode.json`` (``--only decode``, a later run
       than a full one may be) in place of this result's own, which are dropped (``decode_from``).
     """
@@ -266,6 +297,9 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
             "crossover_len": forms["crossover_len"], "faces": shortest, "batch": forms["model"]["batch"],
             "step_ms": steps, "step_time_ratio": steps["interleaved"] / steps["full"],
             "from": source("linear_attention_forms.json")}
+    throughput = short_throughput(device, results)
+    if throughput:
+        figures["short_throughput"] = throughput
     return summary | figures
 
 
@@ -586,6 +620,11 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
     if short:
         row(f"train step, {short['batch']} x {short['faces']} faces (ms)",
             short["step_ms"]["interleaved"], short["step_ms"]["full"], ".1f")
+    for mode, pair in summary.get("short_throughput", {}).items():
+        if mode != "from":
+            rates = pair["samples_per_s_median"]
+            row(f"train-iflame samples/s, synth data, {mode} (median, {pair['steps']} steps)",
+                rates["interleaved"], rates["full"], ".0f")
     first = summary.get("first_step")
     if first:
         row("first step, fresh machine, fla configs recorded (s)", first["interleaved_recorded_configs_s"],

@@ -208,3 +208,22 @@ def test_collect_refuses_a_companion_of_another_device(bench, tmp_path):
     (tmp_path / "first_step.json").write_text(json.dumps(other))
     with pytest.raises(InputError, match="first_step.json.*measured on cpu"):
         bench.main(["--collect", "--out", str(tmp_path / "iflame_vs_full.json")])
+
+
+def test_collect_takes_the_short_throughput_runs_of_its_device(bench, parity_runs, tmp_path):
+    import shutil
+
+    out = tmp_path / "iflame_vs_full.json"
+    out.write_text(json.dumps(json.loads(RESULT.read_text()) | {"device": "cpu"}))
+    for kind in ("interleaved", "full"):  # an eager pair only: the compiled row stays out
+        shutil.copytree(parity_runs["steps", kind], tmp_path / bench.SHORT_RUNS / f"{kind}-eager")
+    bench.main(["--collect", "--out", str(out)])
+    eager = json.loads(out.read_text())["short_throughput"]["eager"]
+    rates = {kind: bench.median_samples_per_s(parity_runs["steps", kind]) for kind in ("interleaved", "full")}
+    assert eager == {"samples_per_s_median": rates, "ratio": rates["interleaved"] / rates["full"], "steps": 3}
+    assert "compiled" not in json.loads(out.read_text())["short_throughput"]
+    assert "train-iflame samples/s, synth data, eager (median, 3 steps)" in [r["figure"] for r in bench.table_rows(json.loads(out.read_text()))]
+
+    out.write_text(json.dumps(json.loads(out.read_text()) | {"device": "NVIDIA H200"}))
+    with pytest.raises(InputError, match="interleaved-eager/summary.json.*measured on cpu, not on NVIDIA H200"):
+        bench.main(["--collect", "--out", str(out)])
