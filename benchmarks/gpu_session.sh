@@ -43,7 +43,8 @@
 #                                            # with 10 profiled, then benchmarks/profile_diff.py of each pair
 #                                            # (benchmarks/results/iflame_short_profile/; ~5 min, estimated)
 #   bash benchmarks/gpu_session.sh short-throughput   # the same four runs unprofiled, 200 steps each: steady-state
-#                                            # samples/s (benchmarks/results/iflame_short_throughput/; ~4 min, estimated)
+#                                            # samples/s (benchmarks/results/iflame_short_throughput/), collected into
+#                                            # iflame_vs_full.json (~4 min, estimated)
 #   bash benchmarks/gpu_session.sh gpu-tests          # the GPU tests alone (GPU_TESTS: which paths; default all)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
@@ -309,8 +310,8 @@ case $phase in
       parity_rescore --time-runs time ) >"$LOGS/parity-time.log" 2>&1 ;;
   short-profile) ( export CUDA_VISIBLE_DEVICES=0; short_profile ) >"$LOGS/short-profile.log" 2>&1 ;;
   short-throughput)  # 200 unprofiled steps each (the median of windows 2-10 of 20 steps: most shapes compiled by then)
-    ( export CUDA_VISIBLE_DEVICES=0; short_runs benchmarks/results/iflame_short_throughput --steps 200 ) \
-      >"$LOGS/short-throughput.log" 2>&1 ;;
+    ( export CUDA_VISIBLE_DEVICES=0; short_runs benchmarks/results/iflame_short_throughput --steps 200
+      timed python3 benchmarks/iflame_vs_full.py --collect ) >"$LOGS/short-throughput.log" 2>&1 ;;
   gpu-tests)  # GPU_TESTS (default: every GPU test) alone on GPU 0
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 -m pytest -m gpu -q -p no:cacheprovider -rs ${GPU_TESTS:-tests} ) \
       >"$LOGS/gpu-tests.log" 2>&1 ;;
