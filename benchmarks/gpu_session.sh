@@ -45,6 +45,8 @@
 #   bash benchmarks/gpu_session.sh short-throughput   # the same four runs unprofiled, 200 steps each: steady-state
 #                                            # samples/s (benchmarks/results/iflame_short_throughput/), collected into
 #                                            # iflame_vs_full.json (~4 min, estimated)
+#   bash benchmarks/gpu_session.sh launch-overhead    # host time per call of the ops of a short training step
+#                                            # (benchmarks/launch_overhead.py, ~1 min)
 #   bash benchmarks/gpu_session.sh gpu-tests          # the GPU tests alone (GPU_TESTS: which paths; default all)
 #   bash benchmarks/gpu_session.sh direct3d-scale     # direct3d_scale.py's vae rows (the SS-VAE's gradient
 #                                            # checkpointing at R 1024 included) and dit rows (SSA vs FA2 vs cuDNN
@@ -68,7 +70,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time short-profile short-throughput gpu-tests direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp parity parity-time short-profile short-throughput launch-overhead gpu-tests direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -252,7 +254,7 @@ direct3d_ddp() {  # the same global batch of 1024^3 shapes on 1 and 2 GPUs, the 
 }
 
 needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
-for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|gpu-tests|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
+for phase in "$@"; do case $phase in iflame-recipe|decode|linear-attention|launch-overhead|gpu-tests|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
 if $needs_data; then
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
@@ -312,6 +314,8 @@ case $phase in
   short-throughput)  # 200 unprofiled steps each (the median of windows 2-10 of 20 steps: most shapes compiled by then)
     ( export CUDA_VISIBLE_DEVICES=0; short_runs benchmarks/results/iflame_short_throughput --steps 200
       timed python3 benchmarks/iflame_vs_full.py --collect ) >"$LOGS/short-throughput.log" 2>&1 ;;
+  launch-overhead)  # host time per call of the step's ops, Triton's and fla's launch paths taken apart (~1 min)
+    ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/launch_overhead.py ) >"$LOGS/launch-overhead.log" 2>&1 ;;
   gpu-tests)  # GPU_TESTS (default: every GPU test) alone on GPU 0
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 -m pytest -m gpu -q -p no:cacheprovider -rs ${GPU_TESTS:-tests} ) \
       >"$LOGS/gpu-tests.log" 2>&1 ;;

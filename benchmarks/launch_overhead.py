@@ -1,0 +1,162 @@
+"""Host time per call of the ops an iFlame training step launches at short lengths.
+
+    python benchmarks/launch_overhead.py [--out benchmarks/results] [--calls 300]
+    python benchmarks/launch_overhead.py --device cpu   # CPU smoke test: the PyTorch rows only
+
+At the synth data's lengths a training step is host-bound (``benchmarks/results/iflame_short_profile``:
+the GPU busy 44-52 of ~150 ms profiled compiled steps), and the profile gave the interleaved model's
+own Triton ops ~250 us of host time a call (``meshforge::linear_attention_parallel``: 260 us of CPU for
+32 us of GPU) and fla's chunked kernel ~800 us, against ~20 us for an inductor-launched kernel. This
+benchmark takes each layer of such a call apart at a size where the GPU work is negligible (one
+sequence of 64 positions, 2 heads of 32), so that the host's time per call is what is measured:
+
+- ``aten_add``: one elementwise aten op (the floor of an eager launch);
+- ``rms_norm``: the model's RMSNorm (float32 round trip: three aten ops);
+- ``sdpa``: causal SDPA (flash) forward, the full-attention blocks' operator;
+- ``triton_empty_1`` / ``triton_empty_12``: an empty ``@triton.jit`` kernel with 1 and 12 arguments,
+  launched through ``kernel[grid](...)`` (Triton's JIT dispatch alone);
+- ``parallel_raw``: the fused parallel linear-attention kernel launched directly, no custom op;
+- ``parallel_op``: the same through its ``torch.library`` custom op (what the model calls);
+- ``parallel_op_fwd_bwd``, ``sdpa_fwd_bwd``, ``fla_chunk``, ``fla_chunk_fwd_bwd``: forward (+ backward
+  through autograd) of the linear forms and SDPA, as a training step calls them.
+
+``host_us`` is the host's time per call over ``--calls`` calls issued back to back (the GPU is never
+the bottleneck at this size; it is synchronised only at the end), ``wall_us`` the time per call until
+the GPU finished them, both medians of 5 repeats. Writes ``launch_overhead.json`` (device and
+versions named) and ``launch_overhead.png`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from meshforge.kernels.attention import causal_attention
+from meshforge.kernels.linear_attention import decay_slopes
+
+from meshforge.io import atomic_write_json
+from meshforge.models.layers import RMSNorm
+from meshforge.render import render_table_png
+
+RESULTS = Path(__file__).parent / "results"
+SHAPE = (1, 64, 2, 32)  # [B, T, H, D]: one tile of the parallel kernel per head
+REPEATS = 5
+
+
+def per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> dict[str, float]:
+    """Host and wall time per call of ``fn`` over ``calls`` back-to-back calls (medians of REPEATS)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(10):  # compile, plan, allocate
+        fn()
+    sync()
+    host, wall = [], []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter()
+        sync()
+        done = time.perf_counter()
+        host.append((issued - start) / calls * 1e6)
+        wall.append((done - start) / calls * 1e6)
+    return {"host_us": statistics.median(host), "wall_us": statistics.median(wall)}
+
+
+def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(SHAPE, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    norm = RMSNorm(SHAPE[-1]).to(device)
+    grad = torch.ones(SHAPE, device=device, dtype=dtype)
+
+    def sdpa_fwd_bwd() -> None:
+        causal_attention(q, k, v).backward(grad)
+
+    return {
+        "aten_add": lambda: q.detach().add(1.0),
+        "rms_norm": lambda: norm(q.detach()),
+        "sdpa": lambda: causal_attention(q.detach(), k.detach(), v.detach()),
+        "sdpa_fwd_bwd": sdpa_fwd_bwd,
+    }
+
+
+def triton_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    import triton.language as tl
+    from fla.ops.simple_gla import chunk_simple_gla
+    from meshforge.kernels.linear_attention.parallel_triton import (
+        _forward_kernel,
+        _launch,
+        _parallel_forward,
+        linear_attention_parallel_triton,
+    )
+
+    @triton.jit
+    def empty_1(x_ptr):
+        pass
+
+    @triton.jit
+    def empty_12(a, b, c, d, e, n0, n1, n2, n3, n4, n5, scale, BLOCK: tl.constexpr):
+        pass
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(SHAPE, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    out = torch.empty_like(qd)
+    slopes = decay_slopes(SHAPE[2]).to(device)
+    gamma = -slopes.float()
+    scale = SHAPE[-1] ** -0.5
+    grad = torch.ones(SHAPE, device=device, dtype=dtype)
+
+    def parallel_fwd_bwd() -> None:
+        linear_attention_parallel_triton(q, k, v, slopes, scale).backward(grad)
+
+    def fla_fwd_bwd() -> None:
+        chunk_simple_gla(q, k, v, g_gamma=gamma, scale=scale)[0].backward(grad)
+
+    return {
+        "triton_empty_1": lambda: empty_1[(1,)](qd),
+        "triton_empty_12": lambda: empty_12[(1,)](qd, kd, vd, out, slopes, 1, 2, 3, 4, 5, 6, scale, BLOCK=16),
+        "parallel_raw": lambda: _launch(_forward_kernel, (qd, kd, vd, out), slopes, scale),
+        "parallel_op": lambda: _parallel_forward(qd, kd, vd, slopes, scale),
+        "parallel_op_fwd_bwd": parallel_fwd_bwd,
+        "fla_chunk": lambda: chunk_simple_gla(qd, kd, vd, g_gamma=gamma, scale=scale),
+        "fla_chunk_fwd_bwd": fla_fwd_bwd,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    ops = torch_ops(device, dtype) | (triton_ops(device, dtype) if cuda else {})
+    rows = []
+    for name, fn in ops.items():
+        rows.append({"op": name, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
+        print(rows[-1], flush=True)
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    result = {
+        "benchmark": "launch_overhead",
+        "device": device_name,
+        "software": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "setup": {"shape_bthd": list(SHAPE), "dtype": str(dtype), "calls": args.calls, "repeats": REPEATS,
+                  "note": "host_us: host time per call issued back to back; wall_us: until the GPU finished"},
+        "skipped": [] if cuda else ["the Triton and fla rows need CUDA"],
+        "rows": rows,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "launch_overhead.json", result)
+    render_table_png(rows, args.out / "launch_overhead.png", title=f"Host time per call, {device_name}")
+
+
+if __name__ == "__main__":
+    main()
