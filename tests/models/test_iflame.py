@@ -263,8 +263,9 @@ def test_a_compiled_model_compiles_once_for_every_bucketed_length(device, attent
     """Training meets dozens of bucketed lengths: the sequence axis must become dynamic after the
     second one, with no recompiling per length and no graph breaks but the linear-attention forms run
     eagerly by design (fla's chunked kernel past PARALLEL_MAX_LEN positions on CUDA, the chunk loop on
-    CPU). A model that recompiles per length hits dynamo's recompile limit within a few steps and then
-    compiles each module as its own frame: on an H200, ~150 graph calls a step and host-bound steps."""
+    CPU). A model that recompiles per length hits dynamo's recompile limit within a few steps (the CPU
+    chunk loop did); one that breaks its graph inside every block runs each block as frames of its own
+    (on an H200 ~126 compiled-graph calls a step): host-bound steps either way."""
     from meshforge.kernels.linear_attention import PARALLEL_MAX_LEN
 
     # Lengths on both sides of the CUDA kernels' switch, so that each of its two paths has been traced.
