@@ -39,6 +39,7 @@ from meshforge.data.tokens import TOKENS_PER_FACE
 from meshforge.io import atomic_write_json
 from meshforge.models.iflame import IFlameConfig
 from meshforge.render import render_table_png
+from meshforge.runtime import device_name
 
 RESULT = Path(__file__).parent / "results" / "first_step.json"
 RECIPE = Path(__file__).parents[1] / "recipes" / "iflame_gpu.yaml"
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--record needs a CUDA GPU: fla's kernels only autotune there")
         record(device)
         return
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     table = fla_configs.table_path(name)
     rows = []
     for attention, configs in (("interleaved", False), ("interleaved", True), ("full", False)):

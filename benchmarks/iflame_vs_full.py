@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -62,10 +61,10 @@ from rich.table import Table
 
 from meshforge.data.tokens import TOKENS_PER_FACE
 from meshforge.errors import InputError, MeshforgeError
-from meshforge.io import atomic_write_json
+from meshforge.io import atomic_write_json, read_json
 from meshforge.models.iflame import IFlame, IFlameConfig
 from meshforge.render import render_table_png
-from meshforge.runtime import console, resolve_device
+from meshforge.runtime import console, device_name, resolve_device
 from meshforge.sample.decoding import make_decoder
 
 RESULT = Path(__file__).parent / "results" / "iflame_vs_full.json"
@@ -132,11 +131,7 @@ def decode(
 
 def read_summary(run: Path) -> dict[str, Any]:
     """A ``train-iflame`` run's ``summary.json``, or a one-line error naming it."""
-    path = run / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not a readable run summary ({error})") from error
+    return read_json(run / "summary.json", "run summary")
 
 
 def face_acc(runs: dict[str, Path], equal: Literal["steps", "time"] = "steps") -> tuple[dict[str, float], dict[str, Any]]:
@@ -193,10 +188,7 @@ def equal_time_figures(runs: list[Path]) -> dict[str, Any]:
 def read_result(path: Path, device: str | None = None, clash: str = "", benchmark: str | None = None) -> dict[str, Any]:
     """The benchmark result at ``path`` (of ``benchmark``, when given); with ``device``, it must have
     been measured there. Otherwise a one-line error naming the file (ending in ``clash`` for a device)."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not a readable result ({error})") from error
+    result = read_json(path, "result")
     kind = result.get("benchmark") if isinstance(result, dict) else None
     if kind is None or (benchmark is not None and kind != benchmark):
         raise InputError(path, f"not {'an ' + benchmark if benchmark else 'a benchmark'} result")
@@ -229,13 +221,14 @@ def short_throughput(device: str, results: Path) -> dict[str, Any] | None:
         pair = {kind: results / SHORT_RUNS / f"{kind}-{mode}" for kind in ("interleaved", "full")}
         if not all(run.is_dir() for run in pair.values()):
             continue
-        for run in pair.values():
-            measured = read_summary(run).get("device")
-            if measured != device:
-                raise InputError(run / "summary.json", f"measured on {measured}, not on {device} (the result it joins)")
+        summaries = {kind: read_summary(run) for kind, run in pair.items()}
+        for kind, summary in summaries.items():
+            if summary.get("device") != device:
+                raise InputError(pair[kind] / "summary.json",
+                                 f"measured on {summary.get('device')}, not on {device} (the result it joins)")
         rates = {kind: median_samples_per_s(run) for kind, run in pair.items()}
         figures[mode] = {"samples_per_s_median": rates, "ratio": rates["interleaved"] / rates["full"],
-                         "steps": read_summary(pair["full"])["last_step"]}
+                         "steps": summaries["full"]["last_step"]}
     return figures | {"from": source(SHORT_RUNS)} if figures else None
 
 
@@ -305,10 +298,6 @@ def with_companion_figures(summary: dict[str, Any], results: Path) -> dict[str, 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def size_tag(faces: int) -> str:
@@ -450,8 +439,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(after retraining them)")
     parser.add_argument("--collect", action="store_true",
                         help="only copy into --out the figures of the benchmarks whose results lie beside it "
-                             "(iflame_step_variants, first_step, linear_attention_forms, iflame_vs_full_decode; "
-                             "same device)")
+                             "(iflame_step_variants, first_step, linear_attention_forms, iflame_vs_full_decode, "
+                             "the short-throughput runs; same device)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = DECODE_RESULT if args.only == "decode" else RESULT

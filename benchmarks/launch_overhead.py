@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, fn in ops.items():
         try:
             rows.append({"op": name, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
-        except Exception as error:  # a launch path this Triton version lacks: recorded, not fatal
+        except (AttributeError, TypeError, RuntimeError) as error:  # a launch path this Triton lacks: recorded
             rows.append({"op": name, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
         print(rows[-1], flush=True)
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"

@@ -60,9 +60,9 @@ def main() -> None:
             device, nccl = f"{torch.cuda.get_device_name(0)} x{world}", str(torch.cuda.nccl.version())
         else:
             peer, device, nccl = None, f"cpu x{world}", None
+        backend = dist.get_backend()
         result = {"benchmark": "nccl_allreduce", "device": device, "world_size": world, "peer_access": peer,
-                  "backend": "nccl" if cuda else "gloo", "nccl_version": nccl, "rows": rows}
-        backend = f"nccl {nccl}" if cuda else "gloo"
+                  "backend": backend, "nccl_version": nccl, "rows": rows}
         for row in rows:
             print(f"{row['size_mb']:>7.0f} MB  {row['ms']:8.2f} ms  algbw {row['algbw_gbps']:7.1f} GB/s  busbw {row['busbw_gbps']:7.1f} GB/s")
         print(f"peer access: {peer}")

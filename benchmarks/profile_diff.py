@@ -17,14 +17,13 @@ with full attention at the synth data's lengths this way. Prints both tables; wr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from meshforge.errors import InputError
-from meshforge.io import atomic_write_json
+from meshforge.io import atomic_write_json, read_json
 from meshforge.render import render_table_png
 from meshforge.runtime import console
 from meshforge.train.profiling import PROFILE_DIR
@@ -35,10 +34,7 @@ SUMMARY_FIGURES = ("step_s", "gpu_busy_s", "gpu_busy_frac", "kernel_time_s", "co
 def load_profile(path: Path, rank: int) -> dict[str, Any]:
     """The rank's profile summary of a run folder, or the summary JSON ``path`` itself."""
     file = path if path.is_file() else path / PROFILE_DIR / f"rank{rank}.json"
-    try:
-        summary = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(file, f"not a readable profile summary ({error}); was the run given --profile-steps?") from error
+    summary = read_json(file, "profile summary", "; was the run given --profile-steps?")
     if "top_operators" not in summary:
         raise InputError(file, "has no top_operators (profiled before they were recorded): profile the run again")
     return summary

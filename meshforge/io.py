@@ -86,6 +86,17 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: Path | str, what: str, hint: str = "") -> Any:
+    """The JSON document at ``path``; one that cannot be read or parsed is an InputError naming the
+    file: ``not a readable {what} ({the error}){hint}``."""
+    from meshforge.errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a readable {what} ({error}){hint}") from error
+
+
 def hash_path(path: Path | str) -> str:
     """Content hash of a file or of a folder's files (names and bytes), independent of mtimes."""
     path = Path(path)

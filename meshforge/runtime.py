@@ -41,6 +41,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: torch.device) -> str:
+    """The name results record their speeds under: the GPU model, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -43,6 +43,7 @@ from meshforge.io import atomic_write_json, remove_stale_temporaries
 from meshforge.runtime import (
     capture_rng,
     console,
+    device_name,
     make_progress,
     progress_enabled,
     restore_rng,
@@ -498,7 +499,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: Path, device: torch.device
             "stopped_by_time_limit": run.step < cfg.steps,  # a run only returns early on its time limit
             "resumed_from": start_step if start_step else None,
             "world_size": env.world_size,
-            "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",  # what its speeds are of
+            "device": device_name(run.device),  # what its speeds are of
             "wall_time_s": round(time.perf_counter() - start, 3),
             # What the time limit does not count: on a fresh machine mostly Triton compiling and autotuning.
             "first_step_s": None if run.first_step_s is None else round(run.first_step_s, 3),
