@@ -165,11 +165,11 @@ parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a par
   cp "$WORK/parity-$name"/{summary.json,metrics.csv,curves.png,config.yaml} "$PARITY_RUNS/$name/"
 }
 
-short_runs() {  # short_runs RESULTS ARGS...: train-iflame for both kinds, eager and compiled, on the parity
-  # runs' data and settings (plus ARGS); summaries, metrics and any profile kept in RESULTS/KIND-MODE
+short_runs() {  # short_runs RESULTS ARGS...: train-iflame for both kinds, eager and compiled (SHORT_MODES picks), on
+  # the parity runs' data and settings (plus ARGS); summaries, metrics and any profile kept in RESULTS/KIND-MODE
   local results=$1 attention mode flag run; shift
   for attention in interleaved full; do
-    for mode in eager compiled; do
+    for mode in ${SHORT_MODES:-eager compiled}; do
       flag=--no-compile; [ "$mode" = compiled ] && flag=--compile
       run="$WORK/$(basename "$results")-$attention-$mode"
       $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$run" "${PARITY_TRAIN[@]}" "$@" "$flag" \

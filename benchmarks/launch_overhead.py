@@ -19,9 +19,12 @@ sequence of 64 positions, 2 heads of 32), so that the host's time per call is wh
 - ``triton_empty_12_runner`` / ``parallel_runner``: the same two kernels launched through the
   ``CompiledKernel`` their first launch returned (``compiled[grid](*args)``), skipping the JIT's
   argument binding, specialisation and cache lookup: what a cached launcher would save;
-- ``parallel_op``: the same through its ``torch.library`` custom op (what the model calls);
-- ``parallel_op_fwd_bwd``, ``sdpa_fwd_bwd``, ``fla_chunk``, ``fla_chunk_fwd_bwd``: forward (+ backward
-  through autograd) of the linear forms and SDPA, as a training step calls them.
+- ``parallel_op``: the same through its ``torch.library`` custom op (what compiled code calls);
+- ``parallel_raw_fwd_bwd``: its forward and backward kernels launched directly, no autograd (the floor);
+- ``parallel_op_fwd_bwd``: forward + backward through the custom ops' autograd;
+- ``parallel_fwd_bwd``: forward + backward as the model calls it eagerly (an autograd.Function);
+- ``sdpa_fwd_bwd``, ``fla_chunk``, ``fla_chunk_fwd_bwd``: forward (+ backward through autograd) of SDPA
+  and fla's chunked form, as a training step calls them.
 
 ``host_us`` is the host's time per call over ``--calls`` calls issued back to back (the GPU is never
 the bottleneck at this size; it is synchronised only at the end), ``wall_us`` the time per call until
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl  # module level: the JIT resolves a kernel's annotations in its globals
 from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.linear_attention import decay_slopes
 
@@ -102,10 +106,11 @@ def first_launch_runner(launch: Callable[[], object], grid: tuple[int, int, int]
 
 
 def triton_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
-    import triton.language as tl
     from fla.ops.simple_gla import chunk_simple_gla
     from meshforge.kernels.linear_attention.parallel_triton import (
+        _forward,
         _forward_kernel,
+        _gradients,
         _launch,
         _parallel_forward,
         linear_attention_parallel_triton,
@@ -138,6 +143,12 @@ def triton_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[
         lambda: _forward_kernel[parallel_grid](*parallel_args, **parallel_meta, num_warps=4), (*parallel_grid, 1)
     )
 
+    def parallel_raw_fwd_bwd() -> None:
+        _gradients(qd, kd, vd, slopes, _forward(qd, kd, vd, slopes, scale), scale)
+
+    def parallel_op_fwd_bwd() -> None:
+        _parallel_forward(q, k, v, slopes, scale).backward(grad)
+
     def parallel_fwd_bwd() -> None:
         linear_attention_parallel_triton(q, k, v, slopes, scale).backward(grad)
 
@@ -152,7 +163,9 @@ def triton_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[
         "triton_empty_12_runner": lambda: empty_runner(*empty_args, 16),
         "parallel_runner": lambda: parallel_runner(*parallel_args, *parallel_meta.values()),
         "parallel_op": lambda: _parallel_forward(qd, kd, vd, slopes, scale),
-        "parallel_op_fwd_bwd": parallel_fwd_bwd,
+        "parallel_raw_fwd_bwd": parallel_raw_fwd_bwd,
+        "parallel_op_fwd_bwd": parallel_op_fwd_bwd,
+        "parallel_fwd_bwd": parallel_fwd_bwd,
         "fla_chunk": lambda: chunk_simple_gla(qd, kd, vd, g_gamma=gamma, scale=scale),
         "fla_chunk_fwd_bwd": fla_fwd_bwd,
     }
@@ -168,14 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     ops = torch_ops(device, dtype) | (triton_ops(device, dtype) if cuda else {})
-    rows = []
-    for name, fn in ops.items():
-        try:
-            rows.append({"op": name, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
-        except (AttributeError, TypeError, RuntimeError) as error:  # a launch path this Triton lacks: recorded
-            rows.append({"op": name, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
-        print(rows[-1], flush=True)
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    rows: list[dict] = []
     result = {
         "benchmark": "launch_overhead",
         "device": device_name,
@@ -186,7 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "launch_overhead.json", result)
+    for name, fn in ops.items():
+        try:
+            rows.append({"op": name, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
+        except (AttributeError, TypeError, RuntimeError) as error:  # a launch path this Triton lacks: recorded
+            rows.append({"op": name, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
+        print(rows[-1], flush=True)
+        atomic_write_json(args.out / "launch_overhead.json", result)  # each row kept if a deadline stops the run
     render_table_png(rows, args.out / "launch_overhead.png", title=f"Host time per call, {device_name}")
 
 

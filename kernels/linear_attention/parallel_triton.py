@@ -148,13 +148,27 @@ def _launch(kernel, tensors: tuple[Tensor, ...], slopes: Tensor, scale: float) -
     )  # fmt: skip
 
 
-# Registered as custom ops, so that torch.compile keeps them whole in its graph (an opaque node with
-# a known output shape) instead of tracing the kernel launches or breaking the graph around them.
-@torch.library.custom_op("meshforge::linear_attention_parallel", mutates_args=())
-def _parallel_forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
     out = torch.empty_like(q)
     _launch(_forward_kernel, (q, k, v, out), slopes, scale)
     return out
+
+
+def _gradients(
+    q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, grad_out: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), slopes, scale)
+    # dQ = ((dO V^T) * W) K is the forward's product with (q, k, v) -> (dO, v, k): the same kernel.
+    _launch(_forward_kernel, (grad_out, v, k, dq), slopes, scale)
+    return dq, dk, dv
+
+
+# Under torch.compile: custom ops, so that the compiled graph keeps the kernels whole (an opaque node
+# with a known output shape) instead of tracing the launches or breaking the graph around them.
+@torch.library.custom_op("meshforge::linear_attention_parallel", mutates_args=())
+def _parallel_forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
+    return _forward(q, k, v, slopes, scale)
 
 
 @_parallel_forward.register_fake
@@ -166,11 +180,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
 def _parallel_backward(
     q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, grad_out: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _launch(_backward_dkdv_kernel, (q, k, v, grad_out, dk, dv), slopes, scale)
-    # dQ = ((dO V^T) * W) K is the forward's product with (q, k, v) -> (dO, v, k): the same kernel.
-    _launch(_forward_kernel, (grad_out, v, k, dq), slopes, scale)
-    return dq, dk, dv
+    return _gradients(q, k, v, slopes, grad_out, scale)
 
 
 @_parallel_backward.register_fake
@@ -192,18 +202,36 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
 _parallel_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
+class _ParallelAttention(torch.autograd.Function):
+    """Eagerly: the same kernels without the custom ops' dispatch (a host-bound short training step
+    pays it in each of 18 linear layers, forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
+        _save_for_backward(ctx, (q, k, v, slopes, scale), None)
+        return _forward(q, k, v, slopes, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, slopes = ctx.saved_tensors
+        return *_gradients(q, k, v, slopes, grad_out.contiguous(), ctx.scale), None, None
+
+
 def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, scale: float) -> Tensor:
     """``scale * ((Q K^T) * W) V`` for ``[B, T, H, D]`` inputs, ``slopes [H] >= 0``; output in ``q.dtype``.
 
-    Differentiable in ``q, k, v``. The kernels index one set of strides, so the inputs are made
-    contiguous (the model's q, k and v are slices of one qkv projection).
+    Differentiable in ``q, k, v``: an autograd.Function eagerly, custom ops under torch.compile. The
+    kernels index one set of strides, so the inputs are made contiguous (the model's q, k and v are
+    slices of one qkv projection).
     """
     if not q.shape == k.shape == v.shape:
         shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
         raise ValueError(f"parallel linear attention needs q, k, v of one shape [B, T, H, D], got {shapes}")
     dtype = q.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
-    return _parallel_forward(q, k, v, slopes.contiguous(), float(scale))
+    if torch.compiler.is_compiling():
+        return _parallel_forward(q, k, v, slopes.contiguous(), float(scale))
+    return _ParallelAttention.apply(q, k, v, slopes.contiguous(), float(scale))
 
 
 __all__ = ["BLOCK", "linear_attention_parallel_triton"]
