@@ -114,6 +114,30 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+# Inductor's mix-order reduction (RMSNorm's backward: row sums for the input's gradient, column sums for
+# the weight's) decides by size thresholds whether to fuse, and on a dynamic length each threshold is a
+# guard: on an H200 the training lengths fell into ranges (320..959, 960..2,048 tokens) that each
+# recompiled the whole model (~20 s a step at first). Its non-strict mode fuses without those checks
+# ("helpful to avoid recompilations", says inductor's config); it picks kernels, not numerics.
+_INDUCTOR_OPTIONS = {"triton.mix_order_reduction_non_strict_mode": True}
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)`` for training over many sequence lengths: inductor, with the options
+    above that this torch has (older ones lack them and compile as before)."""
+    import torch._inductor.config as inductor_config
+
+    options = {key: value for key, value in _INDUCTOR_OPTIONS.items() if _has_option(inductor_config, key)}
+    return torch.compile(model, options=options or None)
+
+
+def _has_option(config: Any, dotted: str) -> bool:
+    section, _, name = dotted.rpartition(".")
+    for part in filter(None, section.split(".")):
+        config = getattr(config, part, None)
+    return config is not None and hasattr(config, name)
+
+
 def has_module(name: str) -> bool:
     """True when ``name`` is importable, without importing it (flash-attn is slow and optional)."""
     try:

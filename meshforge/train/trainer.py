@@ -42,6 +42,7 @@ from meshforge.errors import InputError, MeshforgeError
 from meshforge.io import atomic_write_json, remove_stale_temporaries
 from meshforge.runtime import (
     capture_rng,
+    compile_model,
     console,
     device_name,
     make_progress,
@@ -281,7 +282,7 @@ class TrainingRun:
         if env.active:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            model = torch.compile(model)
+            model = compile_model(model)
         model.train()
         batches = _Prefetcher(self.task.batches(env.rank, env.world_size, cfg.seed, self.step))
         profiler = StepProfiler(self.out_dir, env.rank, cfg.profile_steps, self.device)
