@@ -70,6 +70,17 @@ def cuda_form(seq_len: int, stateful: bool) -> Form:
     return "parallel" if seq_len <= PARALLEL_MAX_LEN and not stateful else "chunked"
 
 
+def guard_cuda_forms(lengths: tuple[int, ...], device: torch.device) -> None:
+    """Evaluate :func:`cuda_form` (stateless) for each length on CUDA, where the caller's compiled graph
+    should guard on it: a model calls this in the frame torch.compile enters. Past PARALLEL_MAX_LEN
+    fla's kernel breaks the graph inside a block, and dynamo keeps only the guards it traced before the
+    call that broke; without these, the entry compiled for a long batch has no lower bound on the
+    length and is also taken by every shorter batch, which then runs in pieces (seen on an H200)."""
+    if device.type == "cuda":
+        for length in lengths:
+            cuda_form(length, stateful=False)
+
+
 @functools.cache
 def _fla_chunk_simple_gla():
     """fla's chunked kernel, imported on first use (Triton: only where it can run)."""
@@ -151,6 +162,7 @@ __all__ = [
     "LinearBackend",
     "cuda_form",
     "decay_slopes",
+    "guard_cuda_forms",
     "linear_attention",
     "linear_attention_chunked",
     "linear_attention_naive",

@@ -51,7 +51,7 @@ from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
 from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.decode_attention import decode_attention
 from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rotary_kv_append
-from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, linear_attention
+from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, guard_cuda_forms, linear_attention
 from meshforge.kernels.rotary import rotate_qk
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 from meshforge.models.registry import ModelSpec, register_model
@@ -378,6 +378,8 @@ class IFlame(nn.Module):
         length = tokens.shape[1]
         if length % TOKENS_PER_FACE or length > self.config.max_seq_len:
             raise ValueError(f"sequence length {length} must be a multiple of 9 and <= max_seq_len {self.config.max_seq_len}")
+        if self.config.attention != "full":  # the levels' linear forms, as guards of a compiled graph
+            guard_cuda_forms((length, length // POOL, length // POOL**2), tokens.device)
         return self.head(self.norm(self._hourglass(tokens)))
 
     # ------------------------------------------------------------------------- decoding

@@ -285,6 +285,39 @@ def test_a_compiled_model_compiles_once_for_every_bucketed_length(device, attent
     assert not unexpected, unexpected
 
 
+@pytest.mark.slow
+def test_short_batches_keep_their_graph_after_long_ones_broke_it(monkeypatch):
+    """CUDA's structure mimicked on CPU: the linear layers in the graph up to PARALLEL_MAX_LEN positions
+    (the parallel kernel's custom op there; here the masked quadratic form), behind a graph break beyond
+    (fla's kernel; here the eagerly run chunked form), the model's guards on that switch evaluated as on
+    CUDA. Dynamo tries a frame's newest entry first, and the entry compiled for a long batch guards only
+    what was traced before the call that broke: without :func:`guard_cuda_forms` in the model's forward
+    it takes the next short batch too (2 more graphs here, the run in pieces; the H200's compile-once test
+    failed so)."""
+    import meshforge.models.iflame as iflame
+    from meshforge.kernels import linear_attention as la
+
+    def cuda_like(q, k, v, slopes, initial_state=None, output_final_state=False, scale=None, backend="auto"):
+        stateful = initial_state is not None or output_final_state
+        if la.cuda_form(q.shape[1], stateful) == "parallel":
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+            position = torch.arange(q.shape[1], dtype=torch.float32)
+            distance = position[:, None] - position[None, :]
+            weights = torch.exp(-slopes.float()[:, None, None] * distance.clamp(min=0)) * (distance >= 0)
+            return (scale * ((qf @ kf.transpose(-1, -2)) * weights) @ vf).transpose(1, 2).to(q.dtype), None
+        return la._chunked_eager(q, k, v, slopes, initial_state, output_final_state, scale)
+
+    def guards_as_on_cuda(lengths, device):
+        la.guard_cuda_forms(lengths, torch.device("cuda"))
+
+    monkeypatch.setattr(iflame, "linear_attention", cuda_like)
+    monkeypatch.setattr(iflame, "guard_cuda_forms", guards_as_on_cuda)
+    short, long_ = la.PARALLEL_MAX_LEN // 9 - 20, la.PARALLEL_MAX_LEN // 9 + 20
+    graphs, _ = _compile_counts("cpu", "interleaved", [short, short + 3, long_, long_ + 3, short + 7, short - 11])
+    assert graphs[-1] == graphs[3], f"graphs after each length: {graphs} (the first 4 warm)"
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_inductor_fuses_the_norms_backward_without_guarding_on_the_length():
