@@ -11,7 +11,8 @@ benchmark takes each layer of such a call apart at a size where the GPU work is 
 sequence of 64 positions, 2 heads of 32), so that the host's time per call is what is measured:
 
 - ``aten_add``: one elementwise aten op (the floor of an eager launch);
-- ``rms_norm``: the model's RMSNorm (float32 round trip: three aten ops);
+- ``rms_norm`` / ``rms_norm_fwd_bwd``: the model's RMSNorm (float32 round trip: three aten ops), alone and
+  with its backward;
 - ``sdpa``: causal SDPA (flash) forward, the full-attention blocks' operator;
 - ``triton_empty_1`` / ``triton_empty_12``: an empty ``@triton.jit`` kernel with 1 and 12 arguments,
   launched through ``kernel[grid](...)`` (Triton's JIT dispatch alone);
@@ -24,7 +25,10 @@ sequence of 64 positions, 2 heads of 32), so that the host's time per call is wh
 - ``parallel_op_fwd_bwd``: forward + backward through the custom ops' autograd;
 - ``parallel_fwd_bwd``: forward + backward as the model calls it eagerly (an autograd.Function);
 - ``sdpa_fwd_bwd``, ``fla_chunk``, ``fla_chunk_fwd_bwd``: forward (+ backward through autograd) of SDPA
-  and fla's chunked form, as a training step calls them.
+  and fla's chunked form, as a training step calls them;
+- ``block_full_fwd_bwd`` / ``block_linear_fwd_bwd``: one whole block of each kind of the reference model
+  (512 wide, 16 heads) at 64 positions, forward + backward: the host's price of a linear block against a
+  full one, everything in it counted.
 
 ``host_us`` is the host's time per call over ``--calls`` calls issued back to back (the GPU is never
 the bottleneck at this size; it is synchronised only at the end), ``wall_us`` the time per call until
@@ -48,7 +52,8 @@ from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.linear_attention import decay_slopes
 
 from meshforge.io import atomic_write_json
-from meshforge.models.layers import RMSNorm
+from meshforge.models.iflame import Block, IFlameConfig
+from meshforge.models.layers import RMSNorm, Rotary
 from meshforge.render import render_table_png
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,11 +89,34 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
     def sdpa_fwd_bwd() -> None:
         causal_attention(q, k, v).backward(grad)
 
+    def norm_fwd_bwd() -> None:
+        norm(q).backward(grad)
+
+    # One block of each kind of the reference model (512 wide, 16 heads of 32) at SHAPE's 64 positions,
+    # forward + backward as a training step runs it (bf16 autocast on CUDA): what a linear block costs
+    # the host beyond a full one, its attention call, norm and copies included.
+    config = IFlameConfig()
+    rope = Rotary(config.head_dim, SHAPE[1], config.rope_base).to(device)
+    x = torch.randn(1, SHAPE[1], config.dim, generator=g).to(device).requires_grad_()
+    blocks = {kind: Block(config, full=kind == "full").to(device) for kind in ("linear", "full")}
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def block_fwd_bwd(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            with amp:
+                out = blocks[kind](x, rope)
+            out.float().sum().backward()
+
+        return run
+
     return {
         "aten_add": lambda: q.detach().add(1.0),
         "rms_norm": lambda: norm(q.detach()),
+        "rms_norm_fwd_bwd": norm_fwd_bwd,
         "sdpa": lambda: causal_attention(q.detach(), k.detach(), v.detach()),
         "sdpa_fwd_bwd": sdpa_fwd_bwd,
+        "block_full_fwd_bwd": block_fwd_bwd("full"),
+        "block_linear_fwd_bwd": block_fwd_bwd("linear"),
     }
 
 

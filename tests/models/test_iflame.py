@@ -294,8 +294,9 @@ def test_short_batches_keep_their_graph_after_long_ones_broke_it(monkeypatch):
     what was traced before the call that broke: without :func:`guard_cuda_forms` in the model's forward
     it takes the next short batch too (2 more graphs here, the run in pieces; the H200's compile-once test
     failed so)."""
-    import meshforge.models.iflame as iflame
     from meshforge.kernels import linear_attention as la
+
+    from meshforge.models import iflame
 
     def cuda_like(q, k, v, slopes, initial_state=None, output_final_state=False, scale=None, backend="auto"):
         stateful = initial_state is not None or output_final_state
