@@ -55,6 +55,7 @@ from meshforge.io import atomic_write_json
 from meshforge.models.iflame import Block, IFlameConfig
 from meshforge.models.layers import RMSNorm, Rotary
 from meshforge.render import render_table_png
+from meshforge.runtime import device_name
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = (1, 64, 2, 32)  # [B, T, H, D]: one tile of the parallel kernel per head
@@ -209,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     ops = torch_ops(device, dtype) | (triton_ops(device, dtype) if cuda else {})
-    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    name = device_name(device)
     rows: list[dict] = []
     result = {
         "benchmark": "launch_overhead",
-        "device": device_name,
+        "device": name,
         "software": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
         "setup": {"shape_bthd": list(SHAPE), "dtype": str(dtype), "calls": args.calls, "repeats": REPEATS,
                   "note": "host_us: host time per call issued back to back; wall_us: until the GPU finished"},
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"op": name, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
         print(rows[-1], flush=True)
         atomic_write_json(args.out / "launch_overhead.json", result)  # each row kept if a deadline stops the run
-    render_table_png(rows, args.out / "launch_overhead.png", title=f"Host time per call, {device_name}")
+    render_table_png(rows, args.out / "launch_overhead.png", title=f"Host time per call, {name}")
 
 
 if __name__ == "__main__":

@@ -119,23 +119,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
 # guard: on an H200 the training lengths fell into ranges (320..959, 960..2,048 tokens) that each
 # recompiled the whole model (~20 s a step at first). Its non-strict mode fuses without those checks
 # ("helpful to avoid recompilations", says inductor's config); it picks kernels, not numerics.
-_INDUCTOR_OPTIONS = {"triton.mix_order_reduction_non_strict_mode": True}
+NON_STRICT_MIX_ORDER = "mix_order_reduction_non_strict_mode"
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(model)`` for training over many sequence lengths: inductor, with the options
-    above that this torch has (older ones lack them and compile as before)."""
+    """``torch.compile(model)`` for training over many sequence lengths: inductor, with mix-order
+    reduction non-strict where this torch has the option (older ones compile as before)."""
     import torch._inductor.config as inductor_config
 
-    options = {key: value for key, value in _INDUCTOR_OPTIONS.items() if _has_option(inductor_config, key)}
-    return torch.compile(model, options=options or None)
-
-
-def _has_option(config: Any, dotted: str) -> bool:
-    section, _, name = dotted.rpartition(".")
-    for part in filter(None, section.split(".")):
-        config = getattr(config, part, None)
-    return config is not None and hasattr(config, name)
+    has_option = hasattr(inductor_config.triton, NON_STRICT_MIX_ORDER)
+    return torch.compile(model, options={f"triton.{NON_STRICT_MIX_ORDER}": True} if has_option else None)
 
 
 def has_module(name: str) -> bool:

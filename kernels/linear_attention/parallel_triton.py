@@ -228,10 +228,10 @@ def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Te
         shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
         raise ValueError(f"parallel linear attention needs q, k, v of one shape [B, T, H, D], got {shapes}")
     dtype = q.dtype
-    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
+    inputs = (*(x.to(dtype).contiguous() for x in (q, k, v)), slopes.contiguous(), float(scale))
     if torch.compiler.is_compiling():
-        return _parallel_forward(q, k, v, slopes.contiguous(), float(scale))
-    return _ParallelAttention.apply(q, k, v, slopes.contiguous(), float(scale))
+        return _parallel_forward(*inputs)
+    return _ParallelAttention.apply(*inputs)
 
 
 __all__ = ["BLOCK", "linear_attention_parallel_triton"]

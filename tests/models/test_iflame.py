@@ -301,6 +301,8 @@ def test_short_batches_keep_their_graph_after_long_ones_broke_it(monkeypatch):
     def cuda_like(q, k, v, slopes, initial_state=None, output_final_state=False, scale=None, backend="auto"):
         stateful = initial_state is not None or output_final_state
         if la.cuda_form(q.shape[1], stateful) == "parallel":
+            # written out: linear_attention_parallel is the chunked form's loop with one chunk, which
+            # would specialise on each length (the recompiles this test must not confuse with its own)
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
             position = torch.arange(q.shape[1], dtype=torch.float32)
