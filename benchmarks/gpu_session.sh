@@ -168,7 +168,7 @@ parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a par
 short_runs() {  # short_runs RESULTS ARGS...: train-iflame for both kinds, eager and compiled (SHORT_MODES picks), on
   # the parity runs' data and settings (plus ARGS); summaries, metrics and any profile kept in RESULTS/KIND-MODE
   local results=$1 attention mode flag run; shift
-  for attention in interleaved full; do
+  for attention in ${SHORT_KINDS:-interleaved full}; do
     for mode in ${SHORT_MODES:-eager compiled}; do
       flag=--no-compile; [ "$mode" = compiled ] && flag=--compile
       run="$WORK/$(basename "$results")-$attention-$mode"

@@ -220,9 +220,14 @@ def test_collect_takes_the_short_throughput_runs_of_its_device(bench, parity_run
     bench.main(["--collect", "--out", str(out)])
     eager = json.loads(out.read_text())["short_throughput"]["eager"]
     rates = {kind: bench.median_samples_per_s(parity_runs["steps", kind]) for kind in ("interleaved", "full")}
-    assert eager == {"samples_per_s_median": rates, "ratio": rates["interleaved"] / rates["full"], "steps": 3}
+    walls = {kind: json.loads((parity_runs["steps", kind] / "summary.json").read_text())["wall_time_s"]
+             for kind in ("interleaved", "full")}
+    assert eager == {"samples_per_s_median": rates, "ratio": rates["interleaved"] / rates["full"], "steps": 3,
+                     "wall_time_s": walls}
     assert "compiled" not in json.loads(out.read_text())["short_throughput"]
-    assert "train-iflame samples/s, synth data, eager (median, 3 steps)" in [r["figure"] for r in bench.table_rows(json.loads(out.read_text()))]
+    figures = [r["figure"] for r in bench.table_rows(json.loads(out.read_text()))]
+    assert "train-iflame samples/s, synth data, eager (median, 3 steps)" in figures
+    assert "train-iflame wall time, synth data, eager, 3 steps (s)" in figures
 
     out.write_text(json.dumps(json.loads(out.read_text()) | {"device": "NVIDIA H200"}))
     with pytest.raises(InputError, match="interleaved-eager/summary.json.*measured on cpu, not on NVIDIA H200"):
