@@ -327,10 +327,13 @@ def test_inductor_fuses_the_norms_backward_without_guarding_on_the_length():
     """Inductor's mix-order reduction fuses RMSNorm's backward reductions only past size thresholds
     (torch 2.13: rows x columns >= 5 Mi, rows >= 2 columns, rows >= 4,096), each a guard on a dynamic
     length: on an H200 the whole model recompiled for 320..959 and 960..2,048 tokens at batch 32 x 512
-    channels. Here, at batch 8 x 512 channels, 900 and 990 tokens (the length becomes dynamic) lie below
-    all of them at the token level and 1,440 / 1,620 above (10,240 rows x 512 = 5 Mi at 1,280 tokens),
-    all under PARALLEL_MAX_LEN: with the trainer's compile options no length may add a graph."""
-    graphs, _ = _compile_counts("cuda", "interleaved", [100, 110, 160, 180], compile_model, dim=512, heads=16, batch=8)
+    channels. Here, at batch 8 x 512 channels, 936 and 1,008 tokens (the length becomes dynamic) lie below
+    all of them at the token level and 1,440 / 1,584 above (10,240 rows x 512 = 5 Mi at 1,280 tokens),
+    all under PARALLEL_MAX_LEN: with the trainer's compile options no length may add a graph. The face
+    counts are multiples of 8, so every level's length is too: inductor also guards on whether a length
+    is 8-aligned (an H200 run at 100, 110, 160, 180 faces recompiled at 160, the first aligned vertex
+    level, 480, with no size guard failing), which bucketed training lengths from 64 faces on all are."""
+    graphs, _ = _compile_counts("cuda", "interleaved", [104, 112, 160, 176], compile_model, dim=512, heads=16, batch=8)
     assert graphs[-1] == graphs[1], f"graphs after each length: {graphs} (the first 2 warm)"
 
 
