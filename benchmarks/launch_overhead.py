@@ -11,8 +11,8 @@ benchmark takes each layer of such a call apart at a size where the GPU work is 
 sequence of 64 positions, 2 heads of 32), so that the host's time per call is what is measured:
 
 - ``aten_add``: one elementwise aten op (the floor of an eager launch);
-- ``rms_norm`` / ``rms_norm_fwd_bwd``: the model's RMSNorm (float32 round trip: three aten ops), alone and
-  with its backward;
+- ``rms_norm`` / ``rms_norm_fwd_bwd``: the model's RMSNorm (on CUDA the fused kernel, one each way), alone
+  and with its backward; ``rms_norm_reference_fwd_bwd``: PyTorch's (a float32 round trip of aten ops);
 - ``sdpa``: causal SDPA (flash) forward, the full-attention blocks' operator;
 - ``triton_empty_1`` / ``triton_empty_12``: an empty ``@triton.jit`` kernel with 1 and 12 arguments,
   launched through ``kernel[grid](...)`` (Triton's JIT dispatch alone);
@@ -28,7 +28,8 @@ sequence of 64 positions, 2 heads of 32), so that the host's time per call is wh
   and fla's chunked form, as a training step calls them;
 - ``block_full_fwd_bwd`` / ``block_linear_fwd_bwd``: one whole block of each kind of the reference model
   (512 wide, 16 heads) at 64 positions, forward + backward: the host's price of a linear block against a
-  full one, everything in it counted.
+  full one, everything in it counted; ``block_*_reference_norm_fwd_bwd``: the same blocks with PyTorch's
+  RMSNorm (what the fused norm saves a block).
 
 ``host_us`` is the host's time per call over ``--calls`` calls issued back to back (the GPU is never
 the bottleneck at this size; it is synchronised only at the end), ``wall_us`` the time per call until
@@ -39,6 +40,7 @@ versions named) and ``launch_overhead.png`` (the table).
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -90,8 +92,8 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
     def sdpa_fwd_bwd() -> None:
         causal_attention(q, k, v).backward(grad)
 
-    def norm_fwd_bwd() -> None:
-        norm(q).backward(grad)
+    def norm_fwd_bwd(norm: RMSNorm) -> Callable[[], None]:
+        return lambda: norm(q).backward(grad)
 
     # One block of each kind of the reference model (512 wide, 16 heads of 32) at SHAPE's 64 positions,
     # forward + backward as a training step runs it (bf16 autocast on CUDA): what a linear block costs
@@ -100,6 +102,15 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
     rope = Rotary(config.head_dim, SHAPE[1], config.rope_base).to(device)
     x = torch.randn(1, SHAPE[1], config.dim, generator=g).to(device).requires_grad_()
     blocks = {kind: Block(config, full=kind == "full").to(device) for kind in ("linear", "full")}
+    # The same blocks with PyTorch's RMSNorm (a float32 round trip of aten ops) for the fused kernel's:
+    # what the fused norm saves the host, measured in this process.
+    for kind in ("linear", "full"):
+        blocks[f"{kind}_reference_norm"] = reference = copy.deepcopy(blocks[kind])
+        for module in reference.modules():
+            if isinstance(module, RMSNorm):
+                module.backend = "torch"
+    reference_norm = copy.deepcopy(norm)
+    reference_norm.backend = "torch"
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
     def block_fwd_bwd(kind: str) -> Callable[[], None]:
@@ -113,11 +124,14 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
     return {
         "aten_add": lambda: q.detach().add(1.0),
         "rms_norm": lambda: norm(q.detach()),
-        "rms_norm_fwd_bwd": norm_fwd_bwd,
+        "rms_norm_fwd_bwd": norm_fwd_bwd(norm),
+        "rms_norm_reference_fwd_bwd": norm_fwd_bwd(reference_norm),
         "sdpa": lambda: causal_attention(q.detach(), k.detach(), v.detach()),
         "sdpa_fwd_bwd": sdpa_fwd_bwd,
         "block_full_fwd_bwd": block_fwd_bwd("full"),
         "block_linear_fwd_bwd": block_fwd_bwd("linear"),
+        "block_full_reference_norm_fwd_bwd": block_fwd_bwd("full_reference_norm"),
+        "block_linear_reference_norm_fwd_bwd": block_fwd_bwd("linear_reference_norm"),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshforge.kernels.linear_attention import linear_attention_step
+from meshforge.kernels.rms_norm import rms_norm_reference
 from meshforge.kernels.rotary import rotate_qk
 from torch import Tensor
 from torch.nn import functional as F
@@ -18,7 +19,7 @@ def linear_decode_step_reference(
     """``qkv [B, 3, H, D]`` -> the block's normalised attention output ``[B, H, D]``; ``state`` advances in place."""
     q, k, v = _rotated_qkv(qkv, cos, sin)
     out = linear_attention_step(q, k, v, decay, state)
-    return F.rms_norm(out.float(), (out.shape[-1],), norm_weight.float(), eps).to(out.dtype)
+    return rms_norm_reference(out, norm_weight, eps)
 
 
 def rotary_kv_append_reference(
@@ -44,7 +45,7 @@ def fused_linear_reference(
     (``swiglu``), then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in
     its order."""
     if norm_weight is not None:
-        x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
+        x = rms_norm_reference(x, norm_weight, eps)
     out = F.linear(x, weight)
     if swiglu:
         gate, up = out.chunk(2, dim=-1)
