@@ -167,13 +167,17 @@ parity_run() {  # parity_run NAME ATTENTION ARGS...: a train-iflame run of a par
   cp "$WORK/parity-$name"/{summary.json,metrics.csv,curves.png,config.yaml} "$PARITY_RUNS/$name/"
 }
 
-short_runs() {  # short_runs RESULTS ARGS...: train-iflame for both kinds, eager and compiled (SHORT_MODES picks), on
-  # the parity runs' data and settings (plus ARGS); summaries, metrics and any profile kept in RESULTS/KIND-MODE
+short_runs() {  # short_runs RESULTS ARGS...: train-iflame for both kinds (SHORT_KINDS), eager and compiled (SHORT_MODES),
+  # on the parity runs' data and settings (plus ARGS); summaries, metrics and any profile kept in RESULTS/KIND-MODE.
+  # A mode's two kinds run back to back: an eager step at these lengths is host-bound, and the host's speed
+  # drifts (an eager pair split by a compiled run measured 0.85, an adjacent one 1.03, on one H200).
+  # Each run starts afresh: one resumed from an earlier call's checkpoint would time a few steps.
   local results=$1 attention mode flag run; shift
-  for attention in ${SHORT_KINDS:-interleaved full}; do
-    for mode in ${SHORT_MODES:-eager compiled}; do
+  for mode in ${SHORT_MODES:-eager compiled}; do
+    for attention in ${SHORT_KINDS:-interleaved full}; do
       flag=--no-compile; [ "$mode" = compiled ] && flag=--compile
       run="$WORK/$(basename "$results")-$attention-$mode"
+      rm -rf "$run"
       $CLI --device cuda train-iflame --data "$WORK/tokens" --out "$run" "${PARITY_TRAIN[@]}" "$@" "$flag" \
         --set model.attention="$attention" || continue
       mkdir -p "$results/$attention-$mode"
