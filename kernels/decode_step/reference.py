@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from meshforge.kernels.linear_attention import linear_attention_step
 from meshforge.kernels.rms_norm import rms_norm_reference
-from meshforge.kernels.rotary import rotate_qk
+from meshforge.kernels.rotary import rotate_qk_reference
 from torch import Tensor
 from torch.nn import functional as F
 
 
 def _rotated_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(t[:, 0] for t in rotate_qk(qkv[:, None], cos, sin))  # one position: T = 1
+    return tuple(t[:, 0] for t in rotate_qk_reference(qkv[:, None], cos, sin))  # one position: T = 1
 
 
 def linear_decode_step_reference(

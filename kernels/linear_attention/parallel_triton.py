@@ -221,8 +221,8 @@ def linear_attention_parallel_triton(q: Tensor, k: Tensor, v: Tensor, slopes: Te
     """``scale * ((Q K^T) * W) V`` for ``[B, T, H, D]`` inputs, ``slopes [H] >= 0``; output in ``q.dtype``.
 
     Differentiable in ``q, k, v``: an autograd.Function eagerly, custom ops under torch.compile. The
-    kernels index one set of strides, so the inputs are made contiguous (the model's q, k and v are
-    slices of one qkv projection).
+    kernels index one set of strides, so the inputs are made contiguous (a no-op for the model's eager
+    CUDA q, k and v, which the fused rotation writes contiguous; compiled, they may be slices of qkv).
     """
     if not q.shape == k.shape == v.shape:
         shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))

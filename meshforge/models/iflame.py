@@ -53,6 +53,7 @@ from meshforge.kernels.decode_attention import decode_attention
 from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rotary_kv_append
 from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, guard_cuda_forms, linear_attention
 from meshforge.kernels.rotary import rotate_qk
+from meshforge.kernels.utils import Backend
 from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 from meshforge.models.registry import ModelSpec, register_model
 
@@ -202,6 +203,8 @@ class Attention(nn.Module):
     operator_free: bool = False
     # The linear blocks' form (meshforge.kernels.linear_attention.FORMS); benchmarks force one CUDA kernel.
     linear_backend: LinearBackend = "auto"
+    # The q/k rotation's form (meshforge.kernels.rotary.rotate_qk); benchmarks time "torch" beside the kernel.
+    rotary_backend: Backend = "auto"
 
     def __init__(self, cfg: IFlameConfig, full: bool) -> None:
         super().__init__()
@@ -218,7 +221,7 @@ class Attention(nn.Module):
         """``x [B, T, dim]`` at positions ``0 .. T-1``; with an empty ``cache``, also leave in it the
         K/V (full) or state (linear) that ``T`` decoding steps would (the prefill of a prompt)."""
         qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [B, T, 3, H, D]
-        q, k, v = rotate_qk(qkv, *rope.tables(0, x.shape[1]))
+        q, k, v = rotate_qk(qkv, *rope.tables(0, x.shape[1]), backend=self.rotary_backend)
         if self.full:
             if isinstance(cache, KVCache):
                 cache.k[:, :, : x.shape[1]].copy_(k.transpose(1, 2))

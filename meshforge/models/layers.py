@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from meshforge.kernels.rms_norm import rms_norm
-from meshforge.kernels.utils import Backend
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from meshforge.kernels.rms_norm import rms_norm
+from meshforge.kernels.utils import Backend
 
 
 class RMSNorm(nn.Module):
