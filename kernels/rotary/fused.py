@@ -50,7 +50,7 @@ def _rotary_kernel(
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):  # fmt: skip
-    HALF: tl.constexpr = HEAD_DIM // 2
+    HALF = HEAD_DIM // 2
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
