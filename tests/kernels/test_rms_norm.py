@@ -118,3 +118,16 @@ def test_a_modules_backend_picks_its_form():
     assert torch.equal(norm(x), rms_norm_triton(x, norm.weight, 1e-3))
     norm.backend = "torch"
     assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, 1e-3))
+
+
+def test_kernels_compile_for_hopper(hopper_compile):
+    hopper_compile("""
+from meshforge.kernels.rms_norm.fused import _backward_kernel, _forward_kernel
+sizes = [("n_rows", "i32"), ("dim", "i32")]
+forward = [("x_ptr", "*bf16"), ("w_ptr", "*fp32"), ("y_ptr", "*bf16"), ("rstd_ptr", "*fp32")] + sizes + [("eps", "fp32")]
+backward = [("grad_ptr", "*bf16"), ("x_ptr", "*bf16"), ("w_ptr", "*fp32"), ("rstd_ptr", "*fp32"), ("dx_ptr", "*bf16"),
+            ("dw_partial_ptr", "*fp32")] + sizes
+for rows, block_d in ((128, 32), (8, 512)):  # iFlame's per-head and block norms
+    for kernel, types in ((_forward_kernel, forward), (_backward_kernel, backward)):
+        assert compile_for_hopper(kernel, types, dict(ROWS=rows, BLOCK_D=block_d)).asm["cubin"]
+""")

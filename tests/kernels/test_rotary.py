@@ -107,3 +107,14 @@ def test_fused_rotation_on_cuda_at_iflame_training_size():
     assert all(close(o, e, BF16_ULP) for o, e in zip(outputs[:2], expected[:2]))
     assert torch.equal(outputs[2], expected[2]) and torch.equal(dqkv[:, :, 2], dqkv_ref[:, :, 2])
     assert close(dqkv[:, :, :2], dqkv_ref[:, :, :2], BF16_ULP)
+
+
+def test_kernel_compiles_for_hopper_both_ways(hopper_compile):
+    hopper_compile("""
+from meshforge.kernels.rotary.fused import _rotary_kernel
+types = [(name, "*bf16") for name in ("src_q", "src_k", "src_v", "dst_q", "dst_k", "dst_v")]
+types += [("cos_ptr", "*fp32"), ("sin_ptr", "*fp32")] + [(n, "i32") for n in ("n_tokens", "seq_len", "src_stride", "dst_stride")]
+for transpose in (False, True):
+    constants = dict(HEADS=16, HEAD_DIM=32, ROWS=8, BLOCK_H=16, BLOCK_HALF=16, TRANSPOSE=transpose)
+    assert compile_for_hopper(_rotary_kernel, types, constants).asm["cubin"]
+""")
