@@ -50,8 +50,9 @@ TINY = {"dim": 64, "n_heads": 2, "blocks": (1, 1, 1, 1, 1)}
 
 def kernel_records(prof: profile, device: torch.device) -> list[tuple[str, float]]:
     """(name, microseconds) of every kernel the profile saw: CUDA kernels, or on CPU the leaf aten ops."""
-    if device.type == "cuda":
-        return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if device.type == "cuda":  # device events but record_function's GPU shadows (meshforge.train.profiling)
+        return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]  # fmt: skip
     return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
             if e.device_type == DeviceType.CPU and e.name.startswith("aten::") and not e.cpu_children]  # fmt: skip
 
