@@ -28,8 +28,8 @@ sequence of 64 positions, 2 heads of 32), so that the host's time per call is wh
   and fla's chunked form, as a training step calls them;
 - ``block_full_fwd_bwd`` / ``block_linear_fwd_bwd``: one whole block of each kind of the reference model
   (512 wide, 16 heads) at 64 positions, forward + backward: the host's price of a linear block against a
-  full one, everything in it counted; ``block_*_reference_{norm,rotary}_fwd_bwd``: the same blocks with
-  PyTorch's RMSNorm / q-k rotation (what each fused kernel saves a block).
+  full one, everything in it counted; ``block_*_reference_{norm,rotary,swiglu}_fwd_bwd``: the same blocks
+  with PyTorch's RMSNorm / q-k rotation / SwiGLU gate (what each fused kernel saves a block).
 
 ``host_us`` is the host's time per call over ``--calls`` calls issued back to back (the GPU is never
 the bottleneck at this size; it is synchronised only at the end), ``wall_us`` the time per call until
@@ -55,7 +55,7 @@ from meshforge.kernels.linear_attention import decay_slopes
 
 from meshforge.io import atomic_write_json
 from meshforge.models.iflame import Attention, Block, IFlameConfig
-from meshforge.models.layers import RMSNorm, Rotary
+from meshforge.models.layers import RMSNorm, Rotary, SwiGLU
 from meshforge.render import render_table_png
 from meshforge.runtime import device_name
 
@@ -102,10 +102,11 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
     rope = Rotary(config.head_dim, SHAPE[1], config.rope_base).to(device)
     x = torch.randn(1, SHAPE[1], config.dim, generator=g).to(device).requires_grad_()
     blocks = {kind: Block(config, full=kind == "full").to(device) for kind in ("linear", "full")}
-    # The same blocks with PyTorch's RMSNorm / q-k rotation (float32 round trips of aten ops, and the
-    # copies of the strided q, k, v) for the fused kernels: what each kernel saves the host, in this process.
+    # The same blocks with PyTorch's RMSNorm / q-k rotation / SwiGLU gate (float32 round trips of aten
+    # ops, the copies of the strided q, k, v) for the fused kernels: what each saves the host, in this process.
     for kind in ("linear", "full"):
-        for op, module_type, attribute in (("norm", RMSNorm, "backend"), ("rotary", Attention, "rotary_backend")):
+        for op, module_type, attribute in (("norm", RMSNorm, "backend"), ("rotary", Attention, "rotary_backend"),
+                                           ("swiglu", SwiGLU, "backend")):  # fmt: skip
             blocks[f"{kind}_reference_{op}"] = reference = copy.deepcopy(blocks[kind])
             for module in reference.modules():
                 if isinstance(module, module_type):
@@ -132,7 +133,7 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
         "block_full_fwd_bwd": block_fwd_bwd("full"),
         "block_linear_fwd_bwd": block_fwd_bwd("linear"),
         **{f"block_{kind}_reference_{op}_fwd_bwd": block_fwd_bwd(f"{kind}_reference_{op}")
-           for kind in ("full", "linear") for op in ("norm", "rotary")},
+           for kind in ("full", "linear") for op in ("norm", "rotary", "swiglu")},
     }
 
 

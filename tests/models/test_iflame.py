@@ -239,13 +239,13 @@ def test_compiled_model_gives_the_same_loss_and_gradients():
         assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 
-def test_the_fused_norm_and_rotation_give_the_models_loss_and_gradients(monkeypatch):
-    """What eager CUDA training runs (the Triton RMSNorm and q/k rotation, here under the interpreter)
+def test_the_fused_norm_rotation_and_gate_give_the_models_loss_and_gradients(monkeypatch):
+    """What eager CUDA training runs (the Triton RMSNorm, q/k rotation and SwiGLU gate, here under the interpreter)
     against the PyTorch forms, through a whole model in float32: each op agrees to float32 rounding
     (its own tests), so the loss and gradients agree as the compiled model's do (the test above's
     argument: 1e-4 of each gradient's largest entry, ~10x over the reductions' float32 error)."""
     from meshforge.models.iflame import Attention
-    from meshforge.models.layers import RMSNorm
+    from meshforge.models.layers import RMSNorm, SwiGLU
 
     torch.manual_seed(0)
     m = IFlame(IFlameConfig(**SMALL, blocks=(1, 1, 2, 1, 1), full_every=2))
@@ -261,6 +261,7 @@ def test_the_fused_norm_and_rotation_give_the_models_loss_and_gradients(monkeypa
     reference_loss, reference_grads = loss_and_grads()
     monkeypatch.setattr(RMSNorm, "backend", "triton")
     monkeypatch.setattr(Attention, "rotary_backend", "triton")
+    monkeypatch.setattr(SwiGLU, "backend", "triton")
     fused_loss, fused_grads = loss_and_grads()
     torch.testing.assert_close(fused_loss, reference_loss, rtol=1e-5, atol=0)
     for reference, fused in zip(reference_grads, fused_grads, strict=True):
