@@ -238,11 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, fn in ops.items():
+    for op, fn in ops.items():
         try:
-            rows.append({"op": name, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
+            rows.append({"op": op, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
         except (AttributeError, TypeError, RuntimeError) as error:  # a launch path this Triton lacks: recorded
-            rows.append({"op": name, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
+            rows.append({"op": op, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
         print(rows[-1], flush=True)
         atomic_write_json(args.out / "launch_overhead.json", result)  # each row kept if a deadline stops the run
     render_table_png(rows, args.out / "launch_overhead.png", title=f"Host time per call, {name}")

@@ -19,6 +19,13 @@ from torch import Tensor
 Backend = Literal["auto", "triton", "torch", "reference"]
 
 
+def eager_cuda(x: Tensor) -> bool:
+    """Where the training step's fused elementwise ops (RMSNorm, SwiGLU, q/k rotation) take their Triton
+    forms under "auto": CUDA tensors outside compiled code, which runs the PyTorch forms for inductor
+    to fuse with their neighbours."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 def resolve_backend(op: str, backend: str, use_triton: bool, forms: tuple[str, ...] = ("triton", "torch", "reference")) -> str:
     """The form ``op`` runs: ``backend`` itself, or for "auto" Triton when ``use_triton`` else the torch form."""
     if backend == "auto":

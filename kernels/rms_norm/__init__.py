@@ -12,8 +12,7 @@ the reference does (only the output), so both agree up to the order of float32 s
 
 from __future__ import annotations
 
-import torch
-from meshforge.kernels.utils import Backend, resolve_backend
+from meshforge.kernels.utils import Backend, eager_cuda, resolve_backend
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -25,8 +24,7 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: Backend = "auto") -> Tensor:
     """:func:`rms_norm_reference`, differentiable in ``x`` and ``weight``; the fused kernel on CUDA in eager mode."""
-    eager_cuda = x.is_cuda and not torch.compiler.is_compiling()
-    if resolve_backend("rms_norm", backend, eager_cuda) == "triton":
+    if resolve_backend("rms_norm", backend, eager_cuda(x)) == "triton":
         from meshforge.kernels.rms_norm.fused import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)

@@ -1,9 +1,9 @@
 """A fused projection's ``qkv`` -> rotated ``q, k`` and ``v``, contiguous, in one Triton kernel each way.
 
-Eagerly, :func:`meshforge.kernels.rotary.rotate_qk_reference` is about ten aten ops forward (the
-float32 copy, the halves' negation and concatenation, two products, the rounding back) and more
-backward, and the attention kernels then copy the strided ``q, k, v`` slices of ``qkv`` into
-contiguous tensors, forward and backward: host time that a host-bound training step at short lengths
+Eagerly, :func:`meshforge.kernels.rotary.rotate_qk_reference` launches 5 kernels forward (the float32
+copy, the negated half, their concatenation, two products with the rounding back) and ~10 backward,
+and the linear-attention kernels then copy the strided ``q, k, v`` slices of ``qkv`` into contiguous
+tensors: host time that a host-bound training step at short lengths
 pays in every block. Here a program takes ``ROWS`` tokens, all heads, both halves of each head:
 
     forward:   q1 = x1 c1 - x2 s1,  q2 = x2 c2 + x1 s2   (the same for k; v copied)

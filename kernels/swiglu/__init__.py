@@ -11,8 +11,7 @@ the backward each product and the gate's gradient), so both agree up to float32 
 
 from __future__ import annotations
 
-import torch
-from meshforge.kernels.utils import Backend, resolve_backend
+from meshforge.kernels.utils import Backend, eager_cuda, resolve_backend
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -25,8 +24,7 @@ def swiglu_reference(gate_up: Tensor) -> Tensor:
 
 def swiglu(gate_up: Tensor, backend: Backend = "auto") -> Tensor:
     """:func:`swiglu_reference`, differentiable in ``gate_up``; the fused kernel on CUDA in eager mode."""
-    eager_cuda = gate_up.is_cuda and not torch.compiler.is_compiling()
-    if resolve_backend("swiglu", backend, eager_cuda) == "triton":
+    if resolve_backend("swiglu", backend, eager_cuda(gate_up)) == "triton":
         from meshforge.kernels.swiglu.fused import swiglu_triton
 
         return swiglu_triton(gate_up)
