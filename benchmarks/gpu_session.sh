@@ -24,6 +24,8 @@
 #                                            # 1024^3 synth data (benchmarks/direct3d_ddp.py, ~6 min)
 #   bash benchmarks/gpu_session.sh decode-profile     # kernels, their GPU time and the gaps between them per decoding
 #                                            # step at batch 1, CUDA graphs, both kinds (benchmarks/decode_profile.py, ~1 min)
+#   bash benchmarks/gpu_session.sh decode-linear      # the fused decoding GEMM's tilings at the reference model's
+#                                            # projections, batch 1/4/16, in CUDA graphs (benchmarks/decode_linear.py, ~2 min)
 #   bash benchmarks/gpu_session.sh long      # iflame_vs_full --only long: both training steps at 4,000
 #                                            # faces, merged into iflame_vs_full.json (~2 min on a fresh machine)
 #   bash benchmarks/gpu_session.sh direct3d-r256      # recipes/direct3d_r256.yaml, its figures (direct3d_scale.json
@@ -72,7 +74,7 @@
 # with logs and run summaries, $OUT/results.tgz. WORK (default /tmp/mf) holds data and checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp decode-profile parity parity-time short-profile short-throughput launch-overhead gpu-tests direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (training figures iflame ddp ddp-large direct3d-ddp decode-profile decode-linear parity parity-time short-profile short-throughput launch-overhead gpu-tests direct3d-scale step-variants first-step retrain-interleaved iflame-recipe linear-attention decode long direct3d-r256 ssa-tile-ab direct3d-reference direct3d-reference-resume)"; exit 2; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/mf-out}
 WORK=${WORK:-/tmp/mf}
@@ -260,7 +262,7 @@ direct3d_ddp() {  # the same global batch of 1024^3 shapes on 1 and 2 GPUs, the 
 }
 
 needs_data=false  # the recipe makes its own data; decoding and the linear-attention forms need none
-for phase in "$@"; do case $phase in iflame-recipe|decode|decode-profile|linear-attention|launch-overhead|gpu-tests|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
+for phase in "$@"; do case $phase in iflame-recipe|decode|decode-profile|decode-linear|linear-attention|launch-overhead|gpu-tests|first-step|step-variants|direct3d-*|ssa-tile-ab) ;; *) needs_data=true ;; esac; done
 if $needs_data; then
   iflame_data >"$LOGS/data.log" 2>&1 || { cat "$LOGS/data.log"; exit 1; }
 fi
@@ -299,6 +301,8 @@ case $phase in
       timed python3 benchmarks/iflame_vs_full.py --only decode --decode-batches 1 16 64 ) >"$LOGS/decode.log" 2>&1 ;;
   decode-profile)  # where a decoding step's time goes: kernels, GPU time and gaps per token (~1 min)
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/decode_profile.py ) >"$LOGS/decode-profile.log" 2>&1 ;;
+  decode-linear)  # the decoding GEMM's tilings, timed in CUDA graphs (~2 min)
+    ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/decode_linear.py ) >"$LOGS/decode-linear.log" 2>&1 ;;
   long)  # the 4,000-face training steps alone, added to benchmarks/results/iflame_vs_full.json
     ( export CUDA_VISIBLE_DEVICES=0; timed python3 benchmarks/iflame_vs_full.py --only long ) >"$LOGS/long.log" 2>&1 ;;
   direct3d-r256) ( export CUDA_VISIBLE_DEVICES=0; direct3d_r256 ) >"$LOGS/direct3d-r256.log" 2>&1 ;;

@@ -11,8 +11,8 @@ benchmark takes each layer of such a call apart at a size where the GPU work is 
 sequence of 64 positions, 2 heads of 32), so that the host's time per call is what is measured:
 
 - ``aten_add``: one elementwise aten op (the floor of an eager launch);
-- ``rms_norm`` / ``rms_norm_fwd_bwd``: the model's RMSNorm (on CUDA the fused kernel, one each way), alone
-  and with its backward; ``rms_norm_reference_fwd_bwd``: PyTorch's (a float32 round trip of aten ops);
+- ``rms_norm`` / ``rms_norm_fwd_bwd``: the model's RMSNorm (PyTorch's: a float32 round trip of aten ops),
+  alone and with its backward; ``rms_norm_triton_fwd_bwd``: the fused kernels' (one each way);
 - ``sdpa``: causal SDPA (flash) forward, the full-attention blocks' operator;
 - ``triton_empty_1`` / ``triton_empty_12``: an empty ``@triton.jit`` kernel with 1 and 12 arguments,
   launched through ``kernel[grid](...)`` (Triton's JIT dispatch alone);
@@ -28,12 +28,15 @@ sequence of 64 positions, 2 heads of 32), so that the host's time per call is wh
   and fla's chunked form, as a training step calls them;
 - ``block_full_fwd_bwd`` / ``block_linear_fwd_bwd``: one whole block of each kind of the reference model
   (512 wide, 16 heads) at 64 positions, forward + backward: the host's price of a linear block against a
-  full one, everything in it counted; ``block_*_reference_{norm,rotary,swiglu}_fwd_bwd``: the same blocks
-  with PyTorch's RMSNorm / q-k rotation / SwiGLU gate (what each fused kernel saves a block).
+  full one, everything in it counted (the default forms: on CUDA the fused q/k rotation, PyTorch's
+  norms and gate); ``block_*_{triton_norm,reference_rotary,triton_swiglu}_fwd_bwd``: the same blocks
+  with the other form of one op (what each fused kernel saves or costs a block; these and
+  ``rms_norm_triton_fwd_bwd`` on CUDA only).
 
 ``host_us`` is the host's time per call over ``--calls`` calls issued back to back (the GPU is never
 the bottleneck at this size; it is synchronised only at the end), ``wall_us`` the time per call until
-the GPU finished them, both medians of 5 repeats. Writes ``launch_overhead.json`` (device and
+the GPU finished them, both medians of 5 repeats taken in turn over all rows (``host_us_spread``: the
+largest minus the smallest repeat). Writes ``launch_overhead.json`` (device and
 versions named) and ``launch_overhead.png`` (the table).
 """
 
@@ -62,25 +65,28 @@ from meshforge.runtime import device_name
 RESULTS = Path(__file__).parent / "results"
 SHAPE = (1, 64, 2, 32)  # [B, T, H, D]: one tile of the parallel kernel per head
 REPEATS = 5
+# (row suffix, module type, attribute, form): one op of a block in its non-default form.
+VARIANTS = (("triton_norm", RMSNorm, "backend", "triton"), ("reference_rotary", Attention, "rotary_backend", "torch"),
+            ("triton_swiglu", SwiGLU, "backend", "triton"))
 
 
-def per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> dict[str, float]:
-    """Host and wall time per call of ``fn`` over ``calls`` back-to-back calls (medians of REPEATS)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def warm(fn: Callable[[], object], device: torch.device) -> None:
     for _ in range(10):  # compile, plan, allocate
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def one_repeat_us(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[float, float]:
+    """Host and wall time per call of ``fn`` over ``calls`` back-to-back calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter()
     sync()
-    host, wall = [], []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        issued = time.perf_counter()
-        sync()
-        done = time.perf_counter()
-        host.append((issued - start) / calls * 1e6)
-        wall.append((done - start) / calls * 1e6)
-    return {"host_us": statistics.median(host), "wall_us": statistics.median(wall)}
+    done = time.perf_counter()
+    return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
 def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
@@ -102,17 +108,18 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
     rope = Rotary(config.head_dim, SHAPE[1], config.rope_base).to(device)
     x = torch.randn(1, SHAPE[1], config.dim, generator=g).to(device).requires_grad_()
     blocks = {kind: Block(config, full=kind == "full").to(device) for kind in ("linear", "full")}
-    # The same blocks with PyTorch's RMSNorm / q-k rotation / SwiGLU gate (float32 round trips of aten
-    # ops, the copies of the strided q, k, v) for the fused kernels: what each saves the host, in this process.
+    # On CUDA the same blocks with the other form of one op: the fused RMSNorm or SwiGLU gate, PyTorch's
+    # q/k rotation (float32 round trips of aten ops, the copies of the strided q, k, v): what each fused
+    # kernel saves or costs the host, in this process.
+    variants = VARIANTS if device.type == "cuda" else ()
     for kind in ("linear", "full"):
-        for op, module_type, attribute in (("norm", RMSNorm, "backend"), ("rotary", Attention, "rotary_backend"),
-                                           ("swiglu", SwiGLU, "backend")):  # fmt: skip
-            blocks[f"{kind}_reference_{op}"] = reference = copy.deepcopy(blocks[kind])
-            for module in reference.modules():
+        for variant, module_type, attribute, form in variants:
+            blocks[f"{kind}_{variant}"] = other = copy.deepcopy(blocks[kind])
+            for module in other.modules():
                 if isinstance(module, module_type):
-                    setattr(module, attribute, "torch")
-    reference_norm = copy.deepcopy(norm)
-    reference_norm.backend = "torch"
+                    setattr(module, attribute, form)
+    triton_norm = copy.deepcopy(norm)
+    triton_norm.backend = "triton"
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
     def block_fwd_bwd(kind: str) -> Callable[[], None]:
@@ -127,13 +134,13 @@ def torch_ops(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[]
         "aten_add": lambda: q.detach().add(1.0),
         "rms_norm": lambda: norm(q.detach()),
         "rms_norm_fwd_bwd": norm_fwd_bwd(norm),
-        "rms_norm_reference_fwd_bwd": norm_fwd_bwd(reference_norm),
+        **({"rms_norm_triton_fwd_bwd": norm_fwd_bwd(triton_norm)} if variants else {}),
         "sdpa": lambda: causal_attention(q.detach(), k.detach(), v.detach()),
         "sdpa_fwd_bwd": sdpa_fwd_bwd,
         "block_full_fwd_bwd": block_fwd_bwd("full"),
         "block_linear_fwd_bwd": block_fwd_bwd("linear"),
-        **{f"block_{kind}_reference_{op}_fwd_bwd": block_fwd_bwd(f"{kind}_reference_{op}")
-           for kind in ("full", "linear") for op in ("norm", "rotary", "swiglu")},
+        **{f"block_{kind}_{variant[0]}_fwd_bwd": block_fwd_bwd(f"{kind}_{variant[0]}")
+           for kind in ("full", "linear") for variant in variants},
     }
 
 
@@ -238,13 +245,27 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, str] = {}
     for op, fn in ops.items():
         try:
-            rows.append({"op": op, **{k: round(v, 2) for k, v in per_call_us(fn, args.calls, device).items()}})
+            warm(fn, device)
         except (AttributeError, TypeError, RuntimeError) as error:  # a launch path this Triton lacks: recorded
-            rows.append({"op": op, "host_us": None, "wall_us": None, "error": f"{type(error).__name__}: {error}"[:200]})
+            errors[op] = f"{type(error).__name__}: {error}"[:200]
+    times: dict[str, list[tuple[float, float]]] = {op: [] for op in ops if op not in errors}
+    # Repeats go round the ops, so that a drift of the host's speed over the run (seen: rows measured
+    # later ran up to 20% faster) is spread over every row instead of favouring the last ones.
+    for _ in range(REPEATS):
+        for op, repeats in times.items():
+            repeats.append(one_repeat_us(ops[op], args.calls, device))
+    for op in ops:
+        if op in errors:
+            rows.append({"op": op, "host_us": None, "wall_us": None, "error": errors[op]})
+        else:
+            host, wall = zip(*times[op])
+            rows.append({"op": op, "host_us": round(statistics.median(host), 2), "wall_us": round(statistics.median(wall), 2),
+                         "host_us_spread": round(max(host) - min(host), 2)})  # fmt: skip
         print(rows[-1], flush=True)
-        atomic_write_json(args.out / "launch_overhead.json", result)  # each row kept if a deadline stops the run
+    atomic_write_json(args.out / "launch_overhead.json", result)
     render_table_png(rows, args.out / "launch_overhead.png", title=f"Host time per call, {name}")
 
 

@@ -20,9 +20,8 @@ Backend = Literal["auto", "triton", "torch", "reference"]
 
 
 def eager_cuda(x: Tensor) -> bool:
-    """Where the training step's fused elementwise ops (RMSNorm, SwiGLU, q/k rotation) take their Triton
-    forms under "auto": CUDA tensors outside compiled code, which runs the PyTorch forms for inductor
-    to fuse with their neighbours."""
+    """Where the training step's fused q/k rotation takes its Triton form under "auto": CUDA tensors
+    outside compiled code, which runs the PyTorch form for inductor to fuse with its neighbours."""
     return x.is_cuda and not torch.compiler.is_compiling()
 
 

@@ -4,28 +4,64 @@ At decoding sizes (a handful of rows, weights of a few MB) a projection costs on
 read of its weight, whatever else the kernel does; so the RMSNorm before it and the SwiGLU
 activation or residual add after it ride along instead of being launches of their own.
 
-One program per tile of ``BLOCK_N`` output columns (and ``BLOCK_M`` rows): narrow tiles spread a
-small weight over many SMs, since at batch 1-16 the weight read is all the work there is. With a
-norm, each program first reduces its rows' sums of squares over the whole ``K`` (the rows are a
-few KB and stay in cache), then normalises each ``K`` slice on the fly and rounds it to the
-activations' dtype before the dot product, where the reference rounds. With SwiGLU a program
+One program per tile of ``BLOCK_N`` output columns (and ``BLOCK_M`` rows): at batch 1-16 the weight
+read is all the work there is, so the tiles are narrow enough to spread it over every SM. Two
+forms of the tile product share the rest of the kernel (:class:`LinearConfig`):
+
+- ``tl.dot`` (tensor cores) for 16 rows and more, where a tile is at least 16 x 16;
+- a GEMV for a few rows (batch 1 decoding): products summed in float32 with ``tl.sum``, which takes
+  tiles of 1-8 columns, so the 512-column projections run as 128-256 programs instead of the
+  32 that 16-column tiles give on 132 SMs.
+
+With a norm, each program first reduces its rows' sums of squares over the whole ``K`` (the rows are
+a few KB and stay in cache), then normalises each ``K`` slice on the fly and rounds it to the
+activations' dtype before the product, where the reference rounds. With SwiGLU a program
 accumulates the gate columns and the matching up columns (``N`` rows further down the weight) and
 rounds gate, ``silu(gate)`` and the product where the reference does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_N = 16  # output columns per program: the smallest a tensor-core dot takes
-# A slice of K is one load of the weight tile per program: few, wide slices keep the whole tile in
-# flight at once (what a launch-bound step waits on), capped so the row tile stays in registers.
-MAX_BLOCK_K = 512
-MAX_TILE = 8192  # BLOCK_M * BLOCK_K
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+GEMV_MAX_ROWS = 4  # rows a GEMV tile takes; from 16 rows on, tensor cores do the same work in fewer programs
+MAX_TILE = 8192  # BLOCK_M * BLOCK_K (dot) or BLOCK_M * BLOCK_N * BLOCK_K (GEMV): what stays in registers
+GEMV_PROGRAMS = 256  # programs a GEMV spreads its weight over: about two per SM on an H100/H200
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """One launch's tiling: the product's form, the tile (rows x columns x slice of K) and warps."""
+
+    dot: bool
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+    @classmethod
+    def for_shape(cls, rows: int, n: int, k: int) -> LinearConfig:
+        """The default tiling of ``rows x K`` times ``K x N``.
+
+        The dot form takes 16-column tiles (the narrowest a tensor-core dot takes) and slices of K
+        as wide as the register budget allows: few, wide slices keep the whole tile in flight at
+        once, which is what a launch-bound step waits on. A GEMV's tiles are as narrow as it takes
+        to give about GEMV_PROGRAMS programs, and at most 8 columns wide."""
+        k_cover = max(16, triton.next_power_of_2(k))
+        if rows > GEMV_MAX_ROWS:
+            block_m = min(64, max(16, triton.next_power_of_2(rows)))
+            return cls(dot=True, block_m=block_m, block_n=16, block_k=min(512, MAX_TILE // block_m, k_cover))
+        block_m, block_n = triton.next_power_of_2(rows), 8
+        while block_n > 1 and triton.cdiv(n, block_n) < GEMV_PROGRAMS:
+            block_n //= 2
+        return cls(dot=False, block_m=block_m, block_n=block_n,
+                   block_k=min(512, MAX_TILE // (block_m * block_n), k_cover))  # fmt: skip
 
 
 @triton.jit
@@ -35,11 +71,24 @@ def _load_rows(x_ptr, rows, ks, stride_xm, M, K):
 
 
 @triton.jit
+def _tile_product(acc, x_slice, w_ptr, cols, ks, stride_wn, N, K, DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``acc + x_slice @ W[cols, ks]^T`` in float32, on tensor cores (DOT) or as a GEMV."""
+    if DOT:
+        w_mask = (ks < K)[:, None] & (cols < N)[None, :]
+        w_tile = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)  # W^T
+        return tl.dot(x_slice.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    w_mask = (cols < N)[:, None] & (ks < K)[None, :]
+    w_tile = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
+    # A product of two bf16/fp16 values is exact in float32: only the order of the sum differs from a dot.
+    return acc + tl.sum(x_slice.to(tl.float32)[:, None, :] * w_tile.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
 def _fused_linear_kernel(
     x_ptr, norm_ptr, w_ptr, res_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,28 +103,22 @@ def _fused_linear_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_mask_n = (cols < N)[None, :]
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x_slice = _load_rows(x_ptr, rows, ks, stride_xm, M, K)
         if HAS_NORM:
             gain = tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
             x_slice = (x_slice.to(tl.float32) * inv_rms[:, None] * gain[None, :]).to(dtype)
-        x_dot = x_slice.to(DOT_DTYPE)
-        w_mask = (ks < K)[:, None] & w_mask_n
-        w_tile = w_ptr + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]: W^T
-        gate_w = tl.load(w_tile, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(x_dot, gate_w, acc, input_precision=PRECISION)
+        acc = _tile_product(acc, x_slice, w_ptr, cols, ks, stride_wn, N, K, DOT, PRECISION, DOT_DTYPE)
         if SWIGLU:
-            up_w = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0).to(DOT_DTYPE)
-            acc_up = tl.dot(x_dot, up_w, acc_up, input_precision=PRECISION)
+            acc_up = _tile_product(acc_up, x_slice, w_ptr + N * stride_wn, cols, ks, stride_wn, N, K, DOT, PRECISION, DOT_DTYPE)
 
     out = acc.to(dtype)
     if SWIGLU:
         gate = out.to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (silu.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
-    out_mask = (rows < M)[:, None] & w_mask_n
+    out_mask = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0)
         out = (residual.to(tl.float32) + out.to(tl.float32)).to(dtype)
@@ -89,7 +132,9 @@ def fused_linear_triton(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     swiglu: bool = False,
+    config: LinearConfig | None = None,
 ) -> Tensor:
+    """The fused GEMM; ``config`` (default :meth:`LinearConfig.for_shape`) sets its tiling."""
     if x.ndim != 2 or weight.ndim != 2 or x.stride(-1) != 1 or not weight.is_contiguous():
         raise ValueError(
             f"x must be [M, K] with unit stride on K and weight a contiguous [N, K]; got "
@@ -109,20 +154,19 @@ def fused_linear_triton(
         residual.shape != (rows, n) or residual.stride(-1) != 1 or residual.dtype != x.dtype
     ):
         raise ValueError(f"residual must be [M, N] = {(rows, n)} in {x.dtype} with unit stride on N")
+    config = config or LinearConfig.for_shape(rows, n, k)
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_k = min(MAX_BLOCK_K, MAX_TILE // block_m, max(16, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(rows, block_m))
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m))
     norm = x if norm_weight is None else norm_weight.contiguous()  # a placeholder pointer when unused
     res = out if residual is None else residual
     _fused_linear_kernel[grid](
         x, norm, weight, res, out,
         rows, n, k, x.stride(0), weight.stride(0), res.stride(0), out.stride(0), eps,
-        HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None,
+        HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DOT=config.dot,
         # Triton's interpreter multiplies bf16 operands as their raw bits; the product of two bf16
         # values is exact in float32, so a float32 dot of the same operands is the same sum there.
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
         DOT_DTYPE=tl.float32 if not x.is_cuda else _DOT_DTYPES[x.dtype],
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     return out

@@ -12,10 +12,10 @@ from meshforge.kernels.utils import Backend
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation with a learned gain, computed in float32 (bf16-safe):
-    :func:`meshforge.kernels.rms_norm.rms_norm` (one fused kernel each way on CUDA, eagerly)."""
+    :func:`meshforge.kernels.rms_norm.rms_norm` (PyTorch's; one fused kernel each way with "triton")."""
 
-    # Its form (meshforge.kernels.rms_norm.rms_norm): benchmarks set "torch" on a module to time the
-    # reference beside the fused kernel in one process.
+    # Its form (meshforge.kernels.rms_norm.rms_norm): benchmarks set it on a module to time both
+    # forms in one process.
     backend: Backend = "auto"
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -35,9 +35,9 @@ def swiglu_hidden(dim: int, ratio: float, multiple_of: int = 64) -> int:
 
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``; gate and up share one matmul, and the gate is
-    :func:`meshforge.kernels.swiglu.swiglu` (one fused kernel each way on CUDA, eagerly)."""
+    :func:`meshforge.kernels.swiglu.swiglu` (PyTorch's; one fused kernel each way with "triton")."""
 
-    # The gate's form: benchmarks set "torch" on a module to time the reference beside the kernel.
+    # The gate's form: benchmarks set it on a module to time both forms in one process.
     backend: Backend = "auto"
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:

@@ -181,6 +181,17 @@ def test_collect_copies_the_companion_benchmarks_figures_in(bench, tmp_path):
     for name in ["iflame_vs_full.json", *COMPANIONS]:
         (tmp_path / name).write_text((RESULT.parent / name).read_text())
     out = tmp_path / "iflame_vs_full.json"
+    # A later decoding run without batch 64, collected into a result that holds batch-64 figures of an older one.
+    stale = json.loads(out.read_text())
+    decode_path = tmp_path / "iflame_vs_full_decode.json"
+    decode = json.loads(decode_path.read_text())
+    stale["decode_throughput_ratio_b64"] = decode.pop("decode_throughput_ratio_b64", 3.0)
+    for kind in ("interleaved", "full"):
+        for key in ("decode_b64", "decode_eager_b64"):
+            stale[kind][key] = decode[kind].pop(key, {"tokens_per_s": 1.0})
+    decode["settings"]["decode_batches"] = [b for b in decode["settings"]["decode_batches"] if b != 64]
+    out.write_text(json.dumps(stale))
+    decode_path.write_text(json.dumps(decode))
     bench.main(["--collect", "--out", str(out)])
     after = json.loads(out.read_text())
     variants, first, forms, decode = (json.loads((tmp_path / n).read_text()) for n in COMPANIONS)

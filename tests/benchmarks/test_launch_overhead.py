@@ -9,10 +9,9 @@ def test_the_cpu_run_times_every_pytorch_op_and_names_what_it_skips(benchmark_sc
     result = json.loads((tmp_path / "launch_overhead.json").read_text())
     assert result["benchmark"] == "launch_overhead" and result["device"].startswith("cpu")
     assert [row["op"] for row in result["rows"]] == [
-        "aten_add", "rms_norm", "rms_norm_fwd_bwd", "rms_norm_reference_fwd_bwd", "sdpa", "sdpa_fwd_bwd",
-        "block_full_fwd_bwd", "block_linear_fwd_bwd",
-        *(f"block_{kind}_reference_{op}_fwd_bwd" for kind in ("full", "linear") for op in ("norm", "rotary", "swiglu")),
+        "aten_add", "rms_norm", "rms_norm_fwd_bwd", "sdpa", "sdpa_fwd_bwd", "block_full_fwd_bwd", "block_linear_fwd_bwd",
     ]  # fmt: skip
+    assert all(row["host_us_spread"] >= 0 for row in result["rows"])
     # wall time includes the host's (nothing runs asynchronously on a CPU)
     assert all(0 < row["host_us"] <= row["wall_us"] for row in result["rows"])
     assert result["skipped"] == ["the Triton and fla rows need CUDA"]

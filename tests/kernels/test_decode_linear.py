@@ -16,7 +16,7 @@ float32 sums may run in another order: ``K 2^-24 sum_k |x_k w_nk|`` at worst, al
 import pytest
 import torch
 from meshforge.kernels.decode_step import fused_linear, fused_linear_reference
-from meshforge.kernels.decode_step.linear import fused_linear_triton
+from meshforge.kernels.decode_step.linear import LinearConfig, fused_linear_triton
 from torch.nn import functional as F
 
 from meshforge.models.layers import RMSNorm, SwiGLU
@@ -88,6 +88,41 @@ def test_triton_matches_the_reference(mode, dtype, rows, k, n):
     check(x, weight, kwargs, fused_linear_triton(x, weight, **kwargs))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        LinearConfig(dot=True, block_m=16, block_n=16, block_k=128),  # one row padded to a tensor-core tile
+        LinearConfig(dot=False, block_m=4, block_n=8, block_k=128),  # ragged columns and K, padded rows
+        LinearConfig(dot=False, block_m=4, block_n=1, block_k=256, num_warps=2),
+    ],
+    ids=["dot", "gemv-8", "gemv-1"],
+)
+def test_either_tile_product_matches_the_reference_at_any_tiling(mode, config):
+    """The two forms of the tile product (LinearConfig) are interchangeable: each tiling gives the
+    reference within the same rounding bound, on rows, columns and K that fill no tile evenly."""
+    x, weight, kwargs = inputs(3, 600, 20, MODES[mode], torch.bfloat16, seed=7)
+    check(x, weight, kwargs, fused_linear_triton(x, weight, **kwargs, config=config))
+
+
+def test_default_tilings_spread_a_decoding_projection_over_the_gpu():
+    """A GEMV for a few rows, as many programs as GEMV_PROGRAMS asks for without tiles over 8 columns;
+    tensor cores from GEMV_MAX_ROWS + 1 rows on, with the row tile's K slice inside MAX_TILE."""
+    from meshforge.kernels.decode_step.linear import GEMV_MAX_ROWS, GEMV_PROGRAMS, MAX_TILE
+
+    assert LinearConfig.for_shape(1, 512, 1408) == LinearConfig(dot=False, block_m=1, block_n=2, block_k=512)
+    assert LinearConfig.for_shape(1, 1536, 512).block_n == 4
+    assert LinearConfig.for_shape(1, 20000, 512).block_n == 8
+    assert LinearConfig.for_shape(1, 135, 512).block_n == 1
+    for rows, n in [(1, 512), (1, 1536), (3, 1408), (GEMV_MAX_ROWS, 135)]:
+        config = LinearConfig.for_shape(rows, n, 512)
+        assert not config.dot and config.block_m >= rows
+        assert -(-n // config.block_n) >= GEMV_PROGRAMS or config.block_n == 1
+        assert config.block_m * config.block_n * config.block_k <= MAX_TILE
+    config = LinearConfig.for_shape(GEMV_MAX_ROWS + 1, 512, 1408)
+    assert config.dot and config.block_m == 16 and config.block_m * config.block_k <= MAX_TILE
+
+
 def test_rows_may_be_a_strided_view():
     x, weight, kwargs = inputs(4, 32, 16, MODES["norm"], torch.float32, seed=5)
     wide = torch.zeros(4, 3, 32, device=DEVICE)
@@ -110,15 +145,18 @@ from meshforge.kernels.decode_step.linear import _fused_linear_kernel
 names = ["x_ptr", "norm_ptr", "w_ptr", "res_ptr", "out_ptr", "M", "N", "K", "stride_xm", "stride_wn",
          "stride_rm", "stride_om", "eps"]
 types = ["*bf16", "*fp32", "*bf16", "*bf16", "*bf16"] + ["i32"] * 7 + ["fp32"]
-flags = dict(HAS_NORM=True, SWIGLU=True, HAS_RESIDUAL=True, PRECISION="tf32", DOT_DTYPE=tl.bfloat16,
-             BLOCK_M=16, BLOCK_N=16, BLOCK_K=512)
-kernel = compile_for_hopper(_fused_linear_kernel, zip(names, types), flags)
-assert "mma.sync" in kernel.asm["ptx"] and kernel.asm["cubin"]
+flags = dict(HAS_NORM=True, SWIGLU=True, HAS_RESIDUAL=True, PRECISION="tf32", DOT_DTYPE=tl.bfloat16)
+dot = compile_for_hopper(_fused_linear_kernel, zip(names, types),
+                         flags | dict(DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512))
+assert "mma.sync" in dot.asm["ptx"] and dot.asm["cubin"]
+gemv = compile_for_hopper(_fused_linear_kernel, zip(names, types),
+                          flags | dict(DOT=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=512))
+assert "mma" not in gemv.asm["ptx"] and gemv.asm["cubin"]
 """
 
 
 def test_kernel_compiles_for_hopper(hopper_compile):
-    """Every branch compiled for sm_90, down to a cubin with tensor-core MMAs."""
+    """Every branch compiled for sm_90, down to a cubin: with tensor-core MMAs, and as a GEMV without."""
     hopper_compile(HOPPER_COMPILE)
 
 

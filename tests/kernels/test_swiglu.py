@@ -92,7 +92,7 @@ for kernel, types in kernels:
 @pytest.mark.gpu
 def test_fused_gate_on_cuda_at_iflame_training_size():
     gate_up, grad = inputs((32, 1107, 2 * 1408), torch.bfloat16)
-    out, dgate_up = forward_backward(swiglu, gate_up, grad)  # eager on CUDA: the kernels
+    out, dgate_up = forward_backward(swiglu_triton, gate_up, grad)
     expected, dgate_up_ref = forward_backward(swiglu_reference, gate_up, grad)
     # compiled, the kernels round to nearest as PyTorch does: an ulp per rounding where float32's last
     # bits move a value across a boundary, two roundings per output

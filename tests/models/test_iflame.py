@@ -240,8 +240,8 @@ def test_compiled_model_gives_the_same_loss_and_gradients():
 
 
 def test_the_fused_norm_rotation_and_gate_give_the_models_loss_and_gradients(monkeypatch):
-    """What eager CUDA training runs (the Triton RMSNorm, q/k rotation and SwiGLU gate, here under the interpreter)
-    against the PyTorch forms, through a whole model in float32: each op agrees to float32 rounding
+    """The Triton q/k rotation (what eager CUDA training runs) with the opt-in Triton RMSNorm and SwiGLU
+    gate, here under the interpreter, against the PyTorch forms, through a whole model in float32: each op agrees to float32 rounding
     (its own tests), so the loss and gradients agree as the compiled model's do (the test above's
     argument: 1e-4 of each gradient's largest entry, ~10x over the reductions' float32 error)."""
     from meshforge.models.iflame import Attention
