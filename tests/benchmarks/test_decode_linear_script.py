@@ -1,4 +1,4 @@
-"""benchmarks/decode_linear.py's CPU smoke test: every projection timed in every form, the GEMV grid at
+"""benchmarks/decode_linear.py's CPU smoke test (named apart from tests/kernels/test_decode_linear.py: one module name per basename): every projection timed in every form, the GEMV grid at
 batch 1 only, the best tiling the fastest of the grid, the table written."""
 
 import json
