@@ -30,7 +30,9 @@ import triton.language as tl
 from torch import Tensor
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-GEMV_MAX_ROWS = 4  # rows a GEMV tile takes; from 16 rows on, tensor cores do the same work in fewer programs
+# Rows a GEMV takes; more go to tensor cores, padded to 16. At 4 rows the GEMV still wins, narrowly (one
+# H200 run, benchmarks/results/decode_linear.json: 19.7 against 20.3 us over the reference model's five projections).
+GEMV_MAX_ROWS = 4
 MAX_TILE = 8192  # BLOCK_M * BLOCK_K (dot) or BLOCK_M * BLOCK_N * BLOCK_K (GEMV): what stays in registers
 GEMV_PROGRAMS = 256  # programs a GEMV spreads its weight over: about two per SM on an H100/H200
 
