@@ -12,7 +12,9 @@ output projection that does not need the whole K/V cache:
 
 A third, :func:`fused_linear`, carries the elementwise work around each of a block's four projections
 into the GEMM itself: the pre-norm RMSNorm before ``qkv`` and ``gate_up``, the SwiGLU activation
-after ``gate_up``, the residual add after ``proj`` and ``down`` (and the final norm before the head).
+after ``gate_up``, the residual add after ``proj`` and ``down`` (and the final norm before the head, and
+the hourglass's skip add before a decoder's first ``qkv``); its output may go into a strided buffer,
+the cache slot a stage's result is kept in.
 A block's step is then 5 launches (linear attention) or 7 (full: append, split-K and merge) instead
 of the unfused ops' 15 / 17 (:meth:`meshforge.models.iflame.Block.step`).
 
@@ -47,15 +49,20 @@ def fused_linear(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     swiglu: bool = False,
+    skip: tuple[Tensor, Tensor] | None = None,
+    skip_sum: Tensor | None = None,
+    out: Tensor | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
     """:func:`fused_linear_reference`, as one Triton kernel on CUDA."""
     fusable = x.is_cuda and x.stride(-1) == 1 and weight.dtype == x.dtype and weight.is_contiguous()
+    if skip is not None and skip_sum is None:
+        raise ValueError("fused_linear: a skip input needs skip_sum, the buffer its sum is written to")
     if resolve_backend("fused_linear", backend, fusable, FORMS) == "triton":
         from meshforge.kernels.decode_step.linear import fused_linear_triton
 
-        return fused_linear_triton(x, weight, norm_weight, eps, residual, swiglu)
-    return fused_linear_reference(x, weight, norm_weight, eps, residual, swiglu)
+        return fused_linear_triton(x, weight, norm_weight, eps, residual, swiglu, skip, skip_sum, out)
+    return fused_linear_reference(x, weight, norm_weight, eps, residual, swiglu, skip, skip_sum, out)
 
 
 def _fusable(qkv: Tensor) -> bool:

@@ -73,6 +73,16 @@ def _load_rows(x_ptr, rows, ks, stride_xm, M, K):
 
 
 @triton.jit
+def _input_slice(x_ptr, skip_ptr, scale, rows, ks, stride_xm, stride_km, M, K, HAS_SKIP: tl.constexpr):
+    """Rows x ``ks`` of the GEMM's input: ``x``, or ``x + scale * skip`` rounded where PyTorch's two ops round."""
+    x = _load_rows(x_ptr, rows, ks, stride_xm, M, K)
+    if HAS_SKIP:
+        scaled = (scale * _load_rows(skip_ptr, rows, ks, stride_km, M, K).to(tl.float32)).to(x.dtype)
+        x = (x.to(tl.float32) + scaled.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _tile_product(acc, x_slice, w_ptr, cols, ks, stride_wn, N, K, DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """``acc + x_slice @ W[cols, ks]^T`` in float32, on tensor cores (DOT) or as a GEMV."""
     if DOT:
@@ -87,19 +97,23 @@ def _tile_product(acc, x_slice, w_ptr, cols, ks, stride_wn, N, K, DOT: tl.conste
 
 @triton.jit
 def _fused_linear_kernel(
-    x_ptr, norm_ptr, w_ptr, res_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
-    HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr, norm_ptr, w_ptr, res_ptr, out_ptr, skip_ptr, scale_ptr, sum_ptr,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_om, stride_km, stride_sm, eps,
+    HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SKIP: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dtype = x_ptr.dtype.element_ty
+    scale = 0.0
+    if HAS_SKIP:
+        scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_NORM:
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            row_slice = _load_rows(x_ptr, rows, k0 + tl.arange(0, BLOCK_K), stride_xm, M, K).to(tl.float32)
+            ks = k0 + tl.arange(0, BLOCK_K)
+            row_slice = _input_slice(x_ptr, skip_ptr, scale, rows, ks, stride_xm, stride_km, M, K, HAS_SKIP).to(tl.float32)
             sum_sq += tl.sum(row_slice * row_slice, axis=1)
         inv_rms = 1.0 / tl.sqrt(sum_sq / K + eps)
 
@@ -107,7 +121,11 @@ def _fused_linear_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x_slice = _load_rows(x_ptr, rows, ks, stride_xm, M, K)
+        x_slice = _input_slice(x_ptr, skip_ptr, scale, rows, ks, stride_xm, stride_km, M, K, HAS_SKIP)
+        if HAS_SKIP:
+            if tl.program_id(0) == 0:  # the first column tile writes the summed rows: the block's residual stream
+                inside = (rows < M)[:, None] & (ks < K)[None, :]
+                tl.store(sum_ptr + rows[:, None] * stride_sm + ks[None, :], x_slice, mask=inside)
         if HAS_NORM:
             gain = tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
             x_slice = (x_slice.to(tl.float32) * inv_rms[:, None] * gain[None, :]).to(dtype)
@@ -134,6 +152,9 @@ def fused_linear_triton(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     swiglu: bool = False,
+    skip: tuple[Tensor, Tensor] | None = None,
+    skip_sum: Tensor | None = None,
+    out: Tensor | None = None,
     config: LinearConfig | None = None,
 ) -> Tensor:
     """The fused GEMM; ``config`` (default :meth:`LinearConfig.for_shape`) sets its tiling."""
@@ -152,19 +173,27 @@ def fused_linear_triton(
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not match the width {k}")
-    if residual is not None and (
-        residual.shape != (rows, n) or residual.stride(-1) != 1 or residual.dtype != x.dtype
-    ):
+    if residual is not None and not _rows_of(residual, rows, n, x.dtype):
         raise ValueError(f"residual must be [M, N] = {(rows, n)} in {x.dtype} with unit stride on N")
+    if out is not None and not _rows_of(out, rows, n, x.dtype):
+        raise ValueError(f"out must be [M, N] = {(rows, n)} in {x.dtype} with unit stride on N")
+    if skip is not None and not (
+        skip[0].numel() == 1 and _rows_of(skip[1], rows, k, x.dtype) and skip_sum is not None
+        and _rows_of(skip_sum, rows, k, x.dtype)
+    ):  # fmt: skip
+        raise ValueError(f"skip must be (a scale of one element, [M, K] = {(rows, k)} rows) with skip_sum like x")
     config = config or LinearConfig.for_shape(rows, n, k)
-    out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows, n, device=x.device, dtype=x.dtype) if out is None else out
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m))
-    norm = x if norm_weight is None else norm_weight.contiguous()  # a placeholder pointer when unused
+    # Placeholder pointers where an input is unused: the kernel never reads or writes them.
+    norm = x if norm_weight is None else norm_weight.contiguous()
     res = out if residual is None else residual
+    scale, other, summed = (x, x, x) if skip is None else (skip[0], skip[1], skip_sum)
     _fused_linear_kernel[grid](
-        x, norm, weight, res, out,
-        rows, n, k, x.stride(0), weight.stride(0), res.stride(0), out.stride(0), eps,
-        HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DOT=config.dot,
+        x, norm, weight, res, out, other, scale, summed,
+        rows, n, k, x.stride(0), weight.stride(0), res.stride(0), out.stride(0), other.stride(0), summed.stride(0), eps,
+        HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, HAS_SKIP=skip is not None,
+        DOT=config.dot,
         # Triton's interpreter multiplies bf16 operands as their raw bits; the product of two bf16
         # values is exact in float32, so a float32 dot of the same operands is the same sum there.
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
@@ -172,3 +201,8 @@ def fused_linear_triton(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     return out
+
+
+def _rows_of(t: Tensor, rows: int, width: int, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is ``[rows, width]`` in ``dtype`` with unit stride on its width (rows may be strided)."""
+    return t.shape == (rows, width) and t.stride(-1) == 1 and t.dtype == dtype

@@ -39,15 +39,25 @@ def fused_linear_reference(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     swiglu: bool = False,
+    skip: tuple[Tensor, Tensor] | None = None,
+    skip_sum: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """``x [M, K]`` -> ``[M, N]``: ``RMSNorm(x)`` (when ``norm_weight`` is given) times ``weight^T``
-    (``[N, K]``, or ``[2N, K]``: gate rows then up rows, with ``swiglu``), then ``silu(gate) * up``
-    (``swiglu``), then ``residual + ...`` (``residual [M, N]``). The training forward's own ops, in
-    its order."""
+    """``x [M, K]`` -> ``[M, N]``: ``x + scale * other`` (with ``skip = (scale, other)``: the hourglass's skip
+    connection, written to ``skip_sum [M, K]``, the block's residual stream from there on), ``RMSNorm`` of
+    that (when ``norm_weight`` is given) times ``weight^T`` (``[N, K]``, or ``[2N, K]``: gate rows then up
+    rows, with ``swiglu``), then ``silu(gate) * up`` (``swiglu``), then ``residual + ...`` (``residual [M, N]``),
+    into ``out`` when given. The training forward's own ops, in its order."""
+    if skip is not None:
+        scale, other = skip
+        x = x + scale * other
+        skip_sum.copy_(x)
     if norm_weight is not None:
         x = rms_norm_reference(x, norm_weight, eps)
-    out = F.linear(x, weight)
+    result = F.linear(x, weight)
     if swiglu:
-        gate, up = out.chunk(2, dim=-1)
-        out = F.silu(gate) * up
-    return out if residual is None else residual + out
+        gate, up = result.chunk(2, dim=-1)
+        result = F.silu(gate) * up
+    if residual is not None:
+        result = residual + result
+    return result if out is None else out.copy_(result)

@@ -150,6 +150,9 @@ class StepPosition:
     sin: Tensor
 
 
+Skip = tuple[Tensor, Tensor]  # (scale, other): a decoder's input is ``x + scale * other`` (the hourglass's skip)
+
+
 @dataclass
 class IFlameCache:
     """Everything :meth:`IFlame.step` needs to continue a batch of sequences.
@@ -245,13 +248,20 @@ class Attention(nn.Module):
         state = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
         return StateCache(state, torch.exp(-self.slopes.float()).to(device))
 
-    def step(self, x: Tensor, norm: RMSNorm, at: StepPosition, cache: BlockCache) -> Tensor:
-        """``x + attn(norm(x))`` for the residual stream ``x [B, dim]`` at position ``at`` of the level.
+    def step(self, x: Tensor, norm: RMSNorm, at: StepPosition, cache: BlockCache, skip: Skip | None = None) -> Tensor:
+        """``x + attn(norm(x))`` for the residual stream ``x [B, dim]`` at position ``at`` of the level
+        (``x + scale * other`` with ``skip = (scale, other)``).
 
-        The norm rides in the ``qkv`` GEMM and the residual add in the output projection's; between
-        the two GEMMs each kind is one fused op on CUDA (:mod:`meshforge.kernels.decode_step`).
+        The skip add and the norm ride in the ``qkv`` GEMM and the residual add in the output
+        projection's; between the two GEMMs each kind is one fused op on CUDA
+        (:mod:`meshforge.kernels.decode_step`).
         """
-        qkv = fused_linear(x, self.qkv.weight, norm.weight, norm.eps)
+        if skip is None:
+            qkv = fused_linear(x, self.qkv.weight, norm.weight, norm.eps)
+        else:
+            summed = torch.empty_like(x)
+            qkv = fused_linear(x, self.qkv.weight, norm.weight, norm.eps, skip=skip, skip_sum=summed)
+            x = summed
         qkv = qkv.view(x.shape[0], 3, self.n_heads, self.head_dim)
         if isinstance(cache, KVCache):
             q = rotary_kv_append(qkv, at.cos, at.sin, cache.k, cache.v, at.index)
@@ -275,18 +285,20 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
-    def step(self, x: Tensor, at: StepPosition, cache: BlockCache) -> Tensor:
+    def step(self, x: Tensor, at: StepPosition, cache: BlockCache, skip: Skip | None = None,
+             out: Tensor | None = None) -> Tensor:  # fmt: skip
         """:meth:`forward` at one position, without dropout (decoding runs in eval), each projection
         one fused GEMM:
-        ``norm -> qkv``, attention, ``proj -> + x``, ``norm -> gate_up -> SwiGLU``, ``down -> + x``.
+        ``(+ skip) norm -> qkv``, attention, ``proj -> + x``, ``norm -> gate_up -> SwiGLU``, ``down -> + x``
+        (into ``out`` when given: a cache slot the result is kept in).
 
         5 launches for a linear block, 7 for a full one (K/V append, split-K attention and its merge);
         the unfused ops launched 15 / 17 (each RMSNorm three: to float32, norm, back; SiLU and its
         product; both residual adds)."""
-        x = self.attn.step(x, self.attn_norm, at, cache)
+        x = self.attn.step(x, self.attn_norm, at, cache, skip)
         mlp = self.mlp
         hidden = fused_linear(x, mlp.gate_up.weight, self.mlp_norm.weight, self.mlp_norm.eps, swiglu=True)
-        return fused_linear(hidden, mlp.down.weight, residual=x)
+        return fused_linear(hidden, mlp.down.weight, residual=x, out=out)
 
 
 def pool(x: Tensor) -> Tensor:
@@ -413,9 +425,16 @@ class IFlame(nn.Module):
         position = torch.zeros(1, device=device, dtype=torch.long)
         return IFlameCache(blocks, stream(POOL), stream(POOL), stream(), stream(), position, max_len)
 
-    def _step(self, stage: nn.ModuleList, x: Tensor, at: StepPosition, caches: list[BlockCache]) -> Tensor:
-        for block, cache in zip(stage, caches):
-            x = block.step(x, at, cache)
+    def _step(self, stage: nn.ModuleList, x: Tensor, at: StepPosition, caches: list[BlockCache],
+              skip: Skip | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
+        """A stage's blocks at one position: ``x`` (``+ scale * other`` with ``skip``, which the first
+        block's ``qkv`` GEMM adds), the last block's output written into ``out`` when given."""
+        if not stage:  # no GEMM to carry the skip add and the write
+            if skip is not None:
+                x = x + skip[0] * skip[1]
+            return x if out is None else out.copy_(x)
+        for i, (block, cache) in enumerate(zip(stage, caches)):
+            x = block.step(x, at, cache, skip if i == 0 else None, out if i == len(stage) - 1 else None)
         return x
 
     def _at(self, index: Tensor) -> StepPosition:
@@ -430,10 +449,12 @@ class IFlame(nn.Module):
         the kernels read positions from ``cache.device_position``.
 
         A step at batch 1-16 is launch-bound. Around the blocks (:meth:`Block.step`) it launches the
-        embedding, rotary lookups (3 a level), group writes, skip adds (2 each) and the fused final
-        norm + head: for the reference model (4/4/8/4/4 blocks, 1 in 4 full) 53 launches at 6 of the
-        9 phases, 106 when a vertex completes, 156 when a face does, 76 a step on average (unfused:
-        136 / 269 / 399, 195 on average; the full-attention baseline 94, was 212).
+        embedding, rotary lookups (3 a level), the group means, the position's arithmetic and the
+        fused final norm + head; the stages' outputs go straight into their cache slots and the skip
+        adds ride in the decoders' first GEMMs. For the reference model (4/4/8/4/4 blocks, 1 in 4
+        full) that is 50 launches at 6 of the 9 phases, 99 when a vertex completes, 148 when a face
+        does, 72 a step on average (with the copies and skip adds as launches of their own: 76;
+        unfused: 195; the full-attention baseline 90, was 212).
         """
         t = cache.position
         if t >= cache.max_len:
@@ -441,19 +462,19 @@ class IFlame(nn.Module):
         enc, vert_enc, face_blocks, vert_dec, dec = cache.blocks
         pos = cache.device_position
         token_at = self._at(pos)
-        tok = self._step(self.token_enc, self.embed(tokens), token_at, enc)
-        cache.token_group[:, t % POOL] = tok
+        # Each stage's last GEMM writes straight into the cache slot its output is kept in, and the
+        # decoders' skip adds ride in their first GEMM: no copy or elementwise launch between stages.
+        tok = self._step(self.token_enc, self.embed(tokens), token_at, enc, out=cache.token_group[:, t % POOL])
         if t % POOL == POOL - 1:
             vertex_at = self._at(pos // POOL)
-            vert = self._step(self.vertex_enc, cache.token_group.mean(1), vertex_at, vert_enc)
-            cache.vertex_group[:, (t // POOL) % POOL] = vert
+            vert = self._step(self.vertex_enc, cache.token_group.mean(1), vertex_at, vert_enc,
+                              out=cache.vertex_group[:, (t // POOL) % POOL])  # fmt: skip
             if t % POOL**2 == POOL**2 - 1:
                 face_at = self._at(pos // POOL**2)
-                cache.face_up.copy_(self._step(self.face, cache.vertex_group.mean(1), face_at, face_blocks))
-            cache.vertex_up.copy_(
-                self._step(self.vertex_dec, cache.face_up + self.vertex_skip * vert, vertex_at, vert_dec)
-            )
-        tok = self._step(self.token_dec, cache.vertex_up + self.token_skip * tok, token_at, dec)
+                self._step(self.face, cache.vertex_group.mean(1), face_at, face_blocks, out=cache.face_up)
+            self._step(self.vertex_dec, cache.face_up, vertex_at, vert_dec, skip=(self.vertex_skip, vert),
+                       out=cache.vertex_up)  # fmt: skip
+        tok = self._step(self.token_dec, cache.vertex_up, token_at, dec, skip=(self.token_skip, tok))
         cache.position = t + 1
         pos.add_(1)
         return fused_linear(tok, self.head.weight, self.norm.weight, self.norm.eps)

@@ -123,6 +123,37 @@ def test_default_tilings_spread_a_decoding_projection_over_the_gpu():
     assert config.dot and config.block_m == 16 and config.block_m * config.block_k <= MAX_TILE
 
 
+@pytest.mark.parametrize("config", [None, LinearConfig(dot=True, block_m=16, block_n=16, block_k=128)], ids=["gemv", "dot"])
+def test_a_skip_input_and_an_out_buffer_take_the_references_values(config):
+    """``x + scale * other`` before the norm (the hourglass's skip, as the first decoder block's
+    ``qkv`` GEMM takes it), its sum written for the residual stream, the result into a strided view.
+    In float32 the sum is the reference's bit for bit (the same two float32 operations); the GEMM
+    then holds the rounding bound above, taken at the summed input."""
+    x, weight, kwargs = inputs(3, 600, 20, MODES["norm"], torch.float32, seed=11)
+    other = torch.randn(3, 600, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    scale = torch.tensor(0.7, device=DEVICE)
+    want_sum = torch.empty_like(x)
+    want = fused_linear_reference(x, weight, **kwargs, skip=(scale, other), skip_sum=want_sum)
+    got_sum = torch.full_like(x, float("nan"))
+    rows = torch.full((3, 2, 20), float("nan"), device=DEVICE)
+    got = fused_linear_triton(x, weight, **kwargs, skip=(scale, other), skip_sum=got_sum, out=rows[:, 1], config=config)
+    assert got.data_ptr() == rows[:, 1].data_ptr() and torch.isnan(rows[:, 0]).all()
+    assert torch.equal(got_sum, want_sum) and torch.equal(want_sum, x + scale * other)
+    check(want_sum, weight, kwargs, got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_skip_needs_the_buffer_for_its_sum_and_rows_like_x():
+    x, weight, _ = inputs(2, 16, 16, {}, torch.float32, seed=0)
+    scale = torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(ValueError, match="skip_sum"):
+        fused_linear(x, weight, skip=(scale, x))
+    with pytest.raises(ValueError, match="skip must be"):
+        fused_linear_triton(x, weight, skip=(scale, x[:, :8]), skip_sum=torch.empty_like(x))
+    with pytest.raises(ValueError, match="out must be"):
+        fused_linear_triton(x, weight, out=torch.empty(2, 8, device=DEVICE))
+
+
 def test_rows_may_be_a_strided_view():
     x, weight, kwargs = inputs(4, 32, 16, MODES["norm"], torch.float32, seed=5)
     wide = torch.zeros(4, 3, 32, device=DEVICE)
@@ -142,10 +173,10 @@ def test_shapes_the_kernel_cannot_take_are_refused():
 
 HOPPER_COMPILE = """
 from meshforge.kernels.decode_step.linear import _fused_linear_kernel
-names = ["x_ptr", "norm_ptr", "w_ptr", "res_ptr", "out_ptr", "M", "N", "K", "stride_xm", "stride_wn",
-         "stride_rm", "stride_om", "eps"]
-types = ["*bf16", "*fp32", "*bf16", "*bf16", "*bf16"] + ["i32"] * 7 + ["fp32"]
-flags = dict(HAS_NORM=True, SWIGLU=True, HAS_RESIDUAL=True, PRECISION="tf32", DOT_DTYPE=tl.bfloat16)
+names = ["x_ptr", "norm_ptr", "w_ptr", "res_ptr", "out_ptr", "skip_ptr", "scale_ptr", "sum_ptr", "M", "N", "K",
+         "stride_xm", "stride_wn", "stride_rm", "stride_om", "stride_km", "stride_sm", "eps"]
+types = ["*bf16", "*fp32", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16"] + ["i32"] * 9 + ["fp32"]
+flags = dict(HAS_NORM=True, SWIGLU=True, HAS_RESIDUAL=True, HAS_SKIP=True, PRECISION="tf32", DOT_DTYPE=tl.bfloat16)
 dot = compile_for_hopper(_fused_linear_kernel, zip(names, types),
                          flags | dict(DOT=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512))
 assert "mma.sync" in dot.asm["ptx"] and dot.asm["cubin"]
@@ -170,6 +201,14 @@ def test_fused_linears_match_the_references_at_full_size_in_bf16(batch, monkeypa
                        (1408, 512, "residual"), (512, 135, "norm")]:
         x, weight, kwargs = inputs(batch, k, n, MODES[mode], torch.bfloat16, seed=k + n)
         check(x, weight, kwargs, fused_linear(x, weight, **kwargs))
+    # The skip input in bf16: compiled, the kernel rounds its product and sum to nearest as PyTorch's
+    # two ops do, so the summed rows are PyTorch's exactly.
+    x, weight, kwargs = inputs(batch, 512, 1536, MODES["norm"], torch.bfloat16, seed=3)
+    other, scale = torch.randn_like(x), torch.tensor(0.8, device=DEVICE, dtype=torch.bfloat16)
+    summed = torch.empty_like(x)
+    got = fused_linear(x, weight, **kwargs, skip=(scale, other), skip_sum=summed)
+    assert torch.equal(summed, x + scale * other)
+    check(summed, weight, kwargs, got)
 
 
 def test_a_model_step_through_the_triton_kernels_follows_the_reference_step(monkeypatch):

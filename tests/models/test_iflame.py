@@ -19,6 +19,8 @@ CONFIGS = {
     "linear": IFlameConfig(**SMALL, blocks=(1, 1, 2, 1, 1), attention="linear"),
     # Every stage holds one linear and one full block.
     "both-per-level": IFlameConfig(**SMALL, blocks=(2, 2, 2, 2, 2), full_every=2),
+    # Stages without blocks: no GEMM to carry a decoder's skip add or a stage's write into the cache.
+    "empty-vertex-stages": IFlameConfig(**SMALL, blocks=(1, 0, 1, 0, 1)),
 }
 LENGTH = 81  # 27 vertices, 9 faces; more than one 64-token chunk at the token level
 
