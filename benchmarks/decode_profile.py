@@ -12,7 +12,7 @@ generation: once timed (CUDA-synchronised wall clock), once under ``torch.profil
 records give per token (the loop is ``iflame_vs_full.py``'s: each token's argmax counts, and the
 window's one position seek)
 
-- ``kernels``: kernels launched (the graph's nodes; the reference model's docstring counts 76),
+- ``kernels``: kernels launched (the graph's nodes; the reference model's docstring counts 67),
 - ``busy_us``: their summed GPU time, ``gap_us``: ``wall_us - busy_us``,
 - ``top``: the kernels by GPU time (name, launches and microseconds per token).
 

@@ -18,6 +18,9 @@ the cache slot a stage's result is kept in.
 A block's step is then 5 launches (linear attention) or 7 (full: append, split-K and merge) instead
 of the unfused ops' 15 / 17 (:meth:`meshforge.models.iflame.Block.step`).
 
+A fourth, :func:`advance_position`, gives a step its positions: every level's index, K/V length and
+rotary rows from the device position (divided by 3 per level), which it advances, in one launch.
+
 Each has a PyTorch reference (``*_reference`` in ``reference.py``: the CPU path, and the definition the tests hold the
 fused form to) built from the same pieces the training forward pass uses, and a Triton kernel of
 one program per (sequence, head) in :mod:`meshforge.kernels.decode_step.fused` (used on CUDA when
@@ -32,6 +35,7 @@ float32, states ``[B, H, D, D]`` float32, caches ``[B, H, L_max, D]``; a linear'
 from __future__ import annotations
 
 from meshforge.kernels.decode_step.reference import (
+    advance_position_reference,
     fused_linear_reference,
     linear_decode_step_reference,
     rotary_kv_append_reference,
@@ -40,6 +44,17 @@ from meshforge.kernels.utils import Backend, resolve_backend
 from torch import Tensor
 
 FORMS = ("triton", "reference")
+
+
+def advance_position(
+    position: Tensor, cos: Tensor, sin: Tensor, pool: int, levels: int, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`advance_position_reference`, as one Triton kernel on CUDA."""
+    if resolve_backend("advance_position", backend, position.is_cuda, FORMS) == "triton":
+        from meshforge.kernels.decode_step.positions import advance_position_triton
+
+        return advance_position_triton(position, cos, sin, pool, levels)
+    return advance_position_reference(position, cos, sin, pool, levels)
 
 
 def fused_linear(
@@ -95,6 +110,8 @@ def rotary_kv_append(
 
 
 __all__ = [
+    "advance_position",
+    "advance_position_reference",
     "fused_linear",
     "fused_linear_reference",
     "linear_decode_step",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from meshforge.kernels.linear_attention import linear_attention_step
 from meshforge.kernels.rms_norm import rms_norm_reference
 from meshforge.kernels.rotary import rotate_qk_reference
@@ -30,6 +31,18 @@ def rotary_kv_append_reference(
     k_cache.index_copy_(2, index, k[:, :, None].to(k_cache.dtype))
     v_cache.index_copy_(2, index, v[:, :, None].to(v_cache.dtype))
     return q
+
+
+def advance_position_reference(
+    position: Tensor, cos: Tensor, sin: Tensor, pool: int, levels: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where a decoding step writes at each of ``levels`` levels (the position ``position [1]`` at level
+    0, divided by ``pool`` per level up), then ``position += 1`` in place: ``index [levels]``, the K/V
+    ``length = index + 1``, and the rotary tables' rows ``cos, sin [levels, D]`` of the full tables
+    ``cos, sin [L, D]``."""
+    index = position // pool ** torch.arange(levels, device=position.device)
+    position.add_(1)
+    return index, index + 1, cos[index], sin[index]
 
 
 def fused_linear_reference(

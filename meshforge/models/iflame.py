@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from meshforge.data.tokens import TOKENS_PER_FACE, Vocab
 from meshforge.kernels.attention import causal_attention
 from meshforge.kernels.decode_attention import decode_attention
-from meshforge.kernels.decode_step import fused_linear, linear_decode_step, rotary_kv_append
+from meshforge.kernels.decode_step import advance_position, fused_linear, linear_decode_step, rotary_kv_append
 from meshforge.kernels.linear_attention import LinearBackend, decay_slopes, guard_cuda_forms, linear_attention
 from meshforge.kernels.rotary import rotate_qk
 from meshforge.kernels.utils import Backend
@@ -437,46 +437,43 @@ class IFlame(nn.Module):
             x = block.step(x, at, cache, skip if i == 0 else None, out if i == len(stage) - 1 else None)
         return x
 
-    def _at(self, index: Tensor) -> StepPosition:
-        return StepPosition(index, index + 1, *self.rope.tables(index, 1))
-
     def step(self, tokens: Tensor, cache: IFlameCache) -> Tensor:
         """Feed token ``tokens [B]`` at position ``cache.position``; returns its logits ``[B, vocab]``.
 
         The same computation as :meth:`forward` restricted to one new position: the vertex stages
         run when this token completes a vertex, the face stage when it completes a face. Which of
         them run, and which group slots are written, depend on ``cache.position`` modulo 9 only;
-        the kernels read positions from ``cache.device_position``.
+        the kernels read the positions a step derives on the device from ``cache.device_position``.
 
         A step at batch 1-16 is launch-bound. Around the blocks (:meth:`Block.step`) it launches the
-        embedding, rotary lookups (3 a level), the group means, the position's arithmetic and the
-        fused final norm + head; the stages' outputs go straight into their cache slots and the skip
-        adds ride in the decoders' first GEMMs. For the reference model (4/4/8/4/4 blocks, 1 in 4
-        full) that is 50 launches at 6 of the 9 phases, 99 when a vertex completes, 148 when a face
-        does, 72 a step on average (with the copies and skip adds as launches of their own: 76;
-        unfused: 195; the full-attention baseline 90, was 212).
+        embedding, every level's position and rotary rows (one op), the group means and the fused
+        final norm + head; the stages' outputs go straight into their cache slots and the skip adds
+        ride in the decoders' first GEMMs. For the reference model (4/4/8/4/4 blocks, 1 in 4 full)
+        that is 47 launches at 6 of the 9 phases, 92 when a vertex completes, 137 when a face does,
+        67 a step on average (with the position's arithmetic, the copies and the skip adds as
+        launches of their own: 76; unfused: 195; the full-attention baseline 84, was 212).
         """
         t = cache.position
         if t >= cache.max_len:
             raise ValueError(f"cache is full ({cache.max_len} positions)")
         enc, vert_enc, face_blocks, vert_dec, dec = cache.blocks
-        pos = cache.device_position
-        token_at = self._at(pos)
+        # Every level's index, K/V length and rotary rows in one op, the device position advanced.
+        index, length, cos, sin = advance_position(cache.device_position, self.rope.cos, self.rope.sin, POOL, 3)
+        token_at, vertex_at, face_at = (
+            StepPosition(index[j : j + 1], length[j : j + 1], cos[j : j + 1], sin[j : j + 1]) for j in range(3)
+        )
         # Each stage's last GEMM writes straight into the cache slot its output is kept in, and the
         # decoders' skip adds ride in their first GEMM: no copy or elementwise launch between stages.
         tok = self._step(self.token_enc, self.embed(tokens), token_at, enc, out=cache.token_group[:, t % POOL])
         if t % POOL == POOL - 1:
-            vertex_at = self._at(pos // POOL)
             vert = self._step(self.vertex_enc, cache.token_group.mean(1), vertex_at, vert_enc,
                               out=cache.vertex_group[:, (t // POOL) % POOL])  # fmt: skip
             if t % POOL**2 == POOL**2 - 1:
-                face_at = self._at(pos // POOL**2)
                 self._step(self.face, cache.vertex_group.mean(1), face_at, face_blocks, out=cache.face_up)
             self._step(self.vertex_dec, cache.face_up, vertex_at, vert_dec, skip=(self.vertex_skip, vert),
                        out=cache.vertex_up)  # fmt: skip
         tok = self._step(self.token_dec, cache.vertex_up, token_at, dec, skip=(self.token_skip, tok))
         cache.position = t + 1
-        pos.add_(1)
         return fused_linear(tok, self.head.weight, self.norm.weight, self.norm.eps)
 
     def prefill(self, tokens: Tensor, cache: IFlameCache) -> Tensor:

@@ -218,6 +218,7 @@ def test_a_model_step_through_the_triton_kernels_follows_the_reference_step(monk
     in float32."""
     from meshforge.kernels.decode_attention.split_k import decode_attention_triton
     from meshforge.kernels.decode_step.fused import linear_decode_step_triton, rotary_kv_append_triton
+    from meshforge.kernels.decode_step.positions import advance_position_triton
 
     from meshforge.models import iflame
     from meshforge.models.iflame import IFlame, IFlameConfig
@@ -233,6 +234,7 @@ def test_a_model_step_through_the_triton_kernels_follows_the_reference_step(monk
             "fused_linear": fused_linear_triton,
             "linear_decode_step": linear_decode_step_triton,
             "rotary_kv_append": rotary_kv_append_triton,
+            "advance_position": advance_position_triton,
             "decode_attention": decode_attention_triton,
         }
         for name, triton_form in triton_forms.items():

@@ -12,12 +12,15 @@ output is RMS-normalised (values of order 1) after three roundings: 2^-5 absolut
 import pytest
 import torch
 from meshforge.kernels.decode_step import (
+    advance_position,
+    advance_position_reference,
     linear_decode_step,
     linear_decode_step_reference,
     rotary_kv_append,
     rotary_kv_append_reference,
 )
 from meshforge.kernels.decode_step.fused import linear_decode_step_triton, rotary_kv_append_triton
+from meshforge.kernels.decode_step.positions import advance_position_triton
 from meshforge.kernels.linear_attention import decay_slopes, linear_attention_naive
 from meshforge.kernels.rotary import apply_rotary
 
@@ -34,6 +37,33 @@ def step_inputs(batch, heads, dim, seed, dtype=torch.float32, max_len=64, positi
     weight = (1 + 0.1 * torch.randn(dim, generator=g)).to(DEVICE)
     decay = torch.exp(-decay_slopes(heads)).to(DEVICE)
     return qkv, cos, sin, decay, state, weight
+
+
+def test_a_steps_positions_are_the_levels_indices_lengths_and_rotary_rows():
+    """Level j writes at ``position // 3^j``; its K/V holds one more; its tables are that row of the
+    full ones; the position then advances. The reference is the model's former per-level ops."""
+    rope = Rotary(8, 64, 10000.0).to(DEVICE)
+    position = torch.tensor([40], device=DEVICE)
+    index, length, cos, sin = advance_position_reference(position, rope.cos, rope.sin, 3, 3)
+    assert index.tolist() == [40, 13, 4] and length.tolist() == [41, 14, 5] and position.item() == 41
+    for j, row in enumerate((40, 13, 4)):
+        want_cos, want_sin = rope.tables(torch.tensor([row], device=DEVICE), 1)
+        assert torch.equal(cos[j : j + 1], want_cos) and torch.equal(sin[j : j + 1], want_sin)
+
+
+@pytest.mark.parametrize("start", [0, 8, 26, 61])  # the first position, a vertex's last, a face's last, up to the table's end
+def test_the_position_kernel_is_the_reference_and_advances_like_it(start):
+    rope = Rotary(12, 64, 10000.0).to(DEVICE)  # a width off a power of two: the masked row
+    got_position, want_position = (torch.tensor([start], device=DEVICE) for _ in range(2))
+    for _ in range(2):
+        got = advance_position_triton(got_position, rope.cos, rope.sin, 3, 3)
+        want = advance_position_reference(want_position, rope.cos, rope.sin, 3, 3)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        assert torch.equal(got_position, want_position)
+    assert advance_position(got_position, rope.cos, rope.sin, 3, 3, backend="reference")[0][0].item() == start + 2
+    with pytest.raises(ValueError, match="position must be"):
+        advance_position_triton(got_position.int(), rope.cos, rope.sin, 3, 3)
 
 
 def test_linear_reference_is_a_rotated_recurrence_step_then_rmsnorm():
@@ -107,3 +137,26 @@ def test_fused_steps_match_the_references_at_full_size_in_bf16():
     torch.testing.assert_close(got_q, want_q, rtol=2**-7, atol=1e-6)
     for cache, ref in zip(caches, ref_caches):
         torch.testing.assert_close(cache, ref, rtol=2**-7, atol=1e-6)
+
+
+def test_the_position_kernel_compiles_for_hopper(hopper_compile):
+    """The interpreter runs the kernel as Python; compiled for sm_90, down to a cubin, its int64 position
+    arithmetic and the unrolled level loop must pass Triton's compiler too."""
+    hopper_compile("""
+from meshforge.kernels.decode_step.positions import _advance_position_kernel
+types = [("pos_ptr", "*i64"), ("cos_ptr", "*fp32"), ("sin_ptr", "*fp32"), ("index_ptr", "*i64"),
+         ("length_ptr", "*i64"), ("cos_out_ptr", "*fp32"), ("sin_out_ptr", "*fp32"), ("D", "i32")]
+assert compile_for_hopper(_advance_position_kernel, types, dict(POOL=3, LEVELS=3, BLOCK_D=32)).asm["cubin"]
+""")
+
+
+@pytest.mark.gpu
+def test_the_position_kernel_at_the_reference_models_size():
+    """Head width 32, a table of the 4,000-face generation's 36,009 positions, positions across it."""
+    rope = Rotary(32, 36009, 10000.0).cuda()
+    for start in (0, 8, 26, 17_999, 36_007):
+        got_position, want_position = (torch.tensor([start], device="cuda") for _ in range(2))
+        got = advance_position(got_position, rope.cos, rope.sin, 3, 3)
+        want = advance_position_reference(want_position, rope.cos, rope.sin, 3, 3)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert torch.equal(got_position, want_position)
