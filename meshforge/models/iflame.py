@@ -58,6 +58,7 @@ from meshforge.models.layers import RMSNorm, Rotary, SwiGLU, swiglu_hidden
 from meshforge.models.registry import ModelSpec, register_model
 
 POOL = 3  # tokens per vertex, vertices per face
+LEVELS = 3  # token, vertex, face: the hourglass's sequence levels
 SHIFT = POOL - 1  # the causal right-shift after upsampling
 
 AttentionKind = Literal["interleaved", "full", "linear"]
@@ -458,9 +459,9 @@ class IFlame(nn.Module):
             raise ValueError(f"cache is full ({cache.max_len} positions)")
         enc, vert_enc, face_blocks, vert_dec, dec = cache.blocks
         # Every level's index, K/V length and rotary rows in one op, the device position advanced.
-        index, length, cos, sin = advance_position(cache.device_position, self.rope.cos, self.rope.sin, POOL, 3)
+        index, length, cos, sin = advance_position(cache.device_position, self.rope.cos, self.rope.sin, POOL, LEVELS)
         token_at, vertex_at, face_at = (
-            StepPosition(index[j : j + 1], length[j : j + 1], cos[j : j + 1], sin[j : j + 1]) for j in range(3)
+            StepPosition(index[j : j + 1], length[j : j + 1], cos[j : j + 1], sin[j : j + 1]) for j in range(LEVELS)
         )
         # Each stage's last GEMM writes straight into the cache slot its output is kept in, and the
         # decoders' skip adds ride in their first GEMM: no copy or elementwise launch between stages.
