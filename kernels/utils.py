@@ -19,12 +19,6 @@ from torch import Tensor
 Backend = Literal["auto", "triton", "torch", "reference"]
 
 
-def eager_cuda(x: Tensor) -> bool:
-    """Where the training step's fused q/k rotation takes its Triton form under "auto": CUDA tensors
-    outside compiled code, which runs the PyTorch form for inductor to fuse with its neighbours."""
-    return x.is_cuda and not torch.compiler.is_compiling()
-
-
 def resolve_backend(op: str, backend: str, use_triton: bool, forms: tuple[str, ...] = ("triton", "torch", "reference")) -> str:
     """The form ``op`` runs: ``backend`` itself, or for "auto" Triton when ``use_triton`` else the torch form."""
     if backend == "auto":

@@ -8,7 +8,7 @@ One program per tile of ``BLOCK_N`` output columns (and ``BLOCK_M`` rows): at ba
 read is all the work there is, so the tiles are narrow enough to spread it over every SM. Two
 forms of the tile product share the rest of the kernel (:class:`LinearConfig`):
 
-- ``tl.dot`` (tensor cores) for 16 rows and more, where a tile is at least 16 x 16;
+- ``tl.dot`` (tensor cores) from ``GEMV_MAX_ROWS + 1`` rows on, the rows padded to a tile of at least 16;
 - a GEMV for a few rows (batch 1 decoding): products summed in float32 with ``tl.sum``, which takes
   tiles of 1-8 columns, so the 512-column projections run as 128-256 programs instead of the
   32 that 16-column tiles give on 132 SMs.
@@ -33,6 +33,10 @@ _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.flo
 # Rows a GEMV takes; more go to tensor cores, padded to 16. At 4 rows the GEMV still wins, narrowly (one
 # H200 run, benchmarks/results/decode_linear.json: 19.7 against 20.3 us over the reference model's five projections).
 GEMV_MAX_ROWS = 4
+# A slice of K is one load of the weight tile per program: few, wide slices keep the whole tile in
+# flight at once (what a launch-bound step waits on: the best 256-wide GEMV tiling lost to the best
+# 512-wide one at every projection in decode_linear.json), capped so the tile stays in registers.
+MAX_BLOCK_K = 512
 MAX_TILE = 8192  # BLOCK_M * BLOCK_K (dot) or BLOCK_M * BLOCK_N * BLOCK_K (GEMV): what stays in registers
 GEMV_PROGRAMS = 256  # programs a GEMV spreads its weight over: about two per SM on an H100/H200
 
@@ -49,21 +53,18 @@ class LinearConfig:
 
     @classmethod
     def for_shape(cls, rows: int, n: int, k: int) -> LinearConfig:
-        """The default tiling of ``rows x K`` times ``K x N``.
-
-        The dot form takes 16-column tiles (the narrowest a tensor-core dot takes) and slices of K
-        as wide as the register budget allows: few, wide slices keep the whole tile in flight at
-        once, which is what a launch-bound step waits on. A GEMV's tiles are as narrow as it takes
-        to give about GEMV_PROGRAMS programs, and at most 8 columns wide."""
+        """The default tiling of ``rows x K`` times ``K x N``: the dot form in 16-column tiles (the
+        narrowest a tensor-core dot takes), a GEMV in tiles as narrow as it takes to give about
+        GEMV_PROGRAMS programs and at most 8 columns wide; slices of K up to MAX_BLOCK_K."""
         k_cover = max(16, triton.next_power_of_2(k))
         if rows > GEMV_MAX_ROWS:
             block_m = min(64, max(16, triton.next_power_of_2(rows)))
-            return cls(dot=True, block_m=block_m, block_n=16, block_k=min(512, MAX_TILE // block_m, k_cover))
+            return cls(dot=True, block_m=block_m, block_n=16, block_k=min(MAX_BLOCK_K, MAX_TILE // block_m, k_cover))
         block_m, block_n = triton.next_power_of_2(rows), 8
         while block_n > 1 and triton.cdiv(n, block_n) < GEMV_PROGRAMS:
             block_n //= 2
         return cls(dot=False, block_m=block_m, block_n=block_n,
-                   block_k=min(512, MAX_TILE // (block_m * block_n), k_cover))  # fmt: skip
+                   block_k=min(MAX_BLOCK_K, MAX_TILE // (block_m * block_n), k_cover))  # fmt: skip
 
 
 @triton.jit

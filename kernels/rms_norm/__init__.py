@@ -11,9 +11,9 @@ the reference does (only the output), so both agree up to the order of float32 s
 
 It is not the default because where eager steps are slow, at short lengths, the host is the
 bottleneck, and there a Triton launch costs it more than the aten ops it replaces: in one H200 run
-(``benchmarks/results/launch_overhead.json``) a norm's forward and backward took 554 us through the
-kernels against 225 us through PyTorch, and a reference block's forward and backward 544 us (full
-attention) / 726 us (linear) less with PyTorch's norms.
+(``benchmarks/results/launch_overhead.json``) a norm's forward and backward took 280 us through the
+kernels against 201 us through PyTorch, and a reference block's forward and backward 529 us (full
+attention) / 542 us (linear) more with the fused norms.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ steps split and rotate a fused projection's ``qkv`` in one kernel each way (:fun
 from __future__ import annotations
 
 import torch
-from meshforge.kernels.utils import Backend, eager_cuda, resolve_backend
+from meshforge.kernels.utils import Backend, resolve_backend
 from torch import Tensor
 
 
@@ -34,7 +34,9 @@ def rotate_qk_reference(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
 def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor, backend: Backend = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """:func:`rotate_qk_reference`, differentiable in ``qkv``; on CUDA outside compiled code one Triton
     kernel each way (:mod:`meshforge.kernels.rotary.fused`), whose ``q, k, v`` are contiguous."""
-    if resolve_backend("rotate_qk", backend, eager_cuda(qkv)) == "triton":
+    # Compiled code runs the PyTorch form, for inductor to fuse with its neighbours.
+    eager_cuda = qkv.is_cuda and not torch.compiler.is_compiling()
+    if resolve_backend("rotate_qk", backend, eager_cuda) == "triton":
         from meshforge.kernels.rotary.fused import rotate_qk_triton
 
         return rotate_qk_triton(qkv, cos, sin)
